@@ -1,0 +1,199 @@
+"""``parallelize``: the user-facing entry point, and the ParallelModule it returns."""
+from __future__ import annotations
+
+import functools
+import inspect as _inspect
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import capture as _capture
+from .codegen import compile_graph
+from .config import ParallelConfig
+from .errors import ConfigError, InputShapeError
+from .passes import run_passes
+from .runtime.data_parallel import GradBuckets
+from .runtime.executor import run_step, split_microbatches
+from .runtime.mesh import build_mesh
+from .runtime.rng import RNGTracker
+
+
+class CompiledProgram:
+    """One input signature's captured, transformed and compiled forward."""
+
+    def __init__(self, pm: "ParallelModule", mb):
+        args, kwargs, target = mb
+        self.captured = _capture.capture(pm.module, args, kwargs, target, pm.config.loss_fn)
+        self.program = run_passes(self.captured, pm.config, pm.coords, pm._params)
+        self.loss_weight = self.program.loss_weight
+        self._pm = pm
+        self.fn = compile_graph(self.program.gm, self._inputs(mb), pm.config.codegen)
+
+    def user_inputs(self, mb) -> list:
+        return _capture.user_tensors(self.captured, *mb)
+
+    def _inputs(self, mb) -> list:
+        users = self.user_inputs(mb)
+        out = []
+        for kind, name in self.captured.inputs:
+            if kind == "param":
+                out.append(self._pm._params[name])
+            elif kind == "buffer":
+                out.append(self._pm.module.get_buffer(name))
+            elif kind == "constant":
+                out.append(self.captured.constants[name])
+            else:
+                out.append(users[name])
+        return out
+
+    def __call__(self, mb) -> torch.Tensor:
+        return self.fn(*self._inputs(mb))[0]
+
+
+def _signature(mb) -> tuple:
+    from torch.utils import _pytree as pytree
+    leaves, spec = pytree.tree_flatten(mb)
+    return (str(spec),) + tuple((tuple(l.shape), l.dtype) if isinstance(l, torch.Tensor) else
+                                ("const", repr(l)) for l in leaves)
+
+
+class ParallelModule:
+    """A model compiled for this rank's place in the (dp, pp, tp) mesh.
+
+    ``train_step`` runs forward and backward of this rank's slice of the global
+    batch and leaves the gradients in ``parameters()``; any torch.optim optimizer
+    over ``parameters()`` then takes the step.
+    """
+
+    def __init__(self, module: nn.Module, config: ParallelConfig):
+        config.validate()
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"parallelize expects an nn.Module, got {type(module).__name__}")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        config.check_world(world)
+        self.config = config
+        self.module = module
+        self.coords = build_mesh(config.dp, config.pp, config.tp)
+        self._params = dict(module.named_parameters())
+        self._dp_group = self.coords.group("dp") if config.dp > 1 else None
+        self._check_same_model()
+        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
+                                    int(config.bucket_mb * 2**20))
+        self._rng = RNGTracker(config.seed, self.coords.dp_rank, self.coords.pp_rank,
+                               self.coords.tp_rank)
+        self._programs: dict = {}
+        self.step = 0
+
+    def _check_same_model(self):
+        """Every rank must pass the same model (same seed): compare a fingerprint."""
+        if self.coords.mesh is None:
+            return
+        with torch.no_grad():
+            fp = torch.stack([torch.tensor([p.double().sum().item(), p.double().norm().item()])
+                              for p in self._params.values()]).sum(0) if self._params \
+                else torch.zeros(2, dtype=torch.float64)
+        lo, hi = fp.clone().double(), fp.clone().double()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.allclose(lo, hi, rtol=1e-6, atol=1e-6):
+            raise ConfigError("ranks passed different models to parallelize (parameters differ); "
+                              "build the model with the same seed on every rank "
+                              "(torch.manual_seed(s) before constructing it)")
+
+    # ---- training -------------------------------------------------------------------------
+    def _program(self, mb) -> CompiledProgram:
+        key = _signature(mb)
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._programs[key] = CompiledProgram(self, mb)
+        return prog
+
+    def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """Forward + backward of this rank's batch slice; returns the global mean loss."""
+        if target is not None and self.config.loss_fn is None:
+            raise ConfigError("train_step(target=...) needs parallelize(..., loss_fn=fn)")
+        mbs = split_microbatches(args, kwargs, target, self.config.microbatches)
+        programs = [self._program(mb) for mb in mbs]
+        loss = run_step(programs, mbs, self._buckets, self._rng, self.step, self._dp_group)
+        self.step += 1
+        return loss
+
+    def dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's slice (dim 0) of a global-batch tensor."""
+        dp, r = self.config.dp, self.coords.dp_rank
+        if tensor.dim() == 0 or tensor.shape[0] % dp:
+            raise InputShapeError(
+                f"a global batch of shape {tuple(tensor.shape)} cannot be split evenly over "
+                f"dp={dp} ranks; use a global batch size that is a multiple of {dp}")
+        per = tensor.shape[0] // dp
+        return tensor[r * per:(r + 1) * per]
+
+    # ---- parameters -----------------------------------------------------------------------
+    def parameters(self):
+        return iter(self._params.values())
+
+    def named_parameters(self):
+        return iter(self._params.items())
+
+    def full_grads(self) -> dict:
+        """{original name: full-shape gradient}, identical on every rank."""
+        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in self._params.items()}
+
+    def full_state_dict(self) -> dict:
+        """{original name: full-shape parameter}, identical on every rank."""
+        return {n: p.detach().clone() for n, p in self._params.items()}
+
+    # ---- inspection -----------------------------------------------------------------------
+    def graph(self, signature: int = -1):
+        """The transformed per-rank FX graph (of the latest compiled input signature)."""
+        if not self._programs:
+            raise RuntimeError("nothing compiled yet: call train_step once first")
+        return list(self._programs.values())[signature].program.gm
+
+    @property
+    def plan(self):
+        return list(self._programs.values())[-1].program.plan if self._programs else None
+
+    def explain(self) -> str:
+        from .inspect import explain
+        return explain(self)
+
+    def __repr__(self):
+        c = self.config
+        return (f"ParallelModule({type(self.module).__name__}, dp={c.dp}, pp={c.pp}, tp={c.tp}, "
+                f"rank={self.coords.rank})")
+
+
+def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
+                microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
+                schedule: str = "1f1b", codegen: str = "inductor", loss_fn=None, seed: int = 0,
+                bucket_mb: float = 25.0):
+    """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
+
+    ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
+    function (then every instance/result comes out parallelized), or omitted to use
+    ``@parallelize(tp=..., ...)`` as a decorator. The configuration is validated here,
+    before any process-group work.
+    """
+    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
+                         microbatches=microbatches, sequence_parallel=sequence_parallel,
+                         recompute=recompute, schedule=schedule, codegen=codegen,
+                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb).validate()
+    if model is None:
+        return functools.partial(_wrap, cfg=cfg)
+    return _wrap(model, cfg)
+
+
+def _wrap(model, cfg: ParallelConfig):
+    if isinstance(model, nn.Module):
+        return ParallelModule(model, cfg)
+    if _inspect.isclass(model) and issubclass(model, nn.Module) or callable(model):
+        @functools.wraps(model, updated=())
+        def build(*args, **kwargs):
+            return ParallelModule(model(*args, **kwargs), cfg)
+        build.config = cfg
+        return build
+    raise ConfigError(f"parallelize expects an nn.Module, a Module class or a factory; "
+                      f"got {type(model).__name__}")

@@ -1,0 +1,83 @@
+"""ParallelConfig: the single source of truth for a parallel layout, validated up front."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Union
+
+from .errors import ConfigError, WorldSizeError
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+CODEGENS = ("inductor", "aot_eager")
+
+# capabilities that later passes provide; until then a request for them is refused clearly
+IMPLEMENTED = {"tp": False, "pp": False, "sequence_parallel": False, "recompute": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    virtual_stages: int = 1
+    microbatches: int = 1
+    sequence_parallel: bool = False
+    recompute: Union[str, dict] = "none"
+    schedule: str = "1f1b"
+    codegen: str = "inductor"
+    loss_fn: Optional[Callable] = None
+    seed: int = 0
+    bucket_mb: float = 25.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def validate(self) -> "ParallelConfig":
+        """Raise a named error for any impossible or unsupported setting."""
+        for name in ("tp", "pp", "dp", "virtual_stages", "microbatches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}={v!r}: must be a positive integer")
+        if self.codegen not in CODEGENS:
+            raise ConfigError(f"codegen={self.codegen!r}: choose one of {CODEGENS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        rc = self.recompute
+        if isinstance(rc, dict):
+            if set(rc) != {"budget_bytes"} or not isinstance(rc["budget_bytes"], int):
+                raise ConfigError(f"recompute={rc!r}: a dict must be {{'budget_bytes': int}}")
+        elif rc not in RECOMPUTE_MODES:
+            raise ConfigError(f"recompute={rc!r}: choose one of {RECOMPUTE_MODES} or "
+                              "{'budget_bytes': N}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("sequence_parallel=True needs tp > 1 (it splits the tensor-parallel "
+                              "all-reduces); set tp >= 2 or sequence_parallel=False")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError("loss_fn must be callable as loss_fn(output, target)")
+        self._refuse_unimplemented()
+        return self
+
+    def _refuse_unimplemented(self):
+        wanted = {"tp": self.tp > 1, "pp": self.pp > 1,
+                  "sequence_parallel": self.sequence_parallel,
+                  "recompute": self.recompute != "none"}
+        missing = [k for k, on in wanted.items() if on and not IMPLEMENTED[k]]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} not available in this version of "
+                              "ptdp_compiler; use data parallelism (dp) for now")
+
+    def check_world(self, world_size: int):
+        if self.world_size != world_size:
+            raise WorldSizeError(
+                f"dp·pp·tp = {self.dp}·{self.pp}·{self.tp} = {self.world_size}, but the world has "
+                f"{world_size} rank(s): choose dp, pp and tp whose product is {world_size}, or "
+                f"start {self.world_size} ranks (ptdp.launch(fn, world_size={self.world_size}) "
+                "or torchrun)")
+
+    def describe(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["loss_fn"] = getattr(self.loss_fn, "__name__", None) if self.loss_fn else None
+        return d

@@ -1,0 +1,38 @@
+"""Named errors. Each says what is wrong and what to change, and is raised before
+any process-group work where the problem can be seen that early."""
+
+
+class PTDPError(Exception):
+    """Base class of every error ptdp_compiler raises on purpose."""
+
+
+class ConfigError(PTDPError, ValueError):
+    """The parallel configuration cannot work (sizes, divisibility, unknown options)."""
+
+
+class WorldSizeError(ConfigError):
+    """dp·tp·pp differs from the number of ranks."""
+
+
+class CaptureError(PTDPError):
+    """The model's forward could not be captured as one graph."""
+
+
+class InputShapeError(PTDPError, ValueError):
+    """Arguments to train_step / dp_shard have shapes the configuration cannot split."""
+
+
+class ShardingError(PTDPError):
+    """A graph node cannot be sharded by the tensor-parallel passes."""
+
+
+class RankError(PTDPError, RuntimeError):
+    """A rank of a launched world raised; carries the rank and its traceback."""
+
+    def __init__(self, rank: int, exc_repr: str, tb: str):
+        self.rank, self.exc_repr, self.traceback = rank, exc_repr, tb
+        super().__init__(f"rank {rank} failed: {exc_repr}\n--- traceback of rank {rank} ---\n{tb}")
+
+
+class WorldTimeoutError(PTDPError, TimeoutError):
+    """A launched world did not finish within its timeout (a hang is a failure)."""

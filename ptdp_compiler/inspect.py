@@ -1,0 +1,54 @@
+"""Human-readable reports of what the compiler did."""
+from __future__ import annotations
+
+from .codegen import compile_stats
+from .passes import op_histogram
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def explain(pm) -> str:
+    c, co = pm.config, pm.coords
+    lines = [f"ptdp_compiler plan for {type(pm.module).__name__} on rank {co.rank}/{co.world}",
+             f"  mesh (dp, pp, tp) = ({c.dp}, {c.pp}, {c.tp}); this rank at "
+             f"dp={co.dp_rank} pp={co.pp_rank} tp={co.tp_rank}",
+             f"  microbatches={c.microbatches} schedule={c.schedule} codegen={c.codegen} "
+             f"recompute={c.recompute} sequence_parallel={c.sequence_parallel}"]
+    nparam = sum(p.numel() for p in pm.parameters())
+    lines.append(f"  parameters: {len(pm._params)} tensors, {nparam:,} elements on this rank")
+    lines.append(f"  data-parallel gradient buckets: {pm._buckets.num_buckets} "
+                 f"({_fmt_bytes(pm._buckets.nbytes)}), reduced with SUM of "
+                 "loss-weighted gradients, overlapped with backward")
+    if not pm._programs:
+        lines.append("  (no step run yet: capture and compile happen on the first train_step)")
+        return "\n".join(lines)
+    for i, prog in enumerate(pm._programs.values()):
+        gm = prog.program.gm
+        plan = prog.program.plan
+        shapes = [tuple(t.shape) for t in prog.captured.example_user_inputs]
+        nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+        lines.append(f"  program {i}: user inputs {shapes}; graph of {nodes} ops")
+        top = ", ".join(f"{k.split('.')[1] if k.startswith('aten.') else k}×{v}"
+                        for k, v in op_histogram(gm).most_common(8))
+        lines.append(f"    most frequent ops: {top}")
+        lines.append(f"    loss weighting: {plan.loss_weighting}")
+        for name, summary in plan.pass_log:
+            lines.append(f"    pass {name}: {summary}")
+        lines.append("    parameter placements:")
+        for pp_ in plan.params.values():
+            lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {pp_.placement}")
+        if plan.collectives:
+            lines.append("    collectives:")
+            for col in plan.collectives:
+                b = f", {_fmt_bytes(col.bytes_per_microbatch)}/microbatch" \
+                    if col.bytes_per_microbatch else ""
+                lines.append(f"      {col.kind} over {col.axis} at {col.where}{b}"
+                             f"{' — ' + col.note if col.note else ''}")
+    lines.append(f"  compiles so far in this process: {compile_stats['compiles']} "
+                 f"({compile_stats['seconds']:.1f} s)")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The plan as data: everything the passes decided, printable by ``explain``.
+
+Nothing is decided in the runtime: it reads placements (how each parameter is
+laid out across the mesh), collectives, chunks and recompute tags from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicate:
+    def __str__(self):
+        return "Replicate"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    dim: int
+
+    def __str__(self):
+        return f"Shard({self.dim})"
+
+
+@dataclasses.dataclass
+class ParamPlan:
+    name: str                     # as model.named_parameters() reports it
+    full_shape: tuple
+    placement: object = Replicate()   # over the tp axis
+    stage: int = 0                # pipeline chunk that owns it
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.full_shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass
+class CollectivePlan:
+    kind: str            # all_reduce | all_gather | reduce_scatter | send | recv
+    axis: str            # dp | tp | pp
+    where: str           # graph node or runtime phase
+    bytes_per_microbatch: int = 0
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    params: dict = dataclasses.field(default_factory=dict)          # name -> ParamPlan
+    collectives: list = dataclasses.field(default_factory=list)     # CollectivePlan
+    loss_weighting: str = ""
+    pass_log: list = dataclasses.field(default_factory=list)        # (pass name, summary)
+    chunks: int = 1
+    recompute: Optional[dict] = None

@@ -1,0 +1,1 @@
+"""Planner: cost model, schedule simulator and search (not built yet)."""

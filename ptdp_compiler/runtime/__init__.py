@@ -1,0 +1,1 @@
+"""Runtime: mesh, launch, executor, data-parallel gradient sync, RNG streams."""

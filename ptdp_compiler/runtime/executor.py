@@ -1,0 +1,70 @@
+"""Runs one training step of a compiled program: microbatches, loss weighting, DP sync.
+
+The loss of microbatch i on dp rank r is weighted by c_i / Σ c (c from the loss-weight
+pass, Σ over every microbatch of every dp rank), so the summed gradients and the
+returned loss are those of the full global batch on one device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+
+from ..errors import InputShapeError
+
+
+def split_microbatches(args, kwargs, target, m: int) -> list:
+    """Split every tensor argument along dim 0 into m equal microbatches."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs), target))
+    sizes = {leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.dim() > 0}
+    if not sizes:
+        raise InputShapeError("train_step got no tensor argument with a batch dimension")
+    if len(sizes) > 1:
+        shapes = [tuple(l.shape) for l in leaves if isinstance(l, torch.Tensor)]
+        raise InputShapeError(
+            f"tensor arguments disagree on the batch size (dim 0): shapes {shapes}; every tensor "
+            "argument is split along dim 0 into microbatches, so all must share dim 0")
+    (b,) = sizes
+    if b % m:
+        raise InputShapeError(
+            f"this rank's batch of {b} samples cannot be split into microbatches={m}; "
+            f"pass a batch that is a multiple of {m} per data-parallel rank, or change microbatches")
+    per = b // m
+    out = []
+    for i in range(m):
+        mb = [l[i * per:(i + 1) * per] if isinstance(l, torch.Tensor) and l.dim() > 0 else l
+              for l in leaves]
+        out.append(pytree.tree_unflatten(mb, spec))
+    return out
+
+
+def global_weights(counts: list[float], dp_group) -> tuple[list[float], float]:
+    total = torch.tensor([sum(counts)], dtype=torch.float64)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(total, group=dp_group)
+    t = float(total.item())
+    return [c / t if t else float("nan") for c in counts], t
+
+
+def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
+    """Forward+backward over the microbatches; returns the global-batch loss (detached).
+
+    ``programs[i]`` is the compiled program for ``microbatches[i]`` (the same object when
+    shapes agree): it has ``loss_weight``, ``user_inputs(mb)`` and ``__call__(mb)``.
+    """
+    counts = [prog.loss_weight.count(prog.user_inputs(mb))
+              for prog, mb in zip(programs, microbatches)]
+    weights, _ = global_weights(counts, dp_group)
+    buckets.start_step()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, (prog, mb) in enumerate(zip(programs, microbatches)):
+        if i == len(microbatches) - 1:
+            buckets.last_microbatch()
+        with rng.fork(step, i):
+            loss = prog(mb)
+        (loss * weights[i]).backward()
+        loss_sum += loss.detach().double() * weights[i]
+    buckets.finish()
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(loss_sum, group=dp_group)
+    return loss_sum.to(torch.float32)

@@ -1,0 +1,56 @@
+"""The (dp, pp, tp) device mesh: tp innermost, so tensor-parallel ranks are neighbours
+(the same node on a real cluster), then pp, then dp outermost — Megatron's order."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_MESHES: dict = {}
+
+
+@dataclasses.dataclass
+class Coords:
+    """This rank's place in the mesh and the process groups along each axis."""
+    rank: int
+    world: int
+    dp_rank: int
+    pp_rank: int
+    tp_rank: int
+    dp: int
+    pp: int
+    tp: int
+    mesh: Optional[object] = None  # DeviceMesh, or None for a single process
+
+    def group(self, axis: str):
+        if self.mesh is None:
+            return None
+        return self.mesh.get_group(axis)
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def coords_for_rank(rank: int, dp: int, pp: int, tp: int) -> tuple[int, int, int]:
+    """(dp_rank, pp_rank, tp_rank) of a global rank, tp fastest-varying."""
+    return rank // (pp * tp), (rank // tp) % pp, rank % tp
+
+
+def build_mesh(dp: int, pp: int, tp: int) -> Coords:
+    """Coordinates of this rank; the DeviceMesh (and its groups) is built once per shape."""
+    if not dist.is_initialized():
+        return Coords(0, 1, 0, 0, 0, dp, pp, tp, None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    key = (dp, pp, tp, id(dist.group.WORLD))
+    mesh = _MESHES.get(key)
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(dev, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+        _MESHES[key] = mesh
+    return Coords(rank, world, *coords_for_rank(rank, dp, pp, tp), dp, pp, tp, mesh)
