@@ -1,0 +1,178 @@
+"""Megatron's tensor-parallel operators as autograd-aware custom ops on functional collectives.
+
+- ``f``  (``ptdp::tp_f``):  identity forward, all-reduce backward — placed where a
+  replicated tensor enters a tensor-parallel region (the column-parallel input).
+- ``g``  (``ptdp::tp_g``):  all-reduce forward, identity backward — after a
+  row-parallel matmul (its partial sums become the full result).
+- ``sp_gather``  (``ptdp::sp_gather``): all-gather forward along ``dim``,
+  reduce-scatter backward — sequence parallelism, before a column-parallel linear.
+- ``sp_scatter`` (``ptdp::sp_scatter``): reduce-scatter forward, all-gather backward —
+  sequence parallelism, after a row-parallel linear.
+
+Sharding along a dimension may be "strided": ``outer`` > 1 means the dimension is
+laid out as ``(outer, t, inner)`` with the rank index in the middle (e.g. a sequence
+dimension flattened with the batch, ``[B*T]``), so each op views the tensor as
+``[..., outer, n, ...]`` and gathers / scatters the ``n`` part.
+
+Each op names its process group by ``group_name`` (a string, so it lives in an FX
+graph) and takes the group size ``t`` for shape inference. Their bodies call the
+functional collectives (``torch.ops._c10d_functional``), which Dynamo, AOTAutograd
+and Inductor understand; as custom ops they stay single, countable nodes in the
+forward and backward graphs AOTAutograd produces.
+"""
+from __future__ import annotations
+
+import torch
+
+_c10d = torch.ops._c10d_functional
+
+
+def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def _split_outer(x: torch.Tensor, dim: int, outer: int) -> tuple[torch.Tensor, int]:
+    """View ``x`` so that dimension ``dim`` of size ``outer·n`` becomes ``(outer, n)``;
+    returns the view and the index of the ``n`` dimension."""
+    dim = dim % x.dim()
+    if outer == 1:
+        return x, dim
+    shape = list(x.shape)
+    return x.reshape(shape[:dim] + [outer, shape[dim] // outer] + shape[dim + 1:]), dim + 1
+
+
+def _merge_outer(x: torch.Tensor, dim: int, outer: int) -> torch.Tensor:
+    if outer == 1:
+        return x
+    shape = list(x.shape)
+    return x.reshape(shape[:dim] + [shape[dim] * shape[dim + 1]] + shape[dim + 2:])
+
+
+def _all_gather(x: torch.Tensor, dim: int, outer: int, t: int, group_name: str) -> torch.Tensor:
+    d0 = dim % x.dim()
+    y, d = _split_outer(x, d0, outer)
+    y = y.movedim(d, 0).contiguous()
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(y, t, group_name))  # [t·n, ...]
+    out = out.movedim(0, d).contiguous()
+    return _merge_outer(out, d0, outer)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, outer: int, t: int, group_name: str) -> torch.Tensor:
+    d0 = dim % x.dim()
+    y, d = _split_outer(x, d0, outer)
+    y = y.movedim(d, 0).contiguous()
+    out = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(y, "sum", t, group_name))
+    out = out.movedim(0, d).contiguous()
+    return _merge_outer(out, d0, outer)
+
+
+def _scaled_shape(x: torch.Tensor, dim: int, factor: float) -> list:
+    shape = list(x.shape)
+    d = dim % x.dim()
+    shape[d] = int(shape[d] * factor)
+    return shape
+
+
+# ---- f: identity / all-reduce ---------------------------------------------------------------
+@torch.library.custom_op("ptdp::tp_f", mutates_args=())
+def tp_f(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+    return x.clone()
+
+
+@tp_f.register_fake
+def _(x, group_name, t):
+    return torch.empty_like(x)
+
+
+# ---- g: all-reduce / identity ---------------------------------------------------------------
+@torch.library.custom_op("ptdp::tp_g", mutates_args=())
+def tp_g(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+    return _all_reduce(x, group_name)
+
+
+@tp_g.register_fake
+def _(x, group_name, t):
+    return torch.empty_like(x)
+
+
+def _f_backward(ctx, grad):
+    return tp_g(grad, ctx.group_name, ctx.t), None, None
+
+
+def _g_backward(ctx, grad):
+    return tp_f(grad, ctx.group_name, ctx.t), None, None
+
+
+def _setup_ft(ctx, inputs, output):
+    ctx.group_name, ctx.t = inputs[1], inputs[2]
+
+
+tp_f.register_autograd(_f_backward, setup_context=_setup_ft)
+tp_g.register_autograd(_g_backward, setup_context=_setup_ft)
+
+
+# ---- SP pair: all-gather / reduce-scatter ---------------------------------------------------
+@torch.library.custom_op("ptdp::sp_gather", mutates_args=())
+def sp_gather(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
+    return _all_gather(x, dim, outer, t, group_name)
+
+
+@sp_gather.register_fake
+def _(x, dim, outer, group_name, t):
+    return x.new_empty(_scaled_shape(x, dim, t))
+
+
+@torch.library.custom_op("ptdp::sp_scatter", mutates_args=())
+def sp_scatter(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
+    return _reduce_scatter(x, dim, outer, t, group_name)
+
+
+@sp_scatter.register_fake
+def _(x, dim, outer, group_name, t):
+    return x.new_empty(_scaled_shape(x, dim, 1.0 / t))
+
+
+def _setup_sp(ctx, inputs, output):
+    ctx.dim, ctx.outer, ctx.group_name, ctx.t = inputs[1], inputs[2], inputs[3], inputs[4]
+
+
+def _gather_backward(ctx, grad):
+    return sp_scatter(grad, ctx.dim, ctx.outer, ctx.group_name, ctx.t), None, None, None, None
+
+
+def _scatter_backward(ctx, grad):
+    return sp_gather(grad, ctx.dim, ctx.outer, ctx.group_name, ctx.t), None, None, None, None
+
+
+sp_gather.register_autograd(_gather_backward, setup_context=_setup_sp)
+sp_scatter.register_autograd(_scatter_backward, setup_context=_setup_sp)
+
+
+# ---- vocab-parallel cross-entropy -------------------------------------------------------------
+@torch.library.custom_op("ptdp::all_reduce_max", mutates_args=())
+def all_reduce_max(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+    return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
+
+
+@all_reduce_max.register_fake
+def _(x, group_name, t):
+    return torch.empty_like(x)
+
+
+# The ops every pass and test counts as tensor-parallel collectives.
+TP_COLLECTIVES = {
+    torch.ops.ptdp.tp_f.default: "f (identity fwd / all-reduce bwd)",
+    torch.ops.ptdp.tp_g.default: "g (all-reduce fwd / identity bwd)",
+    torch.ops.ptdp.sp_gather.default: "all-gather (fwd) / reduce-scatter (bwd)",
+    torch.ops.ptdp.sp_scatter.default: "reduce-scatter (fwd) / all-gather (bwd)",
+    torch.ops.ptdp.all_reduce_max.default: "all-reduce max (no grad)",
+}
+
+# What each op sends in the FORWARD pass: kind of collective, or None
+FORWARD_KIND = {
+    torch.ops.ptdp.tp_f.default: None,
+    torch.ops.ptdp.tp_g.default: "all_reduce",
+    torch.ops.ptdp.sp_gather.default: "all_gather",
+    torch.ops.ptdp.sp_scatter.default: "reduce_scatter",
+    torch.ops.ptdp.all_reduce_max.default: "all_reduce",
+}
