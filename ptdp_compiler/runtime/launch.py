@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..errors import RankError, WorldTimeoutError
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("PTDP_TIMEOUT", "300"))
-ERROR_GRACE_S = 10.0
+ERROR_GRACE_S = 3.0
 
 
 def _default_backend() -> str:
