@@ -105,6 +105,8 @@ def main():
     world = args.dp * args.tp * args.pp
     results = ptdp.launch(train, args, world_size=world, timeout=3600)
     r0 = results[0]
+    if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun: rank 0 reports
+        return
     if args.explain:
         print(r0["explain"])
     print(f"loss {r0['first_loss']:.3f} -> {r0['last_loss']:.3f} over {args.steps} steps on "
