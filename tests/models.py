@@ -16,21 +16,19 @@ def build(name: str, seed: int = 0, **overrides):
     import transformers as T
     T.logging.set_verbosity_error()
     if name == "gpt2":
-        cfg = T.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                           bos_token_id=0, eos_token_id=0, **overrides)
-        m = T.GPT2LMHeadModel(cfg)
+        kw = dict(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        m = T.GPT2LMHeadModel(T.GPT2Config(**{**kw, **overrides}))
     elif name == "llama":
-        cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
-                            pad_token_id=0, **overrides)
-        m = T.LlamaForCausalLM(cfg)
+        kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        m = T.LlamaForCausalLM(T.LlamaConfig(**{**kw, **overrides}))
     elif name == "bert":
-        cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
-        m = T.BertForMaskedLM(cfg)
+        kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+        m = T.BertForMaskedLM(T.BertConfig(**{**kw, **overrides}))
     else:
         raise KeyError(name)
     m.train()

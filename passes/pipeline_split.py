@@ -1,0 +1,269 @@
+"""Cut the forward graph into p·v pipeline chunks along the residual stream.
+
+A *cut* after position i of the topological order is legal when exactly one
+activation is live across it: the residual stream. Values that depend only on the
+model's inputs (attention masks, position ids, rotary cos/sin: no parameter and no
+activation in their cone) are not activations — each chunk that needs them
+recomputes them instead of receiving them. Among the legal cuts the pass picks
+p·v−1 that balance a per-node cost (FLOPs of matmul-like ops from their fake
+shapes, bytes for the rest), so embedding and LM head weigh what they cost, not a
+layer count. Module paths (``nn_module_stack``) only break ties toward cuts between
+two different modules of the same container (layer boundaries); they never decide
+legality.
+
+Guarantees afterwards: ``SplitResult.chunks[k].gm`` computes chunk k from its
+``inputs`` (original placeholders by name, plus boundary tensors from chunk k−1)
+and returns its boundary tensors (the last chunk returns the loss); running the
+chunks in order reproduces the original graph's output; every original node except
+input-only ones lives in exactly one chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ptdp_compiler.errors import ConfigError
+
+aten = torch.ops.aten
+
+_MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default,
+            aten.matmul.default, aten.baddbmm.default}
+
+
+def _shape(x):
+    v = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def node_flops(node: fx.Node) -> float:
+    """Forward FLOPs of a node from its fake output and input shapes (0 if unknown)."""
+    if node.op != "call_function":
+        return 0.0
+    out = _shape(node)
+    if out is None:
+        return 0.0
+    if node.target in _MATMULS:
+        a = _shape(node.args[1] if node.target in (aten.addmm.default, aten.baddbmm.default)
+                   else node.args[0])
+        if a is None:
+            return 0.0
+        return 2.0 * math.prod(out) * a[-1]
+    if node.target == aten.scaled_dot_product_attention.default:
+        q, k = _shape(node.args[0]), _shape(node.args[1])
+        if q is None or k is None:
+            return 0.0
+        # Q·Kᵀ and P·V: 2 matmuls of b·h·s_q·s_k·d multiply-adds
+        return 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
+    return float(math.prod(out))  # elementwise-ish: one op per output element
+
+
+@dataclasses.dataclass
+class Chunk:
+    index: int
+    gm: fx.GraphModule
+    inputs: list          # ("graph", placeholder name) | ("boundary", i)
+    num_boundary_out: int
+    cost: float
+
+
+@dataclasses.dataclass
+class SplitResult:
+    chunks: list
+    cut_after: list       # original node names after which the graph was cut
+    boundary_shapes: list  # per cut: shapes of the tensors crossing it
+
+    def describe(self) -> str:
+        costs = [c.cost for c in self.chunks]
+        tot = sum(costs) or 1.0
+        parts = ", ".join(f"chunk {c.index}: {100 * c.cost / tot:.0f}%" for c in self.chunks)
+        return f"{len(self.chunks)} chunks cut after {self.cut_after} ({parts} of forward FLOPs)"
+
+
+def _input_only(gm: fx.GraphModule) -> set:
+    """Nodes computed from user inputs, buffers and constants only (no param, no activation)."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.meta.get("ptdp_input_kind", "user") != "param":
+                out.add(n)
+        elif n.op == "get_attr":  # submodules of higher-order ops (e.g. rotary under no_grad)
+            out.add(n)
+        elif n.op == "call_function" and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def legal_cuts(gm: fx.GraphModule) -> list:
+    """Positions i (in the list of compute nodes) after which exactly one activation is live."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    pos = {n: i for i, n in enumerate(nodes)}
+    inputs_only = _input_only(gm)
+    last_use = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in pos:
+                last_use[a] = max(last_use.get(a, -1), pos[n])
+    cuts = []
+    live: set = set()
+    for i, n in enumerate(nodes[:-1]):
+        if n not in inputs_only and last_use.get(n, -1) > i:
+            live.add(n)
+        live = {a for a in live if last_use[a] > i}
+        if len(live) == 1:
+            cuts.append((i, next(iter(live))))
+    return cuts
+
+
+def _layer_key(node: fx.Node) -> Optional[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+    # the deepest path that ends in an integer index: an element of a layer container
+    for p in reversed(paths):
+        if p.split(".")[-1].isdigit():
+            return p
+    return None
+
+
+def split(gm: fx.GraphModule, num_chunks: int) -> SplitResult:
+    if num_chunks == 1:
+        cuts = []
+    else:
+        cuts = choose_cuts(gm, num_chunks)
+    return _build_chunks(gm, cuts)
+
+
+def choose_cuts(gm: fx.GraphModule, num_chunks: int) -> list:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    cand = legal_cuts(gm)
+    if len(cand) < num_chunks - 1:
+        raise ConfigError(
+            f"the model's graph has {len(cand)} legal pipeline cut points along the residual "
+            f"stream, too few for pp·virtual_stages = {num_chunks} chunks; lower pp or "
+            "virtual_stages (each chunk needs at least one layer)")
+    cost = [node_flops(n) for n in nodes]
+    prefix = [0.0]
+    for c in cost:
+        prefix.append(prefix[-1] + c)
+    total = prefix[-1]
+    # prefer cuts between two elements of a layer container; fall back to any legal cut
+    def boundary(i):
+        a, b = _layer_key(nodes[i]), _layer_key(nodes[i + 1])
+        return a is not None and b is not None and a != b
+    preferred = [c for c in cand if boundary(c[0])]
+    if preferred and len(preferred) < num_chunks - 1:
+        raise ConfigError(
+            f"pp·virtual_stages = {num_chunks} chunks, but the model has only "
+            f"{len(preferred) + 1} layers; choose pp·virtual_stages <= {len(preferred) + 1}")
+    pool = preferred or cand
+    # dynamic programming: minimise the most expensive chunk
+    best = _min_max_partition([c[0] for c in pool], prefix, num_chunks)
+    return [nodes[i].name for i in best]
+
+
+def _min_max_partition(positions: list, prefix: list, k: int) -> list:
+    """Choose k−1 of `positions` (cut after that node index) minimising the largest chunk cost."""
+    n_nodes = len(prefix) - 1
+    pts = sorted(positions)
+    INF = float("inf")
+    # dp[j][c]: min over placements of (max chunk cost) for first j cuts ending at pts[c]
+    dp = [[INF] * len(pts) for _ in range(k - 1)]
+    back = [[-1] * len(pts) for _ in range(k - 1)]
+    for c, p in enumerate(pts):
+        dp[0][c] = prefix[p + 1]
+    for j in range(1, k - 1):
+        for c, p in enumerate(pts):
+            for d in range(c):
+                v = max(dp[j - 1][d], prefix[p + 1] - prefix[pts[d] + 1])
+                if v < dp[j][c]:
+                    dp[j][c], back[j][c] = v, d
+    best_c, best_v = -1, INF
+    for c, p in enumerate(pts):
+        v = max(dp[k - 2][c], prefix[n_nodes] - prefix[p + 1])
+        if v < best_v:
+            best_c, best_v = c, v
+    chosen, j, c = [], k - 2, best_c
+    while j >= 0:
+        chosen.append(pts[c])
+        c = back[j][c]
+        j -= 1
+    return sorted(chosen)
+
+
+def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    names = [n.name for n in nodes]
+    bounds = [names.index(c) for c in cut_names] + [len(nodes) - 1]
+    inputs_only = _input_only(gm)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    owner = {}
+    start = 0
+    for k, end in enumerate(bounds):
+        for n in nodes[start:end + 1]:
+            if n not in inputs_only:
+                owner[n] = k
+        start = end + 1
+    chunks, boundary_shapes = [], []
+    incoming: list = []   # nodes of earlier chunks live into this chunk
+    for k in range(len(bounds)):
+        g = fx.Graph()
+        env, inputs = {}, []
+
+        def fetch(a, g=g, env=env, inputs=inputs):
+            if a in env:
+                return env[a]
+            if a.op == "placeholder":
+                ph = g.placeholder(a.name)
+                ph.meta.update(a.meta)
+                inputs.append(("graph", a.name))
+                env[a] = ph
+                return ph
+            if a.op == "get_attr":
+                env[a] = g.node_copy(a)
+                return env[a]
+            if a in inputs_only:  # recompute mask/position/rotary values here
+                new = g.node_copy(a, lambda x: fetch(x))
+                env[a] = new
+                return new
+            raise AssertionError(f"{a.name} crosses a cut but is not a boundary value")
+
+        for i, b in enumerate(incoming):
+            ph = g.placeholder(f"boundary_{i}")
+            ph.meta.update(b.meta)
+            inputs.append(("boundary", i))
+            env[b] = ph
+        mine = [n for n in nodes if owner.get(n) == k]
+        for n in mine:
+            env[n] = g.node_copy(n, lambda x: fetch(x))
+        mine_set = set(mine)
+        carried = set(incoming) | mine_set
+        if k == len(bounds) - 1:
+            g.output(tuple(fetch(a) if a not in env else env[a]
+                           for a in output.args[0]))
+            outgoing = []
+        else:
+            later = [n for n in nodes if owner.get(n, -1) > k]
+            outgoing = []
+            for n in nodes:
+                if n in carried and any(u in later or (u.op == "output") for u in n.users):
+                    outgoing.append(n)
+            g.output(tuple(env[n] for n in outgoing))
+            boundary_shapes.append([_shape(n) for n in outgoing])
+        chunk_gm = fx.GraphModule(gm, g)
+        cost = sum(node_flops(n) for n in mine)
+        chunks.append(Chunk(k, chunk_gm, inputs, len(outgoing), cost))
+        incoming = outgoing
+    return SplitResult(chunks, list(cut_names), boundary_shapes)
+
+
+def run_sequential(result: SplitResult, graph_inputs: dict) -> list:
+    """Reference executor: run the chunks one after another (tests, debugging)."""
+    boundary: tuple = ()
+    for ch in result.chunks:
+        args = [graph_inputs[name] if kind == "graph" else boundary[name]
+                for kind, name in ch.inputs]
+        boundary = ch.gm(*args)
+    return list(boundary)
