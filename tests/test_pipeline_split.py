@@ -56,7 +56,7 @@ def test_cuts_fall_on_layer_boundaries_and_balance_cost():
     cap = capture(model, args, kwargs)
     result = split(cap.gm, 4)
     def blocks_in(chunk):
-        paths = {v[0] for n in chunk.gm.graph.nodes
+        paths = {v[0] for n in chunk.gm.graph.nodes if n.op == "call_function"
                  for v in (n.meta.get("nn_module_stack") or {}).values()}
         return {".".join(p.split(".")[:3]) for p in paths if p.startswith("model.blocks.")}
 
