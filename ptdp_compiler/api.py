@@ -25,9 +25,11 @@ class CompiledProgram:
     def __init__(self, pm: "ParallelModule", mb):
         args, kwargs, target = mb
         self.captured = _capture.capture(pm.module, args, kwargs, target, pm.config.loss_fn)
-        self.program = run_passes(self.captured, pm.config, pm.coords, pm._params)
+        self.program = run_passes(self.captured, pm.config, pm.coords, pm._params,
+                                  pm._full_shapes)
         self.loss_weight = self.program.loss_weight
         self._pm = pm
+        pm._apply_placements(self.program.plan)
         self.fn = compile_graph(self.program.gm, self._inputs(mb), pm.config.codegen)
 
     def user_inputs(self, mb) -> list:
@@ -76,6 +78,14 @@ class ParallelModule:
         self.module = module
         self.coords = build_mesh(config.dp, config.pp, config.tp)
         self._params = dict(module.named_parameters())
+        self._full_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
+        self._placements: dict | None = None   # name -> Shard over tp, once compiled
+        if config.tp > 1:
+            # this rank's shards live in their own Parameters (the module keeps the full
+            # weights, which capture needs); they shrink to the shard on the first compile
+            self._params = {n: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                            for n, p in self._params.items()}
+        self._tp_group = self.coords.group("tp") if config.tp > 1 else None
         self._dp_group = self.coords.group("dp") if config.dp > 1 else None
         self._check_same_model()
         self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
@@ -100,6 +110,40 @@ class ParallelModule:
             raise ConfigError("ranks passed different models to parallelize (parameters differ); "
                               "build the model with the same seed on every rank "
                               "(torch.manual_seed(s) before constructing it)")
+
+    def _apply_placements(self, plan):
+        """Shrink each tp-sharded parameter to this rank's shard (once; the optimizer keeps
+        the same Parameter objects) and rebuild the gradient buckets at local sizes."""
+        if self.config.tp == 1:
+            return
+        from .plan import Shard
+        from .passes.sharding import shard_tensor
+        placements = {n: pp.placement for n, pp in plan.params.items()
+                      if isinstance(pp.placement, Shard)}
+        if self._placements is not None:
+            if placements != self._placements:
+                raise ConfigError("a new input signature produced a different tensor-parallel "
+                                  "layout of the parameters; keep the model's inputs uniform")
+            return
+        t, r = self.config.tp, self.coords.tp_rank
+        with torch.no_grad():
+            for n, pl in placements.items():
+                p = self._params[n]
+                p.data = shard_tensor(p.data, pl, t, r)
+        self._placements = placements
+        for h in self._buckets._hooks:
+            h.remove()
+        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
+                                    int(self.config.bucket_mb * 2**20))
+
+    def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        pl = (self._placements or {}).get(name)
+        if pl is None:
+            return local
+        from .passes.sharding import unshard_tensors
+        pieces = [torch.empty_like(local) for _ in range(self.config.tp)]
+        dist.all_gather(pieces, local.contiguous(), group=self._tp_group)
+        return unshard_tensors(pieces, pl)
 
     # ---- training -------------------------------------------------------------------------
     def _program(self, mb) -> CompiledProgram:
@@ -138,12 +182,13 @@ class ParallelModule:
 
     def full_grads(self) -> dict:
         """{original name: full-shape gradient}, identical on every rank."""
-        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        return {n: self._gather_full(n, p.grad.detach().clone() if p.grad is not None
+                                     else torch.zeros_like(p))
                 for n, p in self._params.items()}
 
     def full_state_dict(self) -> dict:
         """{original name: full-shape parameter}, identical on every rank."""
-        return {n: p.detach().clone() for n, p in self._params.items()}
+        return {n: self._gather_full(n, p.detach().clone()) for n, p in self._params.items()}
 
     # ---- inspection -----------------------------------------------------------------------
     def graph(self, signature: int = -1):

@@ -27,6 +27,23 @@ import torch
 _c10d = torch.ops._c10d_functional
 
 
+# Bytes this rank sends, per (collective kind, tag), under the ring model NCCL and gloo use:
+# all-reduce 2(t-1)/t·|x|, all-gather (t-1)·|x_local|, reduce-scatter (t-1)/t·|x_full|.
+STATS: dict = {}
+
+
+def _count(kind: str, tag: str, x: torch.Tensor, t: int):
+    n = x.numel() * x.element_size()
+    sent = {"all_reduce": 2 * (t - 1) * n / t, "all_gather": (t - 1) * n,
+            "reduce_scatter": (t - 1) * n / t}[kind]
+    key = (kind, tag)
+    STATS[key] = STATS.get(key, 0) + sent
+
+
+def reset_stats():
+    STATS.clear()
+
+
 def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "sum", group_name))
 
@@ -75,36 +92,37 @@ def _scaled_shape(x: torch.Tensor, dim: int, factor: float) -> list:
 
 # ---- f: identity / all-reduce ---------------------------------------------------------------
 @torch.library.custom_op("ptdp::tp_f", mutates_args=())
-def tp_f(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+def tp_f(x: torch.Tensor, group_name: str, t: int, tag: str) -> torch.Tensor:
     return x.clone()
 
 
 @tp_f.register_fake
-def _(x, group_name, t):
+def _(x, group_name, t, tag):
     return torch.empty_like(x)
 
 
 # ---- g: all-reduce / identity ---------------------------------------------------------------
 @torch.library.custom_op("ptdp::tp_g", mutates_args=())
-def tp_g(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+def tp_g(x: torch.Tensor, group_name: str, t: int, tag: str) -> torch.Tensor:
+    _count("all_reduce", tag, x, t)
     return _all_reduce(x, group_name)
 
 
 @tp_g.register_fake
-def _(x, group_name, t):
+def _(x, group_name, t, tag):
     return torch.empty_like(x)
 
 
 def _f_backward(ctx, grad):
-    return tp_g(grad, ctx.group_name, ctx.t), None, None
+    return tp_g(grad, ctx.group_name, ctx.t, ctx.tag), None, None, None
 
 
 def _g_backward(ctx, grad):
-    return tp_f(grad, ctx.group_name, ctx.t), None, None
+    return tp_f(grad, ctx.group_name, ctx.t, ctx.tag), None, None, None
 
 
 def _setup_ft(ctx, inputs, output):
-    ctx.group_name, ctx.t = inputs[1], inputs[2]
+    ctx.group_name, ctx.t, ctx.tag = inputs[1], inputs[2], inputs[3]
 
 
 tp_f.register_autograd(_f_backward, setup_context=_setup_ft)
@@ -114,6 +132,7 @@ tp_g.register_autograd(_g_backward, setup_context=_setup_ft)
 # ---- SP pair: all-gather / reduce-scatter ---------------------------------------------------
 @torch.library.custom_op("ptdp::sp_gather", mutates_args=())
 def sp_gather(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
+    _count("all_gather", "act", x, t)
     return _all_gather(x, dim, outer, t, group_name)
 
 
@@ -124,6 +143,7 @@ def _(x, dim, outer, group_name, t):
 
 @torch.library.custom_op("ptdp::sp_scatter", mutates_args=())
 def sp_scatter(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
+    _count("reduce_scatter", "act", x, t)
     return _reduce_scatter(x, dim, outer, t, group_name)
 
 
@@ -151,6 +171,7 @@ sp_scatter.register_autograd(_scatter_backward, setup_context=_setup_sp)
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------
 @torch.library.custom_op("ptdp::all_reduce_max", mutates_args=())
 def all_reduce_max(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
+    _count("all_reduce", "loss", x, t)
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
 
 

@@ -11,7 +11,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 CODEGENS = ("inductor", "aot_eager")
 
 # capabilities that later passes provide; until then a request for them is refused clearly
-IMPLEMENTED = {"tp": False, "pp": False, "sequence_parallel": False, "recompute": False}
+IMPLEMENTED = {"tp": True, "pp": False, "sequence_parallel": True, "recompute": False}
 
 
 @dataclasses.dataclass(frozen=True)

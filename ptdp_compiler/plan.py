@@ -17,10 +17,15 @@ class Replicate:
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
+    """Split along ``dim`` over the tp ranks. ``outer`` > 1: the dimension is laid out as
+    ``(outer, t, inner)`` with the rank index in the middle — each of ``outer`` blocks
+    (e.g. q, k, v of a fused projection) is split separately, so a rank holds its own
+    slice of every block (the weight rows are permuted for it)."""
     dim: int
+    outer: int = 1
 
     def __str__(self):
-        return f"Shard({self.dim})"
+        return f"Shard({self.dim})" if self.outer == 1 else f"Shard({self.dim}, blocks={self.outer})"
 
 
 @dataclasses.dataclass
@@ -29,6 +34,9 @@ class ParamPlan:
     full_shape: tuple
     placement: object = Replicate()   # over the tp axis
     stage: int = 0                # pipeline chunk that owns it
+    role: str = ""                # what the tp analysis found it to be
+    local_shape: Optional[tuple] = None   # this rank's shape (None: full)
+    grad_tp_reduce: bool = False  # replicated, but sees tp-partial gradients (SP): summed over tp
 
     @property
     def numel(self) -> int:

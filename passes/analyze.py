@@ -1,0 +1,259 @@
+"""Roles from dataflow: which linears form Megatron column/row pairs, which embedding and
+LM head are vocab-parallel. Parameter and module names are never consulted.
+
+A *linear* is ``aten.linear(x, W[out,in], b)``, ``aten.addmm(b, x, W[in,out])``
+(Hugging Face ``Conv1D``), or ``aten.mm``/``aten.matmul(x, W)`` with ``W`` a parameter.
+
+From each linear's output the analysis walks forward through every consumer. The walk
+stops at another linear's *input* (a row-parallel candidate) and fails at a
+*barrier*: an op that mixes the features a column split would separate (a norm, a
+reduction over the last dimension, an embedding, the loss, the graph output). Walks
+that meet (q, k and v at the attention core; gate and up at their product) are
+united into one group. A group whose walk reaches at least one linear and no barrier
+is a tensor-parallel block: its starting linears are column-parallel, the linears it
+reaches are row-parallel. Whether every op in between is really local on the split
+dimension is then proved (or refuted with a ShardingError) by the sharding
+propagation in ``tensor_parallel``.
+
+A linear whose walk reaches only the loss, through ops that keep the last dimension
+(views, casts, slices of other dims), is the LM head: vocab-parallel, with the
+cross-entropy computed vocab-parallel. An embedding is vocab-parallel when it shares
+its weight with the LM head (tied) or has as many rows as the head has outputs and is
+indexed by user-input token ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
+         aten.batch_norm.default}
+LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default}
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+              aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
+              aten.logsumexp.default, aten.norm.ScalarOpt_dim}
+# ops allowed between the LM head and the loss (they keep the vocabulary dimension whole)
+HEAD_TO_LOSS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
+                aten.clone.default, aten.slice.Tensor, aten.alias.default,
+                aten._assert_tensor_metadata.default}
+
+
+@dataclasses.dataclass
+class Linear:
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node            # placeholder
+    bias: Optional[fx.Node]    # placeholder or None
+    w_out_dim: int             # 0: W is [out, in] (nn.Linear); 1: W is [in, out] (Conv1D)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.meta["val"].shape[self.w_out_dim]
+
+
+@dataclasses.dataclass
+class Analysis:
+    linears: dict                                   # node -> Linear
+    column: dict = dataclasses.field(default_factory=dict)    # node -> group id
+    row: dict = dataclasses.field(default_factory=dict)       # node -> group id
+    head: Optional[Linear] = None                   # vocab-parallel LM head
+    vocab_embeddings: list = dataclasses.field(default_factory=list)  # embedding nodes
+    vocab: int = 0
+    groups: list = dataclasses.field(default_factory=list)    # [(columns, rows)]
+    replicated: dict = dataclasses.field(default_factory=dict)  # linear node -> reason
+    embed_out_shape: Optional[tuple] = None         # the residual stream's [B, T, C]
+
+
+def param_name(node) -> Optional[str]:
+    if isinstance(node, fx.Node) and node.op == "placeholder" and \
+            node.meta.get("ptdp_input_kind") == "param":
+        return node.meta["ptdp_input_name"]
+    return None
+
+
+def as_linear(n: fx.Node) -> Optional[Linear]:
+    if n.op != "call_function":
+        return None
+    if n.target is aten.linear.default:
+        x, w = n.args[0], n.args[1]
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if param_name(w) and w.meta["val"].dim() == 2 and (b is None or param_name(b)):
+            return Linear(n, x, w, b, 0)
+    elif n.target is aten.addmm.default and len(n.args) == 3 and not n.kwargs:
+        b, x, w = n.args
+        if param_name(w) and param_name(b) and w.meta["val"].dim() == 2:
+            return Linear(n, x, w, b, 1)
+    elif n.target in (aten.mm.default, aten.matmul.default):
+        x, w = n.args[:2]
+        if param_name(w) and w.meta["val"].dim() == 2:
+            return Linear(n, x, w, None, 1)
+    return None
+
+
+def _reduces_last(n: fx.Node) -> bool:
+    if n.target not in REDUCTIONS:
+        return False
+    val = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    if val is None:
+        return True
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dims is None or dims == []:
+        return True
+    dims = [dims] if isinstance(dims, int) else dims
+    return any(d % val.dim() == val.dim() - 1 for d in dims)
+
+
+def _walk(lin: Linear, linears: dict):
+    """Forward closure of a linear's output: (region nodes, rows reached, barriers)."""
+    region, rows, barriers = set(), set(), []
+    stack = [lin.node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in region:
+                continue
+            ul = linears.get(u)
+            if ul is not None:
+                if ul.x is n:
+                    rows.add(u)
+                else:
+                    barriers.append(u)
+                continue
+            if u.op == "output" or u.target in NORMS or u.target in LOSSES or \
+                    u.target is aten.embedding.default or _reduces_last(u):
+                barriers.append(u)
+                continue
+            region.add(u)
+            stack.append(u)
+    return region, rows, barriers
+
+
+def _reaches_loss_only(lin: Linear) -> Optional[fx.Node]:
+    """The loss node if the linear's output reaches only a loss through HEAD_TO_LOSS ops."""
+    stack, loss = [lin.node], None
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.target in LOSSES and u.args[0] is n:
+                loss = u
+            elif u.target in HEAD_TO_LOSS:
+                if u.target is aten.slice.Tensor and u.args[1] % n.meta["val"].dim() == \
+                        n.meta["val"].dim() - 1:
+                    return None
+                stack.append(u)
+            else:
+                return None
+    return loss
+
+
+def _from_user_inputs(n: fx.Node) -> bool:
+    stack, seen = [n], set()
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "placeholder":
+            if m.meta.get("ptdp_input_kind") == "user":
+                return True
+            continue
+        stack.extend(m.all_input_nodes)
+    return False
+
+
+def analyze(gm: fx.GraphModule) -> Analysis:
+    linears = {}
+    for n in gm.graph.nodes:
+        lin = as_linear(n)
+        if lin is not None:
+            linears[n] = lin
+    an = Analysis(linears)
+    walks = {n: _walk(lin, linears) for n, lin in linears.items()}
+    # union walks whose regions meet
+    parent = {n: n for n in linears}
+
+    def find(a):
+        while parent[a] is not a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    owner = {}
+    for n, (region, _, _) in walks.items():
+        for r in region:
+            if r in owner:
+                parent[find(n)] = find(owner[r])
+            else:
+                owner[r] = n
+    groups: dict = {}
+    for n in linears:
+        groups.setdefault(find(n), []).append(n)
+    for members in groups.values():
+        rows = set().union(*(walks[m][1] for m in members))
+        barriers = [b for m in members for b in walks[m][2]]
+        if rows and not barriers:
+            gid = len(an.groups)
+            an.groups.append((sorted(members, key=_order(gm)), sorted(rows, key=_order(gm))))
+            for m in members:
+                an.column[m] = gid
+            for r in rows:
+                an.row.setdefault(r, gid)
+        else:
+            for m in members:
+                an.replicated[m] = ("its output reaches " + (barriers[0].name if barriers else
+                                    "no other linear") + " before any linear consumes it")
+    # a linear cannot be both the end of one block and the start of another
+    for n in list(an.column):
+        if n in an.row:
+            gid = an.column[n]
+            raise_conflict = [m for m, g in an.column.items() if g == gid]
+            for m in raise_conflict:
+                an.column.pop(m)
+                an.replicated[m] = f"{n.name} is both a block's end and start"
+    # LM head: a replicated linear feeding only the loss
+    for n, lin in linears.items():
+        if n in an.column or n in an.row:
+            continue
+        if _reaches_loss_only(lin) is not None:
+            an.head = lin
+            an.replicated.pop(n, None)
+            an.vocab = lin.out_features
+            break
+    if an.head is not None:
+        hname = param_name(an.head.weight)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is aten.embedding.default:
+                w = n.args[0]
+                if param_name(w) == hname or (
+                        param_name(w) and an.head.w_out_dim == 0 and
+                        tuple(w.meta["val"].shape) == tuple(an.head.weight.meta["val"].shape)
+                        and _from_user_inputs(n.args[1])):
+                    an.vocab_embeddings.append(n)
+        if an.vocab_embeddings:
+            an.embed_out_shape = tuple(an.vocab_embeddings[0].meta["val"].shape)
+    for n in gm.graph.nodes:
+        role = None
+        if n in an.column:
+            role = f"column-parallel (block {an.column[n]})"
+        elif n in an.row:
+            role = f"row-parallel (block {an.row[n]})"
+        elif an.head is not None and n is an.head.node:
+            role = "LM head (vocab-parallel)"
+        elif n in an.vocab_embeddings:
+            role = "token embedding (vocab-parallel)"
+        elif n in an.replicated:
+            role = "replicated linear: " + an.replicated[n]
+        if role:
+            n.meta.setdefault("ptdp", {})["role"] = role
+    return an
+
+
+def _order(gm):
+    idx = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: idx[n]

@@ -1,0 +1,75 @@
+"""The placement lattice and the shape rules the tensor-parallel propagation relies on.
+
+A tensor's placement over the tp axis is ``None`` (Replicate: every rank holds all of
+it) or ``Shard(dim, outer)``: dimension ``dim`` of full size ``N`` is laid out as
+``(outer, t, N/(outer·t))`` and rank r holds index r of the middle factor. ``outer=1``
+is the ordinary contiguous split; ``outer=3`` is a fused q/k/v projection whose
+rows are permuted so each rank keeps its own q, k and v slices; a sequence dim
+flattened with the batch (``[B*T]``) is ``Shard(0, outer=B)``. Partial sums never
+leave the op that creates them: a row-parallel matmul is followed at once by g
+(all-reduce) or, with sequence parallelism, a reduce-scatter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ptdp_compiler.plan import Shard
+
+__all__ = ["Shard", "view_rule", "local_shape", "shard_tensor", "unshard_tensors"]
+
+
+def local_shape(shape, pl: Optional[Shard], t: int) -> list:
+    shape = list(shape)
+    if pl is not None:
+        shape[pl.dim] //= t
+    return shape
+
+
+def view_rule(in_shape, pl: Shard, out_shape, t: int) -> Optional[Shard]:
+    """Placement of ``x.view(out_shape)`` when ``x`` (full shape ``in_shape``) is ``pl``;
+    None when the view mixes the split factor with others (not local)."""
+    in_shape, out_shape = list(in_shape), list(out_shape)
+    if -1 in out_shape:
+        known = math.prod(s for s in out_shape if s != -1)
+        out_shape[out_shape.index(-1)] = math.prod(in_shape) // max(known, 1)
+    # flat index of the whole tensor: (outer_total, t, inner_total) around the rank factor
+    outer_total = math.prod(in_shape[:pl.dim]) * pl.outer
+    inner_total = math.prod(in_shape[pl.dim + 1:]) * (in_shape[pl.dim] // (pl.outer * t))
+    before = 1
+    for i, o in enumerate(out_shape):
+        after = math.prod(out_shape[i + 1:])
+        if outer_total % before == 0 and o % t == 0:
+            o_outer = outer_total // before
+            if o % (o_outer * t) == 0 and inner_total % after == 0 and \
+                    o_outer * t * (inner_total // after) == o:
+                return Shard(i, o_outer)
+        before *= o
+    return None
+
+
+def shard_tensor(full: torch.Tensor, pl: Optional[Shard], t: int, r: int) -> torch.Tensor:
+    """This rank's piece of a full tensor (a copy)."""
+    if pl is None:
+        return full.detach().clone()
+    shape = list(full.shape)
+    d, o = pl.dim, pl.outer
+    v = full.detach().reshape(shape[:d] + [o, t, shape[d] // (o * t)] + shape[d + 1:])
+    piece = v.select(d + 1, r)
+    shape[d] //= t
+    return piece.reshape(shape).clone()
+
+
+def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:
+    """Inverse of ``shard_tensor`` given every rank's piece in tp-rank order."""
+    if pl is None:
+        return pieces[0]
+    t = len(pieces)
+    shape = list(pieces[0].shape)
+    d, o = pl.dim, pl.outer
+    vs = [p.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]) for p in pieces]
+    full = torch.stack(vs, d + 1)  # (.., o, t, n/o, ..)
+    shape[d] *= t
+    return full.reshape(shape)
