@@ -1,0 +1,372 @@
+"""Search: enumerate legal (t, p, d, v, b, m, sp, recompute), estimate each with the cost
+model (closed form to screen, the schedule simulator for the finalists), keep those that
+fit in memory and pick the fastest."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Optional
+
+from ..errors import ConfigError
+from .cluster import Cluster
+from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_bytes_per_layer,
+                         all_gather_time, all_reduce_time, model_flops_per_iteration,
+                         nodes_time, p2p_time, param_bytes_per_gpu, tp_allreduces_per_layer)
+from .simulator import SimResult, simulate_config
+from ..runtime.schedules import SEND_ACT, expected_peak_inflight
+
+RECOMPUTES = ("none", "selective", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    t: int
+    p: int
+    d: int
+    v: int
+    b: int
+    m: int
+    sp: bool
+    recompute: str
+
+    @property
+    def schedule(self) -> str:
+        return "interleaved" if self.v > 1 else "1f1b"
+
+    def short(self) -> str:
+        return (f"t={self.t} p={self.p} d={self.d} v={self.v} b={self.b} m={self.m} "
+                f"sp={'on' if self.sp else 'off'} rc={self.recompute}")
+
+
+@dataclasses.dataclass
+class Estimate:
+    cand: Candidate
+    step_time: float
+    pipeline_time: float
+    dp_time: float
+    optimizer_time: float
+    bubble: float
+    memory: float                # peak bytes on the worst rank
+    memory_limit: float
+    fits: bool
+    samples_per_s: float
+    model_tflops_per_gpu: float  # model FLOPs (no recompute) / time / GPU
+    paper_tflops_per_gpu: float  # Narayanan et al. 2021 formula (counts full recompute)
+    hw_tflops_per_gpu: float     # FLOPs actually executed (incl. the chosen recompute)
+    mfu: float
+    simulated: bool = False
+    breakdown: dict = dataclasses.field(default_factory=dict)
+    reason: str = ""
+
+
+class Evaluator:
+    """Predicts step time and memory of one configuration for a model on a cluster."""
+
+    def __init__(self, mc: ModelCost, cluster: Cluster, global_batch: int,
+                 opts: CostOptions = CostOptions()):
+        self.mc, self.cl, self.B, self.o = mc, cluster, global_batch, opts
+        self.gpu = cluster.gpu
+        self.pairs = tp_allreduces_per_layer(mc.layers[0])
+        self._cache: dict = {}
+
+    # ---- per microbatch times ------------------------------------------------------------
+    def _tp_link(self, t):
+        return self.cl.group_link(t, 1)
+
+    def layer_times(self, b: int, t: int, sp: bool, rc: str) -> tuple:
+        """(forward, backward incl. recompute) seconds of one layer for one microbatch."""
+        key = ("layer", b, t, sp, rc)
+        if key in self._cache:
+            return self._cache[key]
+        layer = self.mc.layers[0]
+        f = nodes_time(layer, self.gpu, b, t, sp, self.o)
+        act = self.mc.seq * b * self.mc.hidden * self.mc.dtype_bytes
+        comm = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
+        f_tot = f + self.pairs * comm
+        bwd = BACKWARD_FACTOR * f + self.pairs * comm
+        if rc == "full":
+            bwd += f_tot
+        elif rc == "selective":
+            bwd += nodes_time(layer, self.gpu, b, t, sp, self.o, kinds=("attention", "softmax"))
+        self._cache[key] = (f_tot, bwd)
+        return f_tot, bwd
+
+    def edge_times(self, b, t, sp, rc) -> tuple:
+        """(pre fwd, pre bwd, post fwd, post bwd): embedding on the first chunk, final norm,
+        LM head and loss on the last."""
+        act = self.mc.seq * b * self.mc.hidden * self.mc.dtype_bytes
+        ar = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
+        pf = nodes_time(self.mc.pre, self.gpu, b, t, sp, self.o) + ar
+        qf = nodes_time(self.mc.post, self.gpu, b, t, sp, self.o)
+        return pf, BACKWARD_FACTOR * pf, qf, BACKWARD_FACTOR * qf + ar
+
+    def p2p(self, c: Candidate) -> float:
+        if c.p == 1:
+            return 0.0
+        nbytes = self.mc.seq * c.b * self.mc.hidden * self.mc.dtype_bytes
+        stride = c.t * c.d
+        link = self.cl.group_link(2, stride)
+        if c.sp:
+            return p2p_time(nbytes / c.t, link)
+        if self.o.scatter_gather and c.t > 1:
+            return p2p_time(nbytes / c.t, link) + all_gather_time(nbytes, c.t, self._tp_link(c.t))
+        return p2p_time(nbytes, link)
+
+    def chunk_costs(self, c: Candidate):
+        L = self.mc.num_layers
+        per_chunk = L // (c.p * c.v)
+        lf, lb = self.layer_times(c.b, c.t, c.sp, c.recompute)
+        pf, pb, qf, qb = self.edge_times(c.b, c.t, c.sp, c.recompute)
+        last = c.p * c.v - 1
+
+        def fwd(ch):
+            return per_chunk * lf + (pf if ch == 0 else 0.0) + (qf if ch == last else 0.0)
+
+        def bwd(ch):
+            return per_chunk * lb + (pb if ch == 0 else 0.0) + (qb if ch == last else 0.0)
+        return fwd, bwd
+
+    # ---- memory --------------------------------------------------------------------------
+    def params_on_rank(self, c: Candidate, rank: int) -> float:
+        mc = self.mc
+        n = mc.params_layer * (mc.num_layers // c.p)
+        if rank == 0:
+            n += mc.params_pre
+        if rank == c.p - 1:
+            n += mc.params_post if (c.p > 1 or not mc.tied_embedding) else 0
+        return n / c.t
+
+    def act_per_chunk(self, c: Candidate) -> float:
+        mc = self.mc
+        per_layer = activation_bytes_per_layer(mc.seq, c.b, mc.hidden, max(mc.heads, 1), c.t,
+                                               c.sp, c.recompute)
+        return per_layer * mc.num_layers / (c.p * c.v)
+
+    def memory(self, c: Candidate) -> float:
+        """Peak bytes on the worst of the first and last pipeline ranks."""
+        mc = self.mc
+        sbh = mc.seq * c.b * mc.hidden
+        worst = 0.0
+        for r in {0, c.p - 1}:
+            static = param_bytes_per_gpu(self.params_on_rank(c, r), c.d, self.o)
+            inflight = expected_peak_inflight(c.schedule, c.p, c.v, c.m, r)
+            act = inflight * self.act_per_chunk(c)
+            if c.recompute == "full":   # one layer's activations while recomputing it
+                act += activation_bytes_per_layer(mc.seq, c.b, mc.hidden, max(mc.heads, 1), c.t,
+                                                  c.sp, "none")
+            if r == 0:   # embedding output + dropout mask per microbatch in flight
+                act += inflight / c.v * 3 * sbh / (c.t if c.sp else 1)
+            if r == c.p - 1 and mc.vocab:   # fp32 logits / softmax of one microbatch
+                act += 4.0 * mc.seq * c.b * mc.vocab / c.t * 2
+            worst = max(worst, static + act)
+        return worst
+
+    @property
+    def memory_limit(self) -> float:
+        return self.gpu.memory - self.gpu.reserved_memory
+
+    # ---- step time -----------------------------------------------------------------------
+    def dp_time(self, c: Candidate) -> float:
+        if c.d == 1:
+            return 0.0
+        grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.o.grad_reduce_bytes
+        t = all_reduce_time(grads, c.d, self.cl.group_link(c.d, c.t))
+        return 0.1 * t if self.o.dp_overlap else t
+
+    def optimizer_time(self, c: Candidate) -> float:
+        n = max(self.params_on_rank(c, r) for r in {0, c.p - 1})
+        if self.o.distributed_optimizer:
+            n /= c.d
+        return n * self.o.optimizer_bytes_per_param * self.o.optimizer_passes / \
+            (self.gpu.mem_bw * self.gpu.mem_eff)
+
+    def pipeline_closed_form(self, c: Candidate) -> float:
+        fwd, bwd = self.chunk_costs(c)
+        comm = self.p2p(c)
+        per_rank = [sum(fwd(ch) + bwd(ch) for ch in range(r, c.p * c.v, c.p)) for r in range(c.p)]
+        sends = 2 * comm * (c.v if c.p > 1 else 0)
+        busiest = max(per_rank) + sends
+        mean_stage = sum(per_rank) / c.p
+        return c.m * busiest + (c.p - 1) * (mean_stage + sends) / c.v
+
+    def pipeline_simulated(self, c: Candidate, max_m: int = 16) -> SimResult:
+        fwd, bwd = self.chunk_costs(c)
+        comm = self.p2p(c)
+        act = self.act_per_chunk(c)
+        static = [param_bytes_per_gpu(self.params_on_rank(c, r), c.d, self.o) for r in range(c.p)]
+        return simulate_config(c.schedule, c.p, c.v, c.m, fwd, bwd, lambda a: comm,
+                               act_bytes=lambda ch: act, static_bytes=static, max_m=max_m)
+
+    def evaluate(self, c: Candidate, simulate: bool = False) -> Estimate:
+        sim = None
+        if simulate:
+            sim = self.pipeline_simulated(c)
+            pipe = sim.step_time
+        else:
+            pipe = self.pipeline_closed_form(c)
+        dp, opt = self.dp_time(c), self.optimizer_time(c)
+        T = pipe + dp + opt
+        mc = self.mc
+        N = c.t * c.p * c.d
+        B = c.b * c.m * c.d
+        paper = model_flops_per_iteration(B, mc.seq, mc.num_layers, mc.hidden, mc.vocab or 0, True)
+        model = model_flops_per_iteration(B, mc.seq, mc.num_layers, mc.hidden, mc.vocab or 0,
+                                          False)
+        if c.recompute == "full":
+            hw = paper
+        elif c.recompute == "selective":
+            hw = model + 4.0 * B * mc.seq * mc.seq * mc.hidden * mc.num_layers
+        else:
+            hw = model
+        fwd, bwd = self.chunk_costs(c)
+        ideal = c.m * max(sum(fwd(ch) + bwd(ch) for ch in range(r, c.p * c.v, c.p))
+                          for r in range(c.p))
+        mem = self.memory(c)
+        est = Estimate(c, T, pipe, dp, opt, (pipe - ideal) / ideal if ideal else 0.0, mem,
+                       self.memory_limit, mem <= self.memory_limit, B / T,
+                       model / T / N / 1e12, paper / T / N / 1e12, hw / T / N / 1e12,
+                       model / T / N / self.gpu.peak_flops, simulate)
+        est.breakdown = {"pipeline_s": pipe, "dp_allreduce_s": dp, "optimizer_s": opt,
+                         "p2p_per_transfer_s": self.p2p(c),
+                         "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute)}
+        return est
+
+
+# --------------------------------------------------------------------------------------------
+# enumeration
+# --------------------------------------------------------------------------------------------
+def _divisors(n: int) -> list:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, global_batch: int,
+                         max_v: int = 8, microbatch_sizes: Iterable[int] = (1, 2, 4, 8, 16),
+                         recomputes=RECOMPUTES, rejected: Optional[list] = None) -> list:
+    """All legal candidates; illegal ones are appended to ``rejected`` as (desc, reason)."""
+    out = []
+    rej = rejected if rejected is not None else []
+    L, a = mc.num_layers, max(mc.heads, 1)
+    for t in _divisors(min(num_gpus, gpus_per_node)):
+        if a % t or mc.hidden % t:
+            rej.append((f"t={t}", f"{a} heads / hidden {mc.hidden} not divisible by t"))
+            continue
+        for p in _divisors(num_gpus // t):
+            if (num_gpus // t) % p:
+                continue
+            if L % p:
+                rej.append((f"t={t} p={p}", f"{L} layers not divisible by p"))
+                continue
+            d = num_gpus // (t * p)
+            if global_batch % d:
+                rej.append((f"t={t} p={p} d={d}", f"batch {global_batch} not divisible by d"))
+                continue
+            per = global_batch // d
+            for b in microbatch_sizes:
+                if per % b:
+                    continue
+                m = per // b
+                vs = [1] + ([v for v in range(2, max_v + 1) if L % (p * v) == 0 and m % p == 0]
+                            if p > 1 else [])
+                for v in vs:
+                    for sp in ([False, True] if t > 1 else [False]):
+                        for rc in recomputes:
+                            out.append(Candidate(t, p, d, v, b, m, sp, rc))
+    return out
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """The chosen configuration (ParallelConfig-compatible fields) and why."""
+    tp: int
+    pp: int
+    dp: int
+    virtual_stages: int
+    microbatch_size: int
+    microbatches: int
+    sequence_parallel: bool
+    recompute: str
+    schedule: str
+    step_time_s: float
+    samples_per_s: float
+    tflops_per_gpu: float        # model FLOPs (no recompute)
+    mfu: float
+    memory_gib: float
+    best: Estimate
+    top: list                    # top-5 Estimates (simulated)
+    rejected: list               # (description, reason)
+    num_candidates: int
+    cluster: Cluster
+
+    def parallel_config_kwargs(self) -> dict:
+        return dict(tp=self.tp, pp=self.pp, dp=self.dp, virtual_stages=self.virtual_stages,
+                    microbatches=self.microbatches, sequence_parallel=self.sequence_parallel,
+                    recompute=self.recompute, schedule=self.schedule)
+
+    def to_parallel_config(self):
+        from ..config import ParallelConfig
+        return ParallelConfig(**self.parallel_config_kwargs())
+
+    def explain(self) -> str:
+        lines = [f"planner: {self.num_candidates} legal configurations on {self.cluster.name}; "
+                 f"chose {self.best.cand.short()}",
+                 f"  predicted step {self.step_time_s:.3f} s, {self.samples_per_s:.1f} samples/s, "
+                 f"{self.tflops_per_gpu:.0f} model TFLOP/s/GPU, MFU {self.mfu:.1%}, "
+                 f"peak memory {self.memory_gib:.1f} GiB", "  top 5:"]
+        for i, e in enumerate(self.top):
+            lines.append(f"   {i + 1}. {e.cand.short():60s} step {e.step_time:8.3f} s  "
+                         f"bubble {e.bubble:5.1%}  mem {e.memory / 2**30:6.1f} GiB  "
+                         f"MFU {e.mfu:5.1%}" + (f"  ({e.reason})" if e.reason else ""))
+        reasons = {}
+        for desc, why in self.rejected:
+            key = why.split(":")[0]
+            reasons.setdefault(key, []).append(desc)
+        lines.append("  rejected:")
+        for why, descs in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"   {len(descs):6d} × {why}  (e.g. {descs[0]})")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.explain()
+
+
+def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions = CostOptions(),
+           top_k: int = 5, progress: Optional[Callable] = None, **enum_kw) -> PlanResult:
+    """Fastest legal configuration that fits in memory."""
+    rejected: list = []
+    cands = enumerate_candidates(mc, cluster.num_gpus, cluster.gpus_per_node, global_batch,
+                                 rejected=rejected, **enum_kw)
+    if not cands:
+        raise ConfigError(f"no legal configuration for {mc.name} on {cluster.num_gpus} GPUs with "
+                          f"global batch {global_batch}: " +
+                          "; ".join(f"{d}: {w}" for d, w in rejected[:5]))
+    ev = Evaluator(mc, cluster, global_batch, opts)
+    fitting = []
+    it = progress(cands) if progress else cands
+    for c in it:
+        e = ev.evaluate(c)
+        if not e.fits:
+            rejected.append((c.short(), f"out of memory: needs {e.memory / 2**30:.1f} GiB > "
+                                        f"{e.memory_limit / 2**30:.1f} GiB"))
+            continue
+        fitting.append(e)
+    if not fitting:
+        raise ConfigError(f"no configuration of {mc.name} fits in {cluster.gpu.name} memory on "
+                          f"{cluster.num_gpus} GPUs; add GPUs or use a GPU with more memory")
+    fitting.sort(key=lambda e: e.step_time)
+    finalists = [ev.evaluate(e.cand, simulate=True) for e in fitting[:top_k + 3]]
+    finalists.sort(key=lambda e: e.step_time)
+    for e in fitting[top_k + 3:]:
+        rejected.append((e.cand.short(), f"slower: predicted {e.step_time:.3f} s vs best "
+                                         f"{finalists[0].step_time:.3f} s"))
+    top = finalists[:top_k]
+    best = top[0]
+    for e in top[1:]:
+        e.reason = f"{e.step_time / best.step_time - 1:+.1%} vs best"
+    c = best.cand
+    return PlanResult(c.t, c.p, c.d, c.v, c.b, c.m, c.sp, c.recompute, c.schedule, best.step_time,
+                      best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
+                      best.memory / 2**30, best, top, rejected, len(cands), cluster)
+
+
+__all__ = ["Candidate", "Estimate", "Evaluator", "enumerate_candidates", "search", "PlanResult",
+           "RECOMPUTES"]
