@@ -558,7 +558,10 @@ class Rewriter:
         out_hi = self.emit(aten.ge.Scalar, (rel, vl), pl=None, rg=False)
         outside = self.emit(aten.logical_or.default, (out_lo, out_hi), pl=None, rg=False)
         safe = self.emit(aten.masked_fill.Scalar, (rel, outside, 0), pl=None, rg=False)
-        emb = self.emit(aten.embedding.default, (W, safe, *node.args[2:]), pl=None, like=node)
+        rest = list(node.args[2:])
+        if rest and isinstance(rest[0], int) and rest[0] >= 0:   # padding_idx: local row or none
+            rest[0] = rest[0] - lo if lo <= rest[0] < lo + vl else -1
+        emb = self.emit(aten.embedding.default, (W, safe, *rest), pl=None, like=node)
         mask = self.emit(aten.unsqueeze.default, (outside, -1), pl=None, rg=False)
         emb = self.emit(aten.masked_fill.Scalar, (emb, mask, 0.0), pl=None, like=node)
         return self.reduce_partial(emb, node, node)

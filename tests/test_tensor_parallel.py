@@ -55,7 +55,8 @@ class TinyNeoX(nn.Module):
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
         self.register_buffer("inv", inv, persistent=False)
 
-    def forward(self, ids, labels):
+    def forward(self, input_ids, labels):
+        ids = input_ids
         T = ids.shape[1]
         f = torch.outer(torch.arange(T, dtype=torch.float32), self.inv)
         e = torch.cat((f, f), -1)
@@ -131,3 +132,7 @@ def _check_parity(world, name, tp, dp, sp, codegen="aot_eager"):
 ])
 def test_parity(world, name, tp, dp, sp):
     _check_parity(world, name, tp, dp, sp)
+
+
+def _probe(name, tp, sp):
+    return parity_job(name, tp, 1, sp, gb=2)[3]
