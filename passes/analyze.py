@@ -39,6 +39,7 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.
               aten.logsumexp.default, aten.norm.ScalarOpt_dim}
 # ops allowed between the LM head and the loss (they keep the vocabulary dimension whole)
 HEAD_TO_LOSS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.flatten.using_ints, aten.unflatten.int,
                 aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
                 aten.clone.default, aten.slice.Tensor, aten.alias.default,
                 aten._assert_tensor_metadata.default}

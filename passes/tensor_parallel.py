@@ -56,6 +56,8 @@ PASSTHROUGH = {aten.clone.default, aten.contiguous.default, aten.alias.default,
 SOFTMAX = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
            aten._log_softmax.default}
 RED_DIMS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+         aten.flatten.using_ints, aten.unflatten.int}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.unbind.int}
 
@@ -235,7 +237,7 @@ class Rewriter:
         xp = self.pl.get(self.env[x]) if isinstance(x, fx.Node) else None
         if tgt in PASSTHROUGH and xp is not None:
             return self.copy(node, xp)
-        if tgt in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        if tgt in VIEWS:
             return self.view(node, xp)
         if tgt in (aten.transpose.int, aten.permute.default, aten.t.default,
                    aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
@@ -309,7 +311,9 @@ class Rewriter:
                         f"{list(full_out)}; e.g. the number of attention heads)", ConfigError)
         new = local_shape(full_out, p, self.t)
         self.shape_rewrite(node, full_out, new)
-        return self.emit(node.target, (self.env[node.args[0]], new), pl=p, like=node)
+        tgt = node.target if node.target in (aten.view.default, aten._unsafe_view.default) \
+            else aten.reshape.default
+        return self.emit(tgt, (self.env[node.args[0]], new), pl=p, like=node)
 
     def layout(self, node, xp):
         tgt, x = node.target, self.env[node.args[0]]
