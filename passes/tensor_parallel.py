@@ -301,6 +301,14 @@ class Rewriter:
         p = view_rule(full_in, xp, full_out, self.t)
         if p is None:
             size = full_in[xp.dim]
+            outer_total = math.prod(full_in[:xp.dim]) * xp.outer
+            before = 1
+            for o in full_out:
+                if before == outer_total and o % self.t:
+                    _fail(node, f"tp={self.t} does not divide {o}, the leading factor of the "
+                                f"split dimension in {list(full_out)} (e.g. the number of "
+                                "attention heads); choose tp dividing it", ConfigError)
+                before *= o
             if size % self.t:
                 _fail(node, f"tp={self.t} does not divide dimension {xp.dim} of size {size}",
                       ConfigError)

@@ -41,7 +41,19 @@ def explain(pm) -> str:
             lines.append(f"    pass {name}: {summary}")
         lines.append("    parameter placements:")
         for pp_ in plan.params.values():
-            lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {pp_.placement}")
+            extra = ""
+            if pp_.local_shape is not None:
+                extra += f" -> local {pp_.local_shape}"
+            if pp_.grad_tp_reduce:
+                extra += " (grad summed over tp)"
+            if pp_.role:
+                extra += f"  [{pp_.role}]"
+            lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {pp_.placement}{extra}")
+        rewrites = getattr(plan, "tp_rewrites", None)
+        if rewrites:
+            lines.append("    rewritten shapes (full -> this rank):")
+            for node, old, new in rewrites:
+                lines.append(f"      {node:<28} {list(old)} -> {list(new)}")
         if plan.collectives:
             lines.append("    collectives:")
             for col in plan.collectives:

@@ -127,12 +127,111 @@ def _check_parity(world, name, tp, dp, sp, codegen="aot_eager"):
     return res
 
 
-@pytest.mark.parametrize("name,tp,dp,sp", [
-    ("gpt", 2, 1, False), ("gpt", 2, 1, True),
-])
+# (model, tp, dp, sequence_parallel): every model at tp 2 and 4 (Llama's 2 kv heads cap it at
+# tp 2, see the error tests), SP off and on, dp 2 where the world fits in 8 ranks
+PARITY = [
+    ("gpt", 2, 1, False), ("gpt", 2, 1, True), ("gpt", 4, 1, True), ("gpt", 4, 2, False),
+    ("gpt2", 2, 1, False), ("gpt2", 4, 2, True),
+    ("llama", 2, 1, False), ("llama", 2, 2, True),
+    ("bert", 2, 2, False), ("bert", 4, 1, True),
+    ("neox", 2, 1, True), ("neox", 4, 1, False),
+]
+
+
+@pytest.mark.parametrize("name,tp,dp,sp", PARITY)
 def test_parity(world, name, tp, dp, sp):
     _check_parity(world, name, tp, dp, sp)
 
 
-def _probe(name, tp, sp):
-    return parity_job(name, tp, 1, sp, gb=2)[3]
+def test_parity_inductor_gpt2_sp(world):
+    _check_parity(world, "gpt2", 2, 1, True, codegen="inductor")
+
+
+def test_explain_lists_placements_collectives_and_shapes(world):
+    res = world(2, parity_job, "gpt2", 2, 1, True, "aot_eager", 2, timeout=300)
+    text = res[0][3]
+    assert "Shard(1, blocks=3)" in text          # fused c_attn, rows permuted per rank
+    assert "reduce_scatter over tp" in text and "all_gather over tp" in text
+    assert "rewritten shapes" in text and "[2, 16, 2, 8]" in text
+
+
+# ---- collectives in one decoder layer ---------------------------------------------------------
+def count_job(sp):
+    from ptdp_compiler.passes.sequence_parallel import count_tp_collectives
+    counts = []
+    for layers in (1, 2):
+        pm = ptdp.parallelize(build("gpt", n_layer=layers), tp=2, sequence_parallel=sp,
+                              codegen="aot_eager")
+        args, kwargs = batch("gpt", 2)
+        pm.train_step(*args, **kwargs)
+        counts.append(count_tp_collectives(pm.graph()))
+    return {k: counts[1].get(k, 0) - counts[0].get(k, 0) for k in set(counts[0]) | set(counts[1])}
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_collectives_per_decoder_layer(world, sp):
+    layer = world(2, count_job, sp, timeout=300)[0]
+    if not sp:
+        # forward: 2 all-reduces (g); backward: their mirror, 2 all-reduces (f)
+        assert layer == {"all_reduce": 2, "f": 2}, layer
+    else:
+        # forward: 2 all-gathers + 2 reduce-scatters (backward: their mirror, by autograd);
+        # the f's carry the tp-partial gradients of the 2 norms' weights and biases and the
+        # 2 row-parallel biases, which act on the sequence shard
+        assert layer.get("all_gather") == 2 and layer.get("reduce_scatter") == 2, layer
+        assert layer.get("all_reduce", 0) == 0 and layer.get("f") == 6, layer
+
+
+# ---- named errors -----------------------------------------------------------------------------
+class CumsumMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.out = nn.Linear(32, VOCAB)
+
+    def forward(self, input_ids, labels):
+        h = self.emb(input_ids)
+        h = h + self.down(torch.cumsum(self.up(h), dim=-1))   # not local on the split dim
+        return F.cross_entropy(self.out(h).flatten(0, 1), labels.flatten())
+
+
+def error_job(case):
+    tp = 4
+    if case == "kv_heads":
+        model, name = build("llama"), "llama"
+    elif case == "heads":
+        model, name = build("gpt", n_head=2), "gpt"
+    elif case == "vocab":
+        model, name = build("gpt", vocab_size=VOCAB + 2), "gpt"
+    elif case == "sequence":
+        model, name = build("gpt"), "gpt"
+    else:
+        torch.manual_seed(0)
+        model, name = CumsumMLP(), "llama"
+    args, kwargs = batch(name, 2)
+    if case == "sequence":
+        args = (args[0][:, :14],)
+        kwargs = {"targets": kwargs["targets"][:, :14]}
+    pm = ptdp.parallelize(model, tp=tp, sequence_parallel=case == "sequence",
+                          codegen="aot_eager")
+    try:
+        pm.train_step(*args, **kwargs)
+    except ptdp.PTDPError as e:
+        return type(e).__name__, str(e)
+    return None, ""
+
+
+ERRORS = {"kv_heads": ("ConfigError", "tp=4 does not divide 2"), "heads": ("ConfigError", "heads"),
+          "vocab": ("ConfigError", "pad the vocabulary"),
+          "sequence": ("ConfigError", "sequence length 14"),
+          "unshardable": ("ShardingError", "torch.cumsum")}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_named_errors(world, case):
+    kind, text = ERRORS[case]
+    got, msg = world(4, error_job, case, timeout=300)[0]
+    assert got == kind, (got, msg)
+    assert text in msg, msg
