@@ -13,6 +13,13 @@ from .runtime.launch import LocalWorld, launch
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # lazy: the planner is not needed to train
+    if name in ("plan", "Cluster"):
+        from . import planner
+        return getattr(planner, name)
+    raise AttributeError(f"module 'ptdp_compiler' has no attribute {name!r}")
+
 __all__ = ["parallelize", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
            "PTDPError", "ConfigError", "WorldSizeError", "CaptureError", "InputShapeError",
-           "ShardingError", "RankError", "WorldTimeoutError"]
+           "ShardingError", "RankError", "WorldTimeoutError", "plan", "Cluster"]
