@@ -13,12 +13,10 @@ from .runtime.launch import LocalWorld, launch
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):  # lazy: the planner is not needed to train
-    if name in ("plan", "Cluster"):
-        from . import planner
-        return getattr(planner, name)
-    raise AttributeError(f"module 'ptdp_compiler' has no attribute {name!r}")
+# ptdp.plan is the planner's function; the submodule ptdp_compiler.plan (the plan as data)
+# is loaded first so that importing it later cannot rebind this name to the module.
+from . import plan as _plan_module  # noqa: E402,F401
+from .planner import Cluster, plan  # noqa: E402
 
 __all__ = ["parallelize", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
            "PTDPError", "ConfigError", "WorldSizeError", "CaptureError", "InputShapeError",

@@ -1,0 +1,65 @@
+"""Pipeline schedules as global action lists: validated for all p ≤ 8, v ≤ 4, m ≤ 16."""
+import pytest
+
+from ptdp_compiler.errors import ConfigError
+from ptdp_compiler.runtime.schedules import (SCHEDULE_NAMES, build_schedule, bubble_fraction,
+                                             expected_peak_inflight, play, validate)
+
+
+def _configs():
+    for name in SCHEDULE_NAMES:
+        for p in range(1, 9):
+            for v in range(1, 5):
+                if name == "1f1b" and v > 1 or (v > 1 and p == 1):
+                    continue
+                for m in range(1, 17):
+                    if name == "interleaved" and v > 1 and m % p:
+                        continue
+                    yield name, p, v, m
+
+
+def test_all_schedules_valid_no_deadlock():
+    n = 0
+    for name, p, v, m in _configs():
+        res = validate(build_schedule(name, p, v, m))
+        if name != "gpipe" and v == 1:
+            assert res.peak_inflight[0] == min(p, m) and max(res.peak_inflight) <= p
+        n += 1
+    assert n > 700
+
+
+@pytest.mark.parametrize("p,v,m", [(2, 2, 3), (4, 2, 6), (8, 4, 12)])
+def test_interleaved_needs_m_multiple_of_p(p, v, m):
+    with pytest.raises(ConfigError, match="multiple"):
+        build_schedule("interleaved", p, v, m)
+
+
+def test_v_without_pipeline_refused():
+    with pytest.raises(ConfigError):
+        build_schedule("interleaved", 1, 2, 4)
+
+
+@pytest.mark.parametrize("name,p,v,m", [("1f1b", 4, 1, 8), ("1f1b", 8, 1, 16), ("gpipe", 4, 1, 8),
+                                        ("interleaved", 4, 2, 8), ("interleaved", 4, 4, 8),
+                                        ("interleaved", 8, 4, 16), ("interleaved", 2, 2, 4)])
+def test_bubble_equals_formula(name, p, v, m):
+    """Equal chunks, t_b = 2 t_f, no p2p cost: bubble = (p−1)/(v·m) exactly."""
+    res = play(build_schedule(name, p, v, m), lambda a: (1.0 if a.kind == "F" else 2.0) / v)
+    assert bubble_fraction(res, m * 3.0) == pytest.approx((p - 1) / (v * m), abs=1e-12)
+
+
+def test_interleaved_memory_bound():
+    p, v, m = 4, 2, 8
+    res = validate(build_schedule("interleaved", p, v, m))
+    # rank 0 holds 2(p−1)+(v−1)p+1 chunk-microbatches: p·(1 + (p−1)/(p·v)) stages' worth
+    assert res.peak_inflight[0] == expected_peak_inflight("interleaved", p, v, m, 0) == 11
+    assert res.peak_inflight[0] / v == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
+def test_sends_and_recvs_pair_with_unique_tags():
+    s = build_schedule("interleaved", 4, 2, 8)
+    sends = {(r, a.peer, a.tag) for r, st in enumerate(s.steps) for g in st for a in g
+             if a.kind.startswith("SEND")}
+    recvs = {(a.peer, r, a.tag) for r, st in enumerate(s.steps) for g in st for a in g
+             if a.kind.startswith("RECV")}
+    assert sends == recvs and len(sends) == 2 * 8 * (4 * 2 - 1)
