@@ -212,8 +212,8 @@ def error_job(case):
         model, name = CumsumMLP(), "llama"
     args, kwargs = batch(name, 2)
     if case == "sequence":
-        args = (args[0][:, :14],)
-        kwargs = {"targets": kwargs["targets"][:, :14]}
+        args = (args[0][:, :14].contiguous(),)
+        kwargs = {"targets": kwargs["targets"][:, :14].contiguous()}
     pm = ptdp.parallelize(model, tp=tp, sequence_parallel=case == "sequence",
                           codegen="aot_eager")
     try:
@@ -226,7 +226,7 @@ def error_job(case):
 ERRORS = {"kv_heads": ("ConfigError", "tp=4 does not divide 2"), "heads": ("ConfigError", "heads"),
           "vocab": ("ConfigError", "pad the vocabulary"),
           "sequence": ("ConfigError", "sequence length 14"),
-          "unshardable": ("ShardingError", "torch.cumsum")}
+          "unshardable": ("ShardingError", "test_tensor_parallel.py")}
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
@@ -235,3 +235,5 @@ def test_named_errors(world, case):
     got, msg = world(4, error_job, case, timeout=300)[0]
     assert got == kind, (got, msg)
     assert text in msg, msg
+    if case == "unshardable":   # names the node, the op and the model's source line
+        assert "'cumsum'" in msg and "in forward" in msg, msg
