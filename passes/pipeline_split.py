@@ -238,11 +238,9 @@ def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
         mine = [n for n in nodes if owner.get(n) == k]
         for n in mine:
             env[n] = g.node_copy(n, lambda x: fetch(x))
-        mine_set = set(mine)
-        carried = set(incoming) | mine_set
+        carried = set(incoming) | set(mine)
         if k == len(bounds) - 1:
-            g.output(tuple(fetch(a) if a not in env else env[a]
-                           for a in output.args[0]))
+            g.output(tuple(fetch(a) for a in output.args[0]))
             outgoing = []
         else:
             later = [n for n in nodes if owner.get(n, -1) > k]

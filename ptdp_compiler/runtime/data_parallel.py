@@ -61,13 +61,14 @@ class GradBuckets:
         self._final = True
 
     def _on_grad(self, p):
-        if p.grad is not None and p.grad.data_ptr() != self._bucket_of(p)["views"][p].data_ptr():
+        b = self._bucket_of(p)
+        view = b["views"][p]
+        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
             # the optimizer (or user) replaced .grad: fold it back into the bucket
-            self._bucket_of(p)["views"][p].copy_(p.grad)
-            p.grad = self._bucket_of(p)["views"][p]
+            view.copy_(p.grad)
+            p.grad = view
         if not self._final:
             return
-        b = self._bucket_of(p)
         b["pending"].discard(p)
         if not b["pending"]:
             self._launch(b)
