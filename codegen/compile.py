@@ -25,7 +25,20 @@ CODEGENS = ("inductor", "aot_eager")
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor"):
-    """Return ``fn(*inputs) -> list[Tensor]`` computing ``gm`` with autograd support."""
+    """Return ``fn(*inputs) -> list[Tensor]`` computing ``gm`` with autograd support.
+
+    Identical layers are compiled once and their code reused (``regional.py``;
+    ``PTDP_REGIONAL=0`` compiles the whole graph as one)."""
+    from .regional import compile_regional, regional_enabled
+    from .inductor_options import apply_inductor_options
+    apply_inductor_options()
+    if regional_enabled():
+        return compile_regional(gm, example_inputs, codegen, compile_whole_graph)
+    return compile_whole_graph(gm, example_inputs, codegen)
+
+
+def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor"):
+    """``compile_graph`` without regions: one AOTAutograd trace of the whole graph."""
     t0 = time.perf_counter()
     if codegen == "inductor":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
