@@ -44,6 +44,11 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     plan.pass_log.append(("loss_weight", lw.describe()))
     if cfg.tp > 1:
         gm = _tensor_parallel(gm, cfg, coords, params, plan)
+    # ---- recompute (issue 4): tag nodes save / recompute for the partitioner -------------
+    from .recompute import recompute_pass
+    gm, plan.recompute = recompute_pass(gm, cfg.recompute, cfg.sequence_parallel)
+    plan.pass_log.append(("recompute", plan.recompute.summary()))
+    # ---- end recompute ---------------------------------------------------------------------
     if cfg.dp > 1:
         nbytes = sum(math_prod(pp.local_shape or pp.full_shape) * params[n].element_size()
                      for n, pp in plan.params.items() if params[n].requires_grad)
@@ -91,6 +96,8 @@ def _tensor_parallel(gm, cfg, coords, params, plan):
                 if r and not plan.params[name].role:
                     plan.params[name].role = r
     _fake_check(new, params, plan)
+    for n in new.graph.nodes:  # the pipeline split reads boundary placements (scatter/gather)
+        n.meta["ptdp_placement"] = rw.pl.get(n)
     plan.collectives.extend(_tp.collective_plans(rw, t))
     plan.tp_rewrites = rw.rewrites
     plan.pass_log.append(("analyze", f"{len(an.groups)} tensor-parallel blocks "

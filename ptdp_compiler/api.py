@@ -14,7 +14,7 @@ from .config import ParallelConfig
 from .errors import ConfigError, InputShapeError
 from .passes import run_passes
 from .runtime.data_parallel import GradBuckets
-from .runtime.executor import run_step, split_microbatches
+from .runtime.executor import run_pipeline_step, run_step, split_microbatches
 from .runtime.mesh import build_mesh
 from .runtime.rng import RNGTracker
 
@@ -92,6 +92,10 @@ class ParallelModule:
                                     int(config.bucket_mb * 2**20))
         self._rng = RNGTracker(config.seed, self.coords.dp_rank, self.coords.pp_rank,
                                self.coords.tp_rank)
+        self._pp_group = self.coords.group("pp") if config.pp > 1 else None
+        from .runtime.launch import DEFAULT_TIMEOUT_S
+        self.timeout_s = DEFAULT_TIMEOUT_S   # every pipeline p2p wait gives up after this
+        self._stage_names: list | None = None  # parameters this pipeline rank holds (pp > 1)
         self._programs: dict = {}
         self.step = 0
 
@@ -145,12 +149,31 @@ class ParallelModule:
         dist.all_gather(pieces, local.contiguous(), group=self._tp_group)
         return unshard_tensors(pieces, pl)
 
+    def _apply_stage(self, names: list):
+        """Keep only the parameters this pipeline rank's chunks read (pp > 1); the others
+        get no gradient and are not returned by ``parameters()``."""
+        if self._stage_names is not None:
+            if list(names) != self._stage_names:
+                raise ConfigError("a new input signature split the model into different "
+                                  "pipeline stages; keep the model's inputs uniform")
+            return
+        self._stage_names = list(names)
+        self._params = {n: self._params[n] for n in names}
+        for h in self._buckets._hooks:
+            h.remove()
+        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
+                                    int(self.config.bucket_mb * 2**20))
+
     # ---- training -------------------------------------------------------------------------
-    def _program(self, mb) -> CompiledProgram:
+    def _program(self, mb):
         key = _signature(mb)
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._programs[key] = CompiledProgram(self, mb)
+            if self.config.pp > 1:
+                from .stages import PipelineProgram
+                prog = self._programs[key] = PipelineProgram(self, mb)
+            else:
+                prog = self._programs[key] = CompiledProgram(self, mb)
         return prog
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
@@ -159,7 +182,15 @@ class ParallelModule:
             raise ConfigError("train_step(target=...) needs parallelize(..., loss_fn=fn)")
         mbs = split_microbatches(args, kwargs, target, self.config.microbatches)
         programs = [self._program(mb) for mb in mbs]
-        loss = run_step(programs, mbs, self._buckets, self._rng, self.step, self._dp_group)
+        if self.config.pp > 1:
+            if any(p is not programs[0] for p in programs):
+                raise InputShapeError("pipeline parallelism needs every microbatch of a step "
+                                      "to have the same shapes (boundary tensors are sized "
+                                      "from the graph); pad the batch to uniform shapes")
+            loss = run_pipeline_step(programs[0], mbs, self._buckets, self._rng, self.step,
+                                     self._dp_group, self._pp_group)
+        else:
+            loss = run_step(programs, mbs, self._buckets, self._rng, self.step, self._dp_group)
         self.step += 1
         return loss
 
@@ -182,15 +213,39 @@ class ParallelModule:
 
     def full_grads(self) -> dict:
         """{original name: full-shape gradient}, identical on every rank."""
-        return {n: self._gather_full(n, p.grad.detach().clone() if p.grad is not None
-                                     else torch.zeros_like(p))
-                for n, p in self._params.items()}
+        return self._gather_stages({
+            n: self._gather_full(n, p.grad.detach().clone() if p.grad is not None
+                                 else torch.zeros_like(p))
+            for n, p in self._params.items()})
 
     def full_state_dict(self) -> dict:
         """{original name: full-shape parameter}, identical on every rank."""
-        return {n: self._gather_full(n, p.detach().clone()) for n, p in self._params.items()}
+        return self._gather_stages({n: self._gather_full(n, p.detach().clone())
+                                    for n, p in self._params.items()})
+
+    def _gather_stages(self, local: dict) -> dict:
+        """Union of every pipeline rank's tensors (pp > 1), in the model's parameter order."""
+        if self._pp_group is None:
+            return local
+        parts = [None] * self.config.pp
+        dist.all_gather_object(parts, local, group=self._pp_group)
+        merged = {}
+        for part in parts:
+            for n, t in part.items():
+                merged.setdefault(n, t)
+        return {n: merged[n] for n in self._full_shapes if n in merged}
 
     # ---- inspection -----------------------------------------------------------------------
+    def timeline(self, path: str | None = None) -> dict:
+        """The last step's pipeline schedule as every rank ran it (collective: call on all
+        ranks). Writes ``path`` (Chrome trace / Perfetto JSON) and ``path``'s .png picture
+        when given; returns {"events": [...], "bubble": measured bubble fraction, ...}."""
+        from .timeline import collect, write
+        tl = collect(self)
+        if path is not None and self.coords.rank == 0:
+            write(tl, path)
+        return tl
+
     def graph(self, signature: int = -1):
         """The transformed per-rank FX graph (of the latest compiled input signature)."""
         if not self._programs:
@@ -213,7 +268,7 @@ class ParallelModule:
 
 def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
                 microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
-                schedule: str = "1f1b", codegen: str = "inductor", loss_fn=None, seed: int = 0,
+                schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
                 bucket_mb: float = 25.0):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 

@@ -9,9 +9,10 @@ from .errors import ConfigError, WorldSizeError
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 CODEGENS = ("inductor", "aot_eager")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # capabilities that later passes provide; until then a request for them is refused clearly
-IMPLEMENTED = {"tp": True, "pp": False, "sequence_parallel": True, "recompute": False}
+IMPLEMENTED = {"tp": True, "pp": True, "sequence_parallel": True, "recompute": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +24,13 @@ class ParallelConfig:
     microbatches: int = 1
     sequence_parallel: bool = False
     recompute: Union[str, dict] = "none"
-    schedule: str = "1f1b"
+    schedule: Optional[str] = None     # None: "interleaved" when virtual_stages > 1, else "1f1b"
     codegen: str = "inductor"
     loss_fn: Optional[Callable] = None
     seed: int = 0
     bucket_mb: float = 25.0
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (runtime/precision.py)
+    distributed_optimizer: bool = False  # shard optimizer state + master weights over dp
 
     @property
     def world_size(self) -> int:
@@ -41,6 +44,9 @@ class ParallelConfig:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         if self.codegen not in CODEGENS:
             raise ConfigError(f"codegen={self.codegen!r}: choose one of {CODEGENS}")
+        if self.schedule is None:
+            object.__setattr__(self, "schedule",
+                               "interleaved" if self.virtual_stages > 1 else "1f1b")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r}: choose one of {SCHEDULES}")
         rc = self.recompute
@@ -55,6 +61,14 @@ class ParallelConfig:
                               "all-reduces); set tp >= 2 or sequence_parallel=False")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
+        if self.pp > 1:
+            from .runtime.schedules import check_schedule_args
+            check_schedule_args(self.schedule, self.pp, self.virtual_stages, self.microbatches)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
+        if not isinstance(self.distributed_optimizer, bool):
+            raise ConfigError(f"distributed_optimizer={self.distributed_optimizer!r}: "
+                              "must be True or False")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target)")
         self._refuse_unimplemented()

@@ -36,3 +36,7 @@ class RankError(PTDPError, RuntimeError):
 
 class WorldTimeoutError(PTDPError, TimeoutError):
     """A launched world did not finish within its timeout (a hang is a failure)."""
+
+
+class PipelinePeerError(PTDPError, RuntimeError):
+    """A pipeline send/recv failed or timed out: the peer stage died or is stuck."""

@@ -63,3 +63,4 @@ class Plan:
     pass_log: list = dataclasses.field(default_factory=list)        # (pass name, summary)
     chunks: int = 1
     recompute: Optional[dict] = None
+    pipeline: Optional[dict] = None   # chunks, cuts, boundary shapes, tied weights, schedule

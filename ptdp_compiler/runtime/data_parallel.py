@@ -60,6 +60,12 @@ class GradBuckets:
         """Gradients completed from now on are final: reduce each bucket when full."""
         self._final = True
 
+    def mark_final(self, params):
+        """Gradients of ``params`` completed from now on are final (a pipeline chunk's last
+        backward): other parameters may still be accumulating, so finality is per param."""
+        if self._final is not True:
+            self._final = (self._final or set()) | {p for p in params if p in self._owner}
+
     def _on_grad(self, p):
         b = self._bucket_of(p)
         view = b["views"][p]
@@ -67,7 +73,7 @@ class GradBuckets:
             # the optimizer (or user) replaced .grad: fold it back into the bucket
             view.copy_(p.grad)
             p.grad = view
-        if not self._final:
+        if not self._final or (self._final is not True and p not in self._final):
             return
         b["pending"].discard(p)
         if not b["pending"]:

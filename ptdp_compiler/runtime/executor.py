@@ -68,3 +68,28 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(loss_sum, group=dp_group)
     return loss_sum.to(torch.float32)
+
+
+def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_group):
+    """One pipelined step: every microbatch's weight first (1F1B runs backwards before the
+    last forward), then the schedule, then data-parallel and tied-weight gradient sums.
+
+    ``prog`` is a ``stages.PipelineProgram``. Returns the global-batch loss on every rank
+    (the last stage computes it; it is summed over pp — other stages add zero — and dp).
+    """
+    counts = [prog.loss_weight.count(prog.user_inputs(mb)) for mb in microbatches]
+    weights, _ = global_weights(counts, dp_group)
+    buckets.start_step()
+    params = prog._pm._params
+
+    def on_last_backward(chunk: int):
+        buckets.mark_final([params[n] for n in prog.chunk_params[chunk] if n in params])
+
+    loss_sum = prog.run(microbatches, weights, rng, step, on_last_backward)
+    buckets.finish()
+    prog.reduce_tied_grads()
+    if pp_group is not None:
+        dist.all_reduce(loss_sum, group=pp_group)
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(loss_sum, group=dp_group)
+    return loss_sum.to(torch.float32)

@@ -1,0 +1,215 @@
+"""Pipeline executor: runs this rank's chunks in the order a ``Schedule`` fixes.
+
+The schedule (runtime/schedules.py) is one global, deterministic list of compute and
+send/recv groups per pipeline rank; this module only executes it:
+
+- FORWARD (c, mb): the received boundary tensors become leaves that require grad, the
+  compiled chunk runs under the (step, microbatch, chunk) RNG stream, its outputs are
+  kept until the matching BACKWARD (the last chunk keeps its weighted loss instead).
+- BACKWARD (c, mb): autograd from the kept outputs with the received output gradients
+  (the last chunk: from its weighted loss); the inputs' gradients are what is sent back.
+- a communication group: one ``batch_isend_irecv`` holding every send and recv of the
+  group, waited for with a timeout. Buffers are allocated from shapes known from the
+  graph (``Stage.in_meta`` / ``out_meta``) — there is no shape handshake.
+
+Scatter/gather (Narayanan et al. 2021 §4.1): a boundary tensor that is replicated over
+the tp ranks of a stage (tp > 1, sequence parallelism off) is sent as 1/t slices, one
+per tp rank, and all-gathered over tp by the receiver. With sequence parallelism the
+boundary is already sequence-sharded and is sent as is.
+
+Every step appends timed events (compute and comm) to ``events``; ``timeline.py`` turns
+them into a Chrome trace and a picture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PipelinePeerError
+from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
+                        Schedule)
+
+MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
+
+
+@dataclasses.dataclass
+class BoundaryMeta:
+    shape: tuple
+    dtype: torch.dtype
+    scatter: bool            # sent as 1/t slices and all-gathered over tp
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass
+class Stage:
+    """One chunk compiled for this rank."""
+    index: int
+    fn: Callable                       # compiled: (*inputs) -> list[Tensor]
+    inputs: list                       # ("graph", (kind, name)) | ("boundary", i)
+    in_meta: list                      # BoundaryMeta per boundary input
+    out_meta: list                     # BoundaryMeta per boundary output (empty: last chunk)
+    params: list                       # canonical names of the parameters it reads
+
+
+@dataclasses.dataclass
+class PipelineComm:
+    """Where this rank's peers are and how to talk to them."""
+    pp_rank: int
+    global_rank_of: Callable[[int], int]    # pipeline rank -> global rank (same dp, tp)
+    tp_group: Optional[object]
+    tp: int
+    tp_rank: int
+    timeout_s: float
+    bytes_sent: int = 0
+
+
+class PipelineRun:
+    """The state of one training step on one pipeline rank."""
+
+    def __init__(self, sched: Schedule, stages: dict, comm: PipelineComm,
+                 graph_value: Callable, weights: list, rng, step: int,
+                 on_last_backward: Callable[[int], None], precision_hook=None):
+        self.sched, self.stages, self.comm = sched, stages, comm
+        self.graph_value = graph_value      # (mb, (kind, name)) -> tensor
+        self.weights, self.rng, self.step = weights, rng, step
+        self.on_last_backward = on_last_backward
+        self.nc = sched.num_chunks
+        self.inbox: dict = {}      # ("act"/"grad", producing chunk, mb) -> list[Tensor]
+        self.outbox: dict = {}     # same key -> list[Tensor] to send
+        self.saved: dict = {}      # (chunk, mb) -> (input leaves, outputs or weighted loss)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.events: list = []     # (kind, chunk, mb, start, end, detail)
+
+    # ---- compute ------------------------------------------------------------------------
+    def forward(self, c: int, mb: int):
+        st = self.stages[c]
+        received = self.inbox.pop(("act", c - 1, mb), []) if c > 0 else []
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in received]
+        args = [self.graph_value(mb, ref) if kind == "graph" else leaves[ref]
+                for kind, ref in st.inputs]
+        key = mb if self.nc == 1 else (mb, c)
+        with self.rng.fork(self.step, key):
+            outs = st.fn(*args)
+        if c == self.nc - 1:
+            loss = outs[0] * self.weights[mb]
+            self.loss_sum += loss.detach().double()
+            self.saved[(c, mb)] = (leaves, [loss])
+        else:
+            outs = list(outs)
+            self.saved[(c, mb)] = (leaves, outs)
+            self.outbox[("act", c, mb)] = [o.detach() for o in outs]
+
+    def backward(self, c: int, mb: int):
+        leaves, outs = self.saved.pop((c, mb))
+        if mb == self.sched.m - 1:
+            self.on_last_backward(c)
+        if c == self.nc - 1:
+            grads = [None]
+        else:
+            grads = self.inbox.pop(("grad", c + 1, mb))
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if c > 0:
+            self.outbox[("grad", c, mb)] = [
+                x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+    # ---- communication ------------------------------------------------------------------
+    def _meta_for(self, a) -> list:
+        """Boundary metadata of the tensors an action moves."""
+        if a.kind in (SEND_ACT, RECV_ACT):
+            # activations produced by chunk a.chunk = inputs of chunk a.chunk + 1
+            if a.chunk + 1 in self.stages:
+                return self.stages[a.chunk + 1].in_meta
+            return self.stages[a.chunk].out_meta
+        # input-gradients of chunk a.chunk = gradients of chunk a.chunk - 1's outputs
+        if a.chunk - 1 in self.stages:
+            return self.stages[a.chunk - 1].out_meta
+        return self.stages[a.chunk].in_meta
+
+    def communicate(self, group: tuple):
+        cm = self.comm
+        ops, gathers = [], []
+        for a in group:
+            peer = cm.global_rank_of(a.peer)
+            metas = self._meta_for(a)
+            key = ("act" if a.kind in (SEND_ACT, RECV_ACT) else "grad", a.chunk, a.mb)
+            if a.kind in (SEND_ACT, SEND_GRAD):
+                for i, (t, meta) in enumerate(zip(self.outbox.pop(key), metas)):
+                    buf = t.contiguous().view(-1)
+                    if meta.scatter:
+                        part = meta.numel // cm.tp
+                        buf = buf[cm.tp_rank * part:(cm.tp_rank + 1) * part].contiguous()
+                    cm.bytes_sent += buf.numel() * buf.element_size()
+                    ops.append(dist.P2POp(dist.isend, buf, peer, tag=a.tag * MAX_BOUNDARY_TENSORS + i))
+            else:
+                bufs = []
+                for i, meta in enumerate(metas):
+                    n = meta.numel // cm.tp if meta.scatter else meta.numel
+                    buf = torch.empty(n, dtype=meta.dtype)
+                    ops.append(dist.P2POp(dist.irecv, buf, peer, tag=a.tag * MAX_BOUNDARY_TENSORS + i))
+                    bufs.append(buf)
+                gathers.append((key, bufs, metas, a))
+        try:
+            works = dist.batch_isend_irecv(ops) if ops else []
+            for w in works:
+                if w.wait(timedelta(seconds=cm.timeout_s)) is False:
+                    raise TimeoutError("wait returned False")
+        except (RuntimeError, TimeoutError) as e:
+            raise PipelinePeerError(self._timeout_message(group, e)) from e
+        for key, bufs, metas, a in gathers:
+            tensors = []
+            for buf, meta in zip(bufs, metas):
+                if meta.scatter:
+                    parts = [torch.empty_like(buf) for _ in range(cm.tp)]
+                    dist.all_gather(parts, buf, group=cm.tp_group)
+                    buf = torch.cat(parts)
+                tensors.append(buf.view(meta.shape))
+            self.inbox[key] = tensors
+
+    def _timeout_message(self, group, err) -> str:
+        peers = sorted({self.comm.global_rank_of(a.peer) for a in group})
+        what = ", ".join(f"{a.kind} chunk {a.chunk} microbatch {a.mb}" for a in group)
+        return (f"pipeline p2p ({what}) with rank(s) {peers} failed or did not complete "
+                f"within {self.comm.timeout_s:.0f} s — a peer stage died or is stuck "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+
+    # ---- the step -----------------------------------------------------------------------
+    def run(self):
+        for step in self.sched.steps[self.comm.pp_rank]:
+            a = step[0]
+            t0 = time.time()
+            if a.kind == FORWARD:
+                self.forward(a.chunk, a.mb)
+            elif a.kind == BACKWARD:
+                self.backward(a.chunk, a.mb)
+            else:
+                self.communicate(step)
+            kind = a.kind if a.is_compute else "comm"
+            detail = "" if a.is_compute else " ".join(str(x) for x in step)
+            self.events.append((kind, a.chunk, a.mb, t0, time.time(), detail))
+        assert not self.saved, f"activations left after the step: {list(self.saved)}"
+        return self.loss_sum
+
+
+def peak_inflight(events: list) -> int:
+    """Most (chunk, microbatch) forwards whose backward had not yet run, from events."""
+    live = peak = 0
+    for kind, *_ in events:
+        if kind == FORWARD:
+            live += 1
+            peak = max(peak, live)
+        elif kind == BACKWARD:
+            live -= 1
+    return peak
