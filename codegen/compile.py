@@ -39,11 +39,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "indu
 
 def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor"):
     """``compile_graph`` without regions: one AOTAutograd trace of the whole graph."""
+    from .partition import aot_partition_kwargs   # min-cut honouring recompute tags
     t0 = time.perf_counter()
     if codegen == "inductor":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         from torch._inductor.compile_fx import compile_fx
-        fn = compile_fx(gm, example_inputs)
+        fn = compile_fx(gm, example_inputs, **aot_partition_kwargs(gm, codegen))
     elif codegen == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._functorch.aot_autograd import aot_module_simplified
@@ -51,7 +52,8 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         def nop(g, _inputs):
             return make_boxed_func(g.forward)
 
-        fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=nop)
+        fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=nop,
+                                   **aot_partition_kwargs(gm, codegen))
     else:
         raise ValueError(f"unknown codegen {codegen!r}; choose one of {CODEGENS}")
     compile_stats["compiles"] += 1
