@@ -6,6 +6,7 @@
 """
 from . import errors
 from .api import ParallelModule, parallelize
+from .backend import backend
 from .config import ParallelConfig
 from .errors import (CaptureError, ConfigError, InputShapeError, PTDPError, RankError,
                      ShardingError, WorldSizeError, WorldTimeoutError)
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 from . import plan as _plan_module  # noqa: E402,F401
 from .planner import Cluster, plan  # noqa: E402
 
-__all__ = ["parallelize", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
+__all__ = ["parallelize", "backend", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
            "PTDPError", "ConfigError", "WorldSizeError", "CaptureError", "InputShapeError",
            "ShardingError", "RankError", "WorldTimeoutError", "plan", "Cluster"]
