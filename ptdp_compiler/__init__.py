@@ -8,8 +8,9 @@ from . import errors
 from .api import ParallelModule, parallelize
 from .backend import backend
 from .config import ParallelConfig
-from .errors import (CaptureError, ConfigError, InputShapeError, PTDPError, RankError,
-                     ShardingError, WorldSizeError, WorldTimeoutError)
+from .errors import (CaptureError, CheckpointError, ConfigError, InputShapeError, PTDPError,
+                     RankError, ShardingError, WorldSizeError, WorldTimeoutError)
+from .runtime.checkpoint import load_hf
 from .runtime.launch import LocalWorld, launch
 
 __version__ = "0.1.0"
@@ -21,4 +22,5 @@ from .planner import Cluster, plan  # noqa: E402
 
 __all__ = ["parallelize", "backend", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
            "PTDPError", "ConfigError", "WorldSizeError", "CaptureError", "InputShapeError",
-           "ShardingError", "RankError", "WorldTimeoutError", "plan", "Cluster"]
+           "ShardingError", "RankError", "WorldTimeoutError", "plan", "Cluster", "load_hf",
+           "CheckpointError"]

@@ -76,6 +76,8 @@ class ParallelModule:
         config.check_world(world)
         self.config = config
         self.module = module
+        from .runtime.precision import cast_module
+        cast_module(module, config.precision)  # bf16/fp16: capture sees low-precision weights
         self.coords = build_mesh(config.dp, config.pp, config.tp)
         self._params = dict(module.named_parameters())
         self._full_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
@@ -88,8 +90,7 @@ class ParallelModule:
         self._tp_group = self.coords.group("tp") if config.tp > 1 else None
         self._dp_group = self.coords.group("dp") if config.dp > 1 else None
         self._check_same_model()
-        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
-                                    int(config.bucket_mb * 2**20))
+        self._buckets = self._make_buckets()
         self._rng = RNGTracker(config.seed, self.coords.dp_rank, self.coords.pp_rank,
                                self.coords.tp_rank)
         self._pp_group = self.coords.group("pp") if config.pp > 1 else None
@@ -97,7 +98,8 @@ class ParallelModule:
         self.timeout_s = DEFAULT_TIMEOUT_S   # every pipeline p2p wait gives up after this
         self._stage_names: list | None = None  # parameters this pipeline rank holds (pp > 1)
         self._programs: dict = {}
-        self.step = 0
+        self.train_steps = 0   # train_step calls so far (seeds the per-step RNG streams)
+        self._optimizer = None
 
     def _check_same_model(self):
         """Every rank must pass the same model (same seed): compare a fingerprint."""
@@ -137,8 +139,7 @@ class ParallelModule:
         self._placements = placements
         for h in self._buckets._hooks:
             h.remove()
-        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
-                                    int(self.config.bucket_mb * 2**20))
+        self._buckets = self._make_buckets()
 
     def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         pl = (self._placements or {}).get(name)
@@ -161,8 +162,7 @@ class ParallelModule:
         self._params = {n: self._params[n] for n in names}
         for h in self._buckets._hooks:
             h.remove()
-        self._buckets = GradBuckets(list(self._params.values()), self._dp_group,
-                                    int(self.config.bucket_mb * 2**20))
+        self._buckets = self._make_buckets()
 
     # ---- training -------------------------------------------------------------------------
     def _program(self, mb):
@@ -187,11 +187,11 @@ class ParallelModule:
                 raise InputShapeError("pipeline parallelism needs every microbatch of a step "
                                       "to have the same shapes (boundary tensors are sized "
                                       "from the graph); pad the batch to uniform shapes")
-            loss = run_pipeline_step(programs[0], mbs, self._buckets, self._rng, self.step,
+            loss = run_pipeline_step(programs[0], mbs, self._buckets, self._rng, self.train_steps,
                                      self._dp_group, self._pp_group)
         else:
-            loss = run_step(programs, mbs, self._buckets, self._rng, self.step, self._dp_group)
-        self.step += 1
+            loss = run_step(programs, mbs, self._buckets, self._rng, self.train_steps, self._dp_group)
+        self.train_steps += 1
         return loss
 
     def dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -265,11 +265,80 @@ class ParallelModule:
         return (f"ParallelModule({type(self.module).__name__}, dp={c.dp}, pp={c.pp}, tp={c.tp}, "
                 f"rank={self.coords.rank})")
 
+    # ---- training state (runtime/layout.py, optimizer.py, precision.py, checkpoint.py): they
+    # see the model only through _local_layout() and the gradient buckets ---------------------
+    def _local_layout(self):
+        """Yield a ``LocalParam`` per parameter this rank holds: canonical name, local
+        Parameter, placement over tp (None: replicated), ``is_owner`` (the one rank of a
+        data-parallel replica that counts it in norms and checkpoints: every tp rank for a
+        shard, tp rank 0 for a replicated tensor), full shape. pp > 1 must yield only this
+        stage's parameters, a tied weight owned by one of its stages."""
+        from .runtime.layout import LocalParam
+        t, r = self.config.tp, self.coords.tp_rank
+        for n, p in self._params.items():
+            pl = (self._placements or {}).get(n)
+            yield LocalParam(n, p, pl, pl is not None or r == 0, tuple(self._full_shapes[n]),
+                             t, r)
+
+    def _layout_final(self) -> bool:
+        """Whether ``_local_layout`` is settled (tp shards and pp stages appear on the
+        first compile)."""
+        return bool(self._programs) or (self.config.tp == 1 and self.config.pp == 1)
+
+    def _make_buckets(self):
+        """Gradient buckets for the current parameters: fp32 main grads for bf16/fp16,
+        reduce-scatter for the distributed optimizer (runtime/optimizer.py)."""
+        from .runtime.optimizer import make_buckets
+        b = make_buckets(list(self._params.values()), self._dp_group,
+                         int(self.config.bucket_mb * 2**20), self.config.precision,
+                         self.config.distributed_optimizer, self.config.dp)
+        old = getattr(self, "_buckets", None)
+        if old is not None and hasattr(old, "loss_scale"):
+            b.loss_scale = old.loss_scale
+        return b
+
+    def compile(self, *args, target=None, **kwargs):
+        """Capture and compile for this batch's signature without running it (fixes the
+        tp/pp layout, e.g. before ``load`` restores optimizer state)."""
+        mbs = split_microbatches(args, kwargs, target, self.config.microbatches)
+        for mb in mbs:
+            self._program(mb)
+        return self
+
+    def optimizer(self, optimizer_cls=None, *, max_grad_norm=None, **kwargs):
+        """An optimizer over this rank's shards (``torch.optim.AdamW`` by default, any
+        elementwise torch optimizer): fp32 masters under bf16/fp16, state sharded over dp
+        with ``distributed_optimizer=True``, global-norm clipping with ``max_grad_norm``.
+        Step it with ``pm.step()`` (or its own ``step()``)."""
+        from .runtime.optimizer import ParallelOptimizer
+        self._optimizer = ParallelOptimizer(self, optimizer_cls or torch.optim.AdamW,
+                                            max_grad_norm, **kwargs)
+        return self._optimizer
+
+    def step(self):
+        """Clip and apply the gradients of the last ``train_step``. Returns a StepReport:
+        ``skipped=True`` (no update on any rank) when a gradient is inf/NaN."""
+        if self._optimizer is None:
+            raise ConfigError("pm.step() needs an optimizer: call pm.optimizer(...) first")
+        return self._optimizer.step()
+
+    def save(self, path: str, extra=None):
+        """Atomic sharded checkpoint (collective): parameters (fp32 masters), optimizer
+        state, RNG, step counters and ``extra`` (e.g. data position), loadable at any layout."""
+        from .runtime.checkpoint import save
+        save(self, path, extra)
+
+    def load(self, path: str):
+        """Load a checkpoint saved at any layout (collective); returns its ``extra``."""
+        from .runtime.checkpoint import load
+        return load(self, path)
+
 
 def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
+                precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
                 schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
-                bucket_mb: float = 25.0):
+                bucket_mb: float = 25.0, scatter_gather: bool = True):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
     ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
@@ -278,9 +347,10 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
     before any process-group work.
     """
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
+                         precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          recompute=recompute, schedule=schedule, codegen=codegen,
-                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb).validate()
+                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather).validate()
     if model is None:
         return functools.partial(_wrap, cfg=cfg)
     return _wrap(model, cfg)

@@ -40,3 +40,7 @@ class WorldTimeoutError(PTDPError, TimeoutError):
 
 class PipelinePeerError(PTDPError, RuntimeError):
     """A pipeline send/recv failed or timed out: the peer stage died or is stuck."""
+
+
+class CheckpointError(PTDPError, RuntimeError):
+    """A checkpoint is missing, incomplete (an interrupted save) or of a different model."""

@@ -62,7 +62,8 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
             buckets.last_microbatch()
         with rng.fork(step, i):
             loss = prog(mb)
-        (loss * weights[i]).backward()
+        # fp16: the backward seed carries the dynamic loss scale (runtime/precision.py)
+        (loss * (weights[i] * getattr(buckets, "loss_scale", 1.0))).backward()
         loss_sum += loss.detach().double() * weights[i]
     buckets.finish()
     if dp_group is not None and dist.get_world_size(dp_group) > 1:

@@ -1,0 +1,107 @@
+"""What this rank holds of each canonical parameter, as boxes of the full tensor.
+
+``ParallelModule._local_layout()`` yields one ``LocalParam`` per parameter this rank
+holds. The optimizer, the gradient-norm clip and the checkpoint read only that: a
+parameter is known by its canonical name (``model.named_parameters()``), its full
+shape and how this rank's tensor maps into it, never by the executor's internals.
+
+Index math: a tensor-parallel ``Shard(dim, outer)`` lays ``dim`` out as
+``(outer, t, n)`` with the rank in the middle, so a rank's shard is ``outer`` boxes
+of the full tensor (one per fused block, e.g. q, k, v); a contiguous range of a
+flattened local tensor (a distributed-optimizer shard) is at most ``2·ndim − 1``
+boxes of the local tensor. ``full_boxes`` composes the two, giving the
+(offsets, sizes) rectangles a checkpoint stores, so any other layout can read back
+exactly the elements it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalParam:
+    name: str                    # canonical name, as model.named_parameters() reports it
+    param: torch.nn.Parameter    # this rank's tensor: a tp shard or the whole tensor
+    placement: Optional[object]  # Shard over tp, or None (replicated over tp)
+    is_owner: bool               # exactly one rank of a data-parallel replica counts it
+    full_shape: tuple
+    tp: int = 1
+    tp_rank: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def flat_range_boxes(shape, lo: int, hi: int) -> list:
+    """Boxes ``(offsets, sizes)`` of a C-contiguous tensor of ``shape`` covering its flat
+    indices ``[lo, hi)``, in order; each box is itself a contiguous flat segment."""
+    shape = tuple(shape)
+    if lo >= hi:
+        return []
+    if not shape:
+        return [((), ())]
+    inner = math.prod(shape[1:])
+    boxes = []
+    r0, c0 = divmod(lo, inner)
+    if c0:  # a partial first row
+        end = min(hi, (r0 + 1) * inner)
+        boxes += [((r0,) + o, (1,) + s)
+                  for o, s in flat_range_boxes(shape[1:], c0, end - r0 * inner)]
+        lo, r0 = end, r0 + 1
+        if lo >= hi:
+            return boxes
+    r1, c1 = divmod(hi, inner)
+    if r1 > r0:  # whole rows
+        boxes.append(((r0,) + (0,) * (len(shape) - 1), (r1 - r0,) + shape[1:]))
+    if c1:  # a partial last row
+        boxes += [((r1,) + o, (1,) + s) for o, s in flat_range_boxes(shape[1:], 0, c1)]
+    return boxes
+
+
+def flat_index(offsets, shape) -> int:
+    idx = 0
+    for o, s in zip(offsets, shape):
+        idx = idx * s + o
+    return idx
+
+
+def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int) -> list:
+    """A box of a rank's tp shard → boxes of the full tensor, as (local_offsets,
+    full_offsets, sizes): a box spanning several fused blocks is cut at their edges."""
+    offsets, sizes = tuple(offsets), tuple(sizes)
+    if placement is None:
+        return [(offsets, offsets, sizes)]
+    d, o = placement.dim, placement.outer
+    block = full_shape[d] // (o * t)  # a rank's run of rows per fused block
+    out, a, end = [], offsets[d], offsets[d] + sizes[d]
+    while a < end:
+        b, j = divmod(a, block)
+        n = min(end - a, block - j)
+        lo = offsets[:d] + (a,) + offsets[d + 1:]
+        fo = offsets[:d] + (b * (full_shape[d] // o) + r * block + j,) + offsets[d + 1:]
+        out.append((lo, fo, sizes[:d] + (n,) + sizes[d + 1:]))
+        a += n
+    return out
+
+
+def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int) -> list:
+    """``flat`` holds elements ``[lo, hi)`` of ``lp``'s flattened local tensor (the whole
+    tensor when lo=0, hi=numel). Returns (full_offsets, sizes, view of ``flat``) boxes."""
+    local_shape = tuple(lp.param.shape)
+    out = []
+    for offs, sizes in flat_range_boxes(local_shape, lo, hi):
+        start = flat_index(offs, local_shape) - lo
+        seg = flat[start:start + math.prod(sizes)].view(sizes)
+        for loc, full, sz in local_to_full(offs, sizes, lp.placement, lp.full_shape,
+                                           lp.tp, lp.tp_rank):
+            view = seg
+            if lp.placement is not None:
+                d = lp.placement.dim
+                view = seg.narrow(d, loc[d] - offs[d], sz[d])
+            out.append((tuple(full), tuple(sz), view))
+    return out
