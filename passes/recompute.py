@@ -171,8 +171,11 @@ def attention_cores(gm: fx.GraphModule) -> list:
                     pv = u
                     break
                 v = _val(u)
+                # an op that only mixes values of the chain (a dropout drawn from a detached
+                # copy of the probabilities, then multiplied in) stays in the core
+                closed = all(x in seen or x is s for x in acts)
                 if u.target is operator.getitem or (isinstance(v, torch.Tensor) and
-                                                    v.numel() == size and len(acts) == 1):
+                                                    v.numel() == size and closed):
                     fwd.append(u)
                     frontier.append(u)
         if pv is not None:
@@ -246,6 +249,23 @@ class RecomputeReport:
         return s
 
 
+# ptdp's own custom ops that are deterministic (collectives): safe to run again in backward
+_SAFE_CUSTOM = {"tp_f", "tp_g", "sp_gather", "sp_scatter", "all_reduce_max"}
+
+
+def replayable(n: fx.Node) -> bool:
+    """May the partitioner recompute ``n``? ATen ops yes (random ones are replayed from a
+    saved RNG state); custom ops only when known deterministic — a custom op may draw
+    random numbers the partitioner cannot replay (it replays only ops tagged
+    ``nondeterministic_seeded``), and recomputing it would change the mask."""
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload) or t.namespace in ("aten", "prims"):
+        return True
+    if torch.Tag.nondeterministic_seeded in t.tags:
+        return True
+    return t.namespace == "ptdp" and _opname(n) in _SAFE_CUSTOM
+
+
 def _tag(gm, layers, recomputed: set, input_only: set, always: set):
     layer_of = {n: i + 1 for i, span in enumerate(layers) for n in span}
     for n in gm.graph.nodes:
@@ -256,7 +276,7 @@ def _tag(gm, layers, recomputed: set, input_only: set, always: set):
         # whose recomputed user has a larger ac_graph_id into a saved one (checkpoint-region
         # boundary), which would store a per-layer copy of an s×s mask
         n.meta["ac_graph_id"] = 1 << 30 if n in input_only else layer_of.get(n, 0)
-        if n in input_only or n in always or n in recomputed:
+        if (n in input_only or n in always or n in recomputed) and replayable(n):
             n.meta["recompute"] = RECOMPUTE
         else:
             n.meta["recompute"] = SAVE
@@ -424,6 +444,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sequence_parallel: bool = False):
                 "full recomputation); raise the budget, use more microbatches or more tp")
         for i, j in enumerate(picks):
             choices.append(all_opts[i][j])
+    choices = [(opt, {n for n in R if replayable(n)}) for opt, R in choices]
     for i, (opt, R) in enumerate(choices):
         report.layers.append(LayerChoice(
             i, opt, [n.name for n in layers[i] if n in R], [],
