@@ -1,13 +1,15 @@
-"""``python -m ptdp_compiler plan|calibrate``.
+"""``python -m ptdp_compiler plan|calibrate|inspect``.
 
     python -m ptdp_compiler plan --gpt 175B --gpus 1024 --gpu A100-80GB --global-batch 1536
     python -m ptdp_compiler plan --model my_model.py --gpus 16 --global-batch 64
     python -m ptdp_compiler calibrate --out cluster.json
+    python -m ptdp_compiler inspect examples/models/gpt.py --tp 2 --pp 2 --out ptdp_inspect
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 
@@ -88,6 +90,20 @@ def cmd_calibrate(a) -> int:
     return 0
 
 
+def cmd_inspect(a) -> int:
+    """Every rank's transformed graphs, diffs, layer drawing and kernels, with a fake
+    process group (no ranks launched)."""
+    from .dump import inspect_model, load_model_file
+    model, args, kwargs = load_model_file(a.model)
+    ranks = range(a.tp * a.pp * a.dp) if a.kernel_ranks == "all" else \
+        [int(r) for r in a.kernel_ranks.split(",") if r != ""]
+    for d in inspect_model(model, args, kwargs, a.out, tp=a.tp, pp=a.pp, dp=a.dp,
+                           virtual_stages=a.virtual_stages,
+                           sequence_parallel=a.sequence_parallel, kernel_ranks=tuple(ranks)):
+        print(f"{d}: {', '.join(sorted(os.listdir(d)))}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptdp_compiler")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -109,6 +125,18 @@ def main(argv=None) -> int:
     c.add_argument("--out", default="cluster.json")
     c.add_argument("--world", type=int, default=2)
     c.set_defaults(fn=cmd_calibrate)
+    i = sub.add_parser("inspect", help="dump every rank's graphs/kernels (fake process group)")
+    i.add_argument("model", help="Python file defining `model` (or build()) and `example_inputs`")
+    i.add_argument("--tp", type=int, default=1)
+    i.add_argument("--pp", type=int, default=1)
+    i.add_argument("--dp", type=int, default=1)
+    i.add_argument("--virtual-stages", type=int, default=1)
+    i.add_argument("--sequence-parallel", action="store_true")
+    i.add_argument("--out", default="ptdp_inspect")
+    i.add_argument("--kernel-ranks", default="0",
+                   help="ranks whose chunks are compiled by Inductor for kernel source: "
+                        "'0,1', 'all' or '' (none)")
+    i.set_defaults(fn=cmd_inspect)
     a = ap.parse_args(argv)
     return a.fn(a)
 

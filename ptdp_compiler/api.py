@@ -260,6 +260,12 @@ class ParallelModule:
         from .inspect import explain
         return explain(self)
 
+    def dump(self, path: str, kernels: bool = True) -> str:
+        """Write this rank's graphs (per pass, as diffs), one layer drawn, and the generated
+        kernel source under ``path/rank{r}``; see ``ptdp_compiler/dump.py``."""
+        from .dump import dump_parallel_module
+        return dump_parallel_module(self, path, kernels)
+
     def __repr__(self):
         c = self.config
         return (f"ParallelModule({type(self.module).__name__}, dp={c.dp}, pp={c.pp}, tp={c.tp}, "

@@ -1,0 +1,303 @@
+"""``pm.dump(path)`` and ``python -m ptdp_compiler inspect``: what the compiler produced, on disk.
+
+Per rank and chunk (``rank{r}/``):
+
+    00_captured.py            the captured ATen graph (readable FX code)
+    01_<pass>.py / .diff      the graph after each graph-changing pass, and the unified
+                              diff against the graph before it
+    chunk{k}.py               pipeline chunk k of this rank (pp > 1), and its diff view
+    layer.svg                 one layer (a repeated compiled region) drawn top to bottom,
+                              collectives in red, matmuls in blue
+    kernels/…                 the generated kernel source (Inductor's output code) of every
+                              distinct compiled region of every chunk
+    summary.txt               pass log, regions, collectives, compiled-region counts
+
+The inspect command builds every rank's graphs in this one process with a ``fake``
+process group (``FakeStore``): collectives are recorded in the graph, never run.
+"""
+from __future__ import annotations
+
+import collections
+import difflib
+import os
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+COLLECTIVE_NAMESPACES = ("ptdp", "_c10d_functional", "c10d_functional")
+_MATMULS = ("linear", "mm", "addmm", "bmm", "matmul", "scaled_dot_product_attention",
+            "embedding")
+
+
+def is_collective(n: fx.Node) -> bool:
+    ns = getattr(n.target, "namespace", None)
+    return n.op == "call_function" and ns in COLLECTIVE_NAMESPACES
+
+
+def readable(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+
+
+def _write(path: str, text: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _diff(a: str, b: str, name_a: str, name_b: str) -> str:
+    return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), name_a, name_b,
+                                         n=2))
+
+
+# ---- drawing --------------------------------------------------------------------------------
+def pick_layer(gm: fx.GraphModule) -> fx.GraphModule:
+    """The most repeated compiled region (a transformer layer), or the whole graph."""
+    from .codegen.regional import split_regions
+    ph = list(gm.graph.find_nodes(op="placeholder"))
+    try:
+        regions = split_regions(gm, [None] * len(ph))
+    except Exception:   # a graph the region cutter cannot handle: draw it whole
+        regions = []
+    if not regions:
+        return gm
+    counts = collections.Counter(r.key for r in regions)
+    key = counts.most_common(1)[0][0]
+    return next(r.gm for r in regions if r.key == key)
+
+
+def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
+    """Draw ``gm`` as a layered DAG (matplotlib; SVG or PNG by extension). Collectives red."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")
+             and not (n.op == "call_function" and n.target.__name__ == "getitem"
+                      if hasattr(n.target, "__name__") else False)]
+    keep = set(nodes)
+    level = {}
+    for n in gm.graph.nodes:
+        if n not in keep:
+            continue
+        ins = [a for a in n.all_input_nodes if a in keep]
+        level[n] = 1 + max((level[a] for a in ins), default=-1)
+    rows = collections.defaultdict(list)
+    for n in nodes:
+        rows[level[n]].append(n)
+    width = max(len(r) for r in rows.values())
+    pos = {}
+    for lv, row in rows.items():
+        for i, n in enumerate(row):
+            pos[n] = ((i + 0.5) * width / len(row), -lv)
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * width), max(4, 0.55 * len(rows))))
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a in pos:
+                (x0, y0), (x1, y1) = pos[a], pos[n]
+                ax.annotate("", xy=(x1, y1 + 0.18), xytext=(x0, y0 - 0.18),
+                            arrowprops=dict(arrowstyle="->", color="0.6", lw=0.6))
+    for n in nodes:
+        x, y = pos[n]
+        op = str(n.target).split(".")[-2] if n.op == "call_function" and "." in str(n.target) \
+            else (n.op if n.op != "placeholder" else n.name)
+        if is_collective(n):
+            face, label = "#e8453c", str(n.target).replace("ptdp.", "").split(".")[0]
+        elif n.op == "placeholder":
+            kind = n.meta.get("ptdp_input_kind", "in")
+            face, label = "#d9d9d9", f"{kind}: {n.meta.get('ptdp_input_name', n.name)}"[-28:]
+        elif any(m == op for m in _MATMULS):
+            face, label = "#5b8def", op
+        else:
+            face, label = "#f4f4f4", op
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            label += f"\n{list(v.shape)}"
+        ax.text(x, y, label, ha="center", va="center", fontsize=6,
+                bbox=dict(boxstyle="round,pad=0.25", fc=face, ec="0.3", lw=0.5))
+    ax.set_xlim(-0.2, width + 0.2)
+    ax.set_ylim(-len(rows), 1)
+    ax.axis("off")
+    ncoll = sum(1 for n in nodes if is_collective(n))
+    ax.set_title(f"{title} — {len(nodes)} nodes, {ncoll} collectives (red)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- kernels --------------------------------------------------------------------------------
+def compile_kernels(gm: fx.GraphModule, out_dir: str) -> int:
+    """Compile ``gm`` with Inductor (regionally) and write every generated output module
+    (wrapper + kernels) to ``out_dir``; returns the number of files written."""
+    from torch._inductor.graph import GraphLowering
+
+    from .codegen import compile_graph
+    from .codegen.regional import _example
+    sources: list = []
+    original = GraphLowering.save_output_code
+    GraphLowering.save_output_code = staticmethod(lambda code: sources.append(code))
+    try:
+        inputs = []
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            kind = ph.meta.get("ptdp_input_kind")
+            inputs.append(_example(ph, requires_grad=kind in ("param", None)))
+        import torch._functorch.config as fconf
+        with fconf.patch(force_non_lazy_backward_lowering=True):   # backward kernels too
+            compile_graph(gm, inputs, "inductor")
+    finally:
+        GraphLowering.save_output_code = original
+    seen = []
+    for src in sources:
+        if src not in seen:
+            seen.append(src)
+    for i, src in enumerate(seen):
+        _write(os.path.join(out_dir, f"output_code_{i:02d}.py"), src)
+    return len(seen)
+
+
+# ---- one rank -------------------------------------------------------------------------------
+def dump_rank(out_dir: str, captured_gm: fx.GraphModule, program, chunks: Optional[list] = None,
+              kernels: bool = True, header: str = "") -> dict:
+    """Write one rank's files (see module doc). ``chunks``: this rank's pipeline chunk
+    graphs ((index, GraphModule) pairs), or None for the whole program as one chunk."""
+    os.makedirs(out_dir, exist_ok=True)
+    before = readable(captured_gm)
+    _write(os.path.join(out_dir, "00_captured.py"), before)
+    after = readable(program.gm)
+    stages = [name for name, _ in program.plan.pass_log]
+    changed = "tensor_parallel" in stages
+    name = "+".join(s for s in stages if s in ("tensor_parallel", "sequence_parallel")) \
+        if changed else "passes"
+    _write(os.path.join(out_dir, f"01_{name}.py"), after)
+    _write(os.path.join(out_dir, f"01_{name}.diff"),
+           _diff(before, after, "00_captured.py", f"01_{name}.py") or "(no change)\n")
+    lines = [header, "passes:"] + [f"  {n}: {s}" for n, s in program.plan.pass_log]
+    chunked = chunks is not None
+    chunks = chunks if chunked else [(0, program.gm)]
+    info = {"files": [], "kernels": 0}
+    for k, cgm in chunks:
+        text = readable(cgm)
+        if chunked:
+            _write(os.path.join(out_dir, f"02_chunk{k}.py"), text)
+            _write(os.path.join(out_dir, f"02_chunk{k}.diff"),
+                   _diff(after, text, f"01_{name}.py", f"02_chunk{k}.py"))
+        layer = pick_layer(cgm)
+        svg = draw_graph(layer, os.path.join(out_dir, f"layer_chunk{k}.svg"),
+                         f"chunk {k}: one layer")
+        if svg:
+            info["files"].append(svg)
+        ncoll = sum(1 for n in cgm.graph.nodes if is_collective(n))
+        lines.append(f"chunk {k}: {sum(1 for n in cgm.graph.nodes if n.op == 'call_function')} "
+                     f"ops, {ncoll} collectives in the forward graph")
+        if kernels:
+            n = compile_kernels(cgm, os.path.join(out_dir, "kernels", f"chunk{k}"))
+            info["kernels"] += n
+            lines.append(f"  {n} Inductor output modules (forward/backward of each distinct "
+                         "region) in kernels/")
+    _write(os.path.join(out_dir, "summary.txt"), "\n".join(lines) + "\n")
+    return info
+
+
+def dump_parallel_module(pm, path: str, kernels: bool = True) -> str:
+    """``ParallelModule.dump``: this rank's programs under ``path/rank{r}[/program{i}]``."""
+    if not pm._programs:
+        raise RuntimeError("nothing compiled yet: call train_step once first, then dump")
+    base = os.path.join(path, f"rank{pm.coords.rank}")
+    progs = list(pm._programs.values())
+    for i, prog in enumerate(progs):
+        d = base if len(progs) == 1 else os.path.join(base, f"program{i}")
+        chunks = getattr(prog, "chunk_graphs", None)
+        dump_rank(d, prog.captured.gm, prog.program, chunks, kernels,
+                  header=pm.explain() if i == 0 else "")
+    return base
+
+
+# ---- the inspect command --------------------------------------------------------------------
+def inspect_model(model, args, kwargs, out: str, tp: int = 1, pp: int = 1, dp: int = 1,
+                  virtual_stages: int = 1, sequence_parallel: bool = False,
+                  kernel_ranks=(0,)) -> list:
+    """Every rank's transformed graphs (and, for ``kernel_ranks``, kernels) with a fake
+    process group — no ranks launched. Returns the rank directories written."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from .capture import capture
+    from .config import ParallelConfig
+    from .errors import ConfigError
+    from .passes import run_passes
+    from .passes.pipeline_split import split
+    from .runtime.mesh import build_mesh
+    if dist.is_initialized():
+        raise ConfigError("inspect builds its own fake process group; run it outside an "
+                          "initialised torch.distributed world")
+    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
+                         sequence_parallel=sequence_parallel, codegen="inductor")
+    try:   # the same named errors as parallelize; pp may be refused only for execution
+        cfg.validate()
+    except ConfigError as e:
+        if "pp" not in str(e):
+            raise
+    world = tp * pp * dp
+    params = dict(model.named_parameters())
+    written = []
+    for rank in range(world):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            coords = build_mesh(dp, pp, tp)
+            cap = capture(model, args, kwargs)
+            program = run_passes(cap, cfg, coords, params)
+            chunks = None
+            if pp > 1:
+                res = split(program.gm, pp * virtual_stages)
+                chunks = [(c.index, c.gm) for c in res.chunks if c.index % pp == coords.pp_rank]
+            d = os.path.join(out, f"rank{rank}")
+            hdr = (f"rank {rank}/{world}: dp={coords.dp_rank} pp={coords.pp_rank} "
+                   f"tp={coords.tp_rank} (fake process group)")
+            dump_rank(d, cap.gm, program, chunks, kernels=rank in kernel_ranks, header=hdr)
+            written.append(d)
+        finally:
+            dist.destroy_process_group()
+    return written
+
+
+def load_model_file(path: str, seq: int = 16, batch: int = 2):
+    """``(model, args, kwargs)`` from a Python file: its ``model`` / ``build()`` and
+    ``example_inputs`` / ``example_kwargs`` if defined; otherwise the file's top-level
+    ``nn.Module`` class that takes one dataclass config with defaults (e.g.
+    ``examples/models/gpt.py``), fed random token ids (``config.vocab_size``) of shape
+    ``(batch, seq)`` for every argument of its ``forward``."""
+    import dataclasses
+    import importlib.util
+    import inspect as _inspect
+    spec = importlib.util.spec_from_file_location("_ptdp_inspect_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = getattr(mod, "model", None)
+    if model is None and callable(getattr(mod, "build", None)):
+        model = mod.build()
+    if model is not None:
+        return model, tuple(getattr(mod, "example_inputs", ())), \
+            dict(getattr(mod, "example_kwargs", {}))
+    for cls in reversed([v for v in vars(mod).values() if isinstance(v, type)
+                         and issubclass(v, torch.nn.Module) and v.__module__ == mod.__name__]):
+        params = list(_inspect.signature(cls.__init__).parameters.values())[1:]
+        if len(params) != 1:
+            continue
+        cfg_cls = params[0].annotation
+        cfg_cls = getattr(mod, cfg_cls, None) if isinstance(cfg_cls, str) else cfg_cls
+        if not dataclasses.is_dataclass(cfg_cls):
+            continue
+        torch.manual_seed(0)
+        model = cls(cfg_cls())
+        vocab = getattr(model, "cfg", cfg_cls()).vocab_size if hasattr(cfg_cls(), "vocab_size") \
+            else 128
+        fwd = list(_inspect.signature(cls.forward).parameters)[1:]
+        g = torch.Generator().manual_seed(1)
+        args = tuple(torch.randint(0, vocab, (batch, seq), generator=g) for _ in fwd)
+        return model, args, {}
+    raise SystemExit(f"{path} must define `model` (or `build()`) and `example_inputs`, or one "
+                     "nn.Module class built from a dataclass config with defaults")

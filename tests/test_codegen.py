@@ -1,0 +1,161 @@
+"""Codegen: regional compilation (identical layers compiled once), the torch.compile
+backend (same passes on Dynamo's graph), and the dump / inspect tools."""
+import pytest
+import torch
+
+import ptdp_compiler as ptdp
+from ptdp_compiler.capture import capture, user_tensors
+from ptdp_compiler.codegen import compile_stats
+from ptdp_compiler.codegen import regional
+from ptdp_compiler.codegen.compile import compile_whole_graph
+
+from models import assert_close_tensor, batch, build
+
+
+def _graph_inputs(cap, model, args, kwargs):
+    users = user_tensors(cap, args, kwargs)
+    params = dict(model.named_parameters())
+    out = []
+    for kind, name in cap.inputs:
+        out.append(params[name] if kind == "param" else model.get_buffer(name)
+                   if kind == "buffer" else cap.constants[name] if kind == "constant"
+                   else users[name])
+    return out
+
+
+def test_region_keys_match_identical_layers_only():
+    model = build("gpt", n_layer=4)
+    args, kwargs = batch("gpt", 2)
+    cap = capture(model, args, kwargs)
+    regions = regional.split_regions(cap.gm, _graph_inputs(cap, model, args, kwargs))
+    keys = [r.key for r in regions]
+    # embedding, 4 layers, final norm + head + loss
+    assert len(keys) == 6
+    assert len(set(keys[1:5])) == 1 and len(set(keys)) == 3
+    wider = build("gpt", n_layer=4, n_embd=64)
+    capw = capture(wider, args, kwargs)
+    kw = [r.key for r in regional.split_regions(capw.gm, _graph_inputs(capw, wider, args, kwargs))]
+    assert kw[1] != keys[1], "a layer of another width must not reuse the compiled code"
+
+
+@pytest.mark.parametrize("name", ["llama"])   # rotary tables: recomputed in every region
+def test_regional_matches_whole_graph(name):
+    model = build(name, num_hidden_layers=3)
+    args, kwargs = batch(name, 2)
+    cap = capture(model, args, kwargs)
+    inputs = _graph_inputs(cap, model, args, kwargs)
+    params = list(model.parameters())
+    results = []
+    for use_regions in (True, False):
+        regional.set_regional(use_regions)
+        try:
+            fn = ptdp.codegen.compile_graph(cap.gm, inputs, "aot_eager")
+        finally:
+            regional.set_regional(None)
+        assert isinstance(fn, regional.RegionalProgram) == use_regions
+        loss = fn(*inputs)[0]
+        results.append((loss, torch.autograd.grad(loss, params)))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)   # aot_eager runs the same ATen ops either way
+    for (n, _), a, b in zip(model.named_parameters(), g1, g2):
+        assert_close_tensor(n, a, b, rtol=1e-6)
+
+
+def test_deep_model_compiles_no_more_kernels_than_shallow_and_never_recompiles():
+    """Real Inductor compiles (tiny widths), with the caches off so kernels are generated."""
+    import torch._functorch.config as fconf
+    import torch._inductor.config as iconf
+    from torch._inductor import metrics
+    seen = {}
+    with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False):
+        for layers in (2, 24):
+            model = build("gpt", n_layer=layers, n_embd=16, n_head=2)
+            args, kwargs = batch("gpt", 2)
+            want = model(*args, **kwargs)
+            want.backward()
+            metrics.generated_kernel_count = 0
+            before = compile_stats["compiles"]
+            pm = ptdp.parallelize(model, codegen="inductor")
+            loss = pm.train_step(*args, **kwargs)
+            compiles = compile_stats["compiles"] - before
+            seen[layers] = (metrics.generated_kernel_count, compiles)
+            assert_close_tensor("loss", loss, want, rtol=1e-5)
+            grads = pm.full_grads()
+            for n, p in model.named_parameters():
+                assert_close_tensor(n, grads[n], p.grad, rtol=1e-4)
+            for _ in range(2):
+                pm.train_step(*args, **kwargs)
+            assert compile_stats["compiles"] - before == compiles, "recompiled after step 1"
+    (k2, c2), (k24, c24) = seen[2], seen[24]
+    assert k2 > 0 and c2 == 3
+    assert k24 <= k2 and c24 == c2
+
+
+# ---- the torch.compile backend ---------------------------------------------------------------
+def _steps_single(name, steps):
+    model = build(name)
+    model.loss_type = "ForCausalLM"
+    args, kwargs = batch(name, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(*args, **kwargs, use_cache=False).loss
+        loss.backward()
+        out.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        opt.step()
+    return out
+
+
+def _steps_backend(name, steps):
+    import warnings
+    torch._dynamo.reset()
+    model = build(name)
+    model.loss_type = "ForCausalLM"   # keeps HF's loss in the same Dynamo graph
+    args, kwargs = batch(name, 2)
+    b = ptdp.backend(tp=2, sequence_parallel=True, codegen="aot_eager")
+    step = torch.compile(model, backend=b)
+    out, opt = [], None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            loss = step(*args, **kwargs, use_cache=False).loss
+            if opt is None:
+                opt = torch.optim.SGD(b.parameters(), lr=0.1)
+            loss.backward()
+            out.append((loss.item(), b.full_grads()))
+            opt.step()
+            opt.zero_grad()
+    local = {n: tuple(p.shape) for n, p in b.named_parameters()}
+    return out, b.graphs_compiled, local
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_backend_tp2_sp_trains_like_single_device(world, name):
+    want = _steps_single(name, 3)
+    results = world(2, _steps_backend, name, 3, timeout=240)
+    for got, graphs, local in results:
+        assert graphs == 1, "the training step should be one Dynamo graph, compiled once"
+        full = dict(build(name).named_parameters())
+        assert any(local[n] != tuple(full[n].shape) for n in local), "nothing was sharded"
+        for (lw, gw), (lg, gg) in zip(want, got):
+            assert abs(lg - lw) <= 1e-5 * abs(lw)
+            for n in gw:
+                assert_close_tensor(n, gg[n], gw[n], rtol=1e-5)
+
+
+def test_backend_refuses_pipeline_parallelism_and_bad_config():
+    with pytest.raises(ptdp.ConfigError, match="parallelize"):
+        ptdp.backend(tp=2, pp=2)
+    with pytest.raises(ptdp.ConfigError, match="sequence_parallel"):
+        ptdp.backend(tp=1, sequence_parallel=True)
+
+
+def test_backend_needs_a_loss_in_the_graph():
+    model = build("gpt")
+    b = ptdp.backend(codegen="aot_eager")
+    torch._dynamo.reset()
+    f = torch.compile(lambda ids: model.tok_emb(ids), backend=b)
+    ids = batch("gpt", 2)[0][0]
+    with pytest.raises(Exception, match="no scalar loss"):
+        f(ids)
