@@ -74,9 +74,10 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    # parameters are left out (they would make a wide top row); getitem adds no information
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")
-             and not (n.op == "call_function" and n.target.__name__ == "getitem"
-                      if hasattr(n.target, "__name__") else False)]
+             and n.meta.get("ptdp_input_kind") != "param"
+             and not (n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem")]
     keep = set(nodes)
     level = {}
     for n in gm.graph.nodes:

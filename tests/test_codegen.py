@@ -159,3 +159,24 @@ def test_backend_needs_a_loss_in_the_graph():
     ids = batch("gpt", 2)[0][0]
     with pytest.raises(Exception, match="no scalar loss"):
         f(ids)
+
+
+# ---- dump / inspect ----------------------------------------------------------------------------
+def test_inspect_writes_every_ranks_graphs_diffs_drawing_and_kernels(tmp_path):
+    from ptdp_compiler.dump import inspect_model
+    model = build("gpt", n_layer=2, n_embd=16, n_head=2)
+    args, kwargs = batch("gpt", 2)
+    dirs = inspect_model(model, args, kwargs, str(tmp_path), tp=2, pp=2, kernel_ranks=(0,))
+    assert len(dirs) == 4
+    for r, d in enumerate(dirs):
+        files = set(p.name for p in (tmp_path / f"rank{r}").iterdir())
+        assert {"00_captured.py", "01_tensor_parallel.diff", "summary.txt"} <= files
+        assert f"02_chunk{r // 2}.py" in files, "pp rank r//2 owns chunk r//2"
+        diff = (tmp_path / f"rank{r}" / "01_tensor_parallel.diff").read_text()
+        assert "+" in diff and "ptdp.tp_g" in diff, "the diff shows the inserted collectives"
+        svg = (tmp_path / f"rank{r}" / f"layer_chunk{r // 2}.svg").read_text()
+        assert "collectives (red)" in svg and "#e8453c" in svg
+    kernels = list((tmp_path / "rank0" / "kernels" / "chunk0").iterdir())
+    # forward and backward output code of the two distinct regions (embedding, layer)
+    assert len(kernels) >= 2 and any("def call(" in k.read_text() for k in kernels)
+    assert not (tmp_path / "rank1" / "kernels").exists()
