@@ -74,7 +74,7 @@ def _tensor_parallel(gm, cfg, coords, params, plan):
     from . import analyze as _analyze
     from . import tensor_parallel as _tp
     from .sequence_parallel import describe_sequence_parallel
-    from .sharding import local_shape
+    from .sharding import PaddedShard, local_shape
     t = cfg.tp
     group = coords.group("tp")
     group_name = group.group_name if group is not None else "tp"
@@ -110,6 +110,20 @@ def _tensor_parallel(gm, cfg, coords, params, plan):
                           f"{len(rw.rewrites)} shape constants rewritten"))
     if cfg.sequence_parallel:
         plan.pass_log.append(("sequence_parallel", describe_sequence_parallel(rw)))
+    padded = sorted({(pl.size, pl.padded) for pl in seeds.values()
+                     if isinstance(pl, PaddedShard)})
+    for size, pad in padded:
+        plan.pass_log.append(("vocabulary padding", (
+            f"tp={t} does not divide the vocabulary of {size}: the embedding / LM-head rows "
+            f"are padded with zeros to {pad} ({pad // t} per rank, Megatron-style); the "
+            f"{pad - size} padded logits are masked to -inf in the vocab-parallel "
+            "cross-entropy (they never win and get no gradient), and full_grads() / "
+            "full_state_dict() return the original shapes")))
+    if rw.dropouts["sharded"] or rw.dropouts["replicated"]:
+        plan.pass_log.append(("dropout", (
+            f"{rw.dropouts['sharded']} dropout(s) on tp-sharded tensors draw a different mask "
+            f"on each tp rank; {rw.dropouts['replicated']} on replicated tensors draw the "
+            "same mask on every tp rank")))
     plan.analysis = an
     return new
 

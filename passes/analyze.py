@@ -37,6 +37,9 @@ LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
               aten.logsumexp.default, aten.norm.ScalarOpt_dim}
+# ops that mark a block as attention (its column width is heads·head_dim)
+ATTENTION = {aten.scaled_dot_product_attention.default, aten.softmax.int,
+             aten._softmax.default, aten._safe_softmax.default}
 # ops allowed between the LM head and the loss (they keep the vocabulary dimension whole)
 HEAD_TO_LOSS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                 aten.flatten.using_ints, aten.unflatten.int,
@@ -69,6 +72,7 @@ class Analysis:
     groups: list = dataclasses.field(default_factory=list)    # [(columns, rows)]
     replicated: dict = dataclasses.field(default_factory=dict)  # linear node -> reason
     embed_out_shape: Optional[tuple] = None         # the residual stream's [B, T, C]
+    group_kinds: dict = dataclasses.field(default_factory=dict)  # group id -> attention | mlp
 
 
 def param_name(node) -> Optional[str]:
@@ -201,6 +205,9 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         if rows and not barriers:
             gid = len(an.groups)
             an.groups.append((sorted(members, key=_order(gm)), sorted(rows, key=_order(gm))))
+            region = set().union(*(walks[m][0] for m in members))
+            an.group_kinds[gid] = "attention" if any(r.target in ATTENTION for r in region) \
+                else "mlp"
             for m in members:
                 an.column[m] = gid
             for r in rows:

@@ -12,14 +12,17 @@ residual stream as sharded along the sequence instead of replicated:
   embeddings, token-type embeddings) are sliced to the rank's part;
 - parameters used on the sequence shard (norm weights and biases, row-parallel
   biases, replicated linears such as an MLM transform) see only their shard's
-  gradient: they are wrapped in f so their gradients are summed over tp.
+  gradient: they are wrapped in f so their gradients are summed over tp — one
+  ``ptdp::tp_f_bucket`` for all of them, whose backward is a single all-reduce.
 
 The sequence dimension is found from dataflow: it is the second-to-last dimension
 of the token embedding's output (``[B, T, C]``), carried through views by the same
 rank-factor rule as every other shard (``[B*T, C]`` becomes ``Shard(0, blocks=B)``).
 
-Dropout on the sequence shard draws its own random numbers on each rank (the masks
-of one global position differ from a single-device run's), as in Megatron.
+Dropout on the sequence shard (as any dropout of a tp-sharded tensor) draws its own
+random numbers on each rank (``ptdp::tp_rank_dropout_mask``, runtime/rng.py), as
+Megatron's RNG tracker does; dropout of replicated tensors draws the same numbers on
+every tp rank.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def count_tp_collectives(gm, forward_only: bool = True) -> dict:
     out: dict = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in FORWARD_KIND:
-            k = FORWARD_KIND[n.target] or "f"
+            k = FORWARD_KIND[n.target] or (
+                "f_bucket" if n.target is torch.ops.ptdp.tp_f_bucket.default else "f")
             out[k] = out.get(k, 0) + 1
     return out
 

@@ -8,9 +8,17 @@ rows are permuted so each rank keeps its own q, k and v slices; a sequence dim
 flattened with the batch (``[B*T]``) is ``Shard(0, outer=B)``. Partial sums never
 leave the op that creates them: a row-parallel matmul is followed at once by g
 (all-reduce) or, with sequence parallelism, a reduce-scatter.
+
+``PaddedShard`` is Megatron's vocabulary padding: a dimension of size ``size`` that t
+does not divide is laid out as ``padded`` = the next multiple of t, each rank holding
+``padded/t`` rows; the rows past ``size`` (on the last ranks) are zeros that no token
+looks up and whose logits the vocab-parallel cross-entropy masks to -inf, so they get
+no gradient and never change. ``shard_tensor`` pads, ``unshard_tensors`` cuts the
+padding off again, so full shapes are always the model's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -18,12 +26,35 @@ import torch
 
 from ptdp_compiler.plan import Shard
 
-__all__ = ["Shard", "view_rule", "local_shape", "shard_tensor", "unshard_tensors"]
+__all__ = ["Shard", "PaddedShard", "moved", "padded_size", "view_rule", "local_shape",
+           "shard_tensor", "unshard_tensors"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedShard(Shard):
+    """Shard(dim) of a dimension of ``size`` padded with zero rows to ``padded`` (a
+    multiple of t): Megatron's vocabulary padding."""
+    size: int = 0
+    padded: int = 0
+
+    def __str__(self):
+        return f"Shard({self.dim}, vocabulary padded {self.size}->{self.padded})"
+
+
+def padded_size(size: int, t: int) -> int:
+    return -(-size // t) * t
+
+
+def moved(pl: Shard, dim: int, outer: Optional[int] = None) -> Shard:
+    """The same placement (padding included) on another dimension."""
+    return dataclasses.replace(pl, dim=dim, outer=pl.outer if outer is None else outer)
 
 
 def local_shape(shape, pl: Optional[Shard], t: int) -> list:
     shape = list(shape)
-    if pl is not None:
+    if isinstance(pl, PaddedShard):
+        shape[pl.dim] = pl.padded // t
+    elif pl is not None:
         shape[pl.dim] //= t
     return shape
 
@@ -54,6 +85,9 @@ def shard_tensor(full: torch.Tensor, pl: Optional[Shard], t: int, r: int) -> tor
     """This rank's piece of a full tensor (a copy)."""
     if pl is None:
         return full.detach().clone()
+    if isinstance(pl, PaddedShard):
+        pad = [0, 0] * (full.dim() - pl.dim - 1) + [0, pl.padded - full.shape[pl.dim]]
+        full = torch.nn.functional.pad(full.detach(), pad)
     shape = list(full.shape)
     d, o = pl.dim, pl.outer
     v = full.detach().reshape(shape[:d] + [o, t, shape[d] // (o * t)] + shape[d + 1:])
@@ -72,4 +106,7 @@ def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:
     vs = [p.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]) for p in pieces]
     full = torch.stack(vs, d + 1)  # (.., o, t, n/o, ..)
     shape[d] *= t
-    return full.reshape(shape)
+    full = full.reshape(shape)
+    if isinstance(pl, PaddedShard):
+        full = full.narrow(d, 0, pl.size).contiguous()
+    return full

@@ -39,12 +39,13 @@ import torch
 import torch.fx as fx
 
 import ptdp_compiler.collectives  # noqa: F401  (registers the ptdp:: ops)
+import ptdp_compiler.runtime.rng  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
 from ptdp_compiler.capture import source_line
 from ptdp_compiler.errors import ConfigError, ShardingError
 from ptdp_compiler.plan import CollectivePlan, Shard
 
 from . import analyze as _an
-from .sharding import local_shape, view_rule
+from .sharding import PaddedShard, local_shape, moved, padded_size, view_rule
 
 aten = torch.ops.aten
 ptdp_ops = torch.ops.ptdp
@@ -60,6 +61,25 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
          aten.flatten.using_ints, aten.unflatten.int}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.unbind.int}
+
+
+def _heads_kind(node) -> str:
+    """'attention heads' or 'key/value heads' when a view's output feeds attention as the
+    query or as a key/value (followed through layout ops), else ''."""
+    stack, seen = [(node, None)], set()
+    while stack:
+        n, _ = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.target is aten.scaled_dot_product_attention.default:
+                return "attention heads" if u.args[0] is n else "key/value heads"
+            if u.target in (aten.matmul.default, aten.bmm.default):
+                return "attention heads"
+            if u.op == "call_function" and len(seen) < 64:
+                stack.append((u, None))
+    return ""
 
 
 class _Refine(Exception):
@@ -82,7 +102,7 @@ def _val(n):
 
 class Rewriter:
     def __init__(self, gm, an: _an.Analysis, seeds: dict, t: int, rank: int, group_name: str,
-                 sp: bool, requires_grad: dict):
+                 sp: bool, requires_grad: dict, bucket: Optional[list] = None):
         self.gm, self.an, self.seeds, self.t, self.r = gm, an, seeds, t, rank
         self.gn, self.sp = group_name, sp
         self.requires_grad = requires_grad
@@ -93,6 +113,9 @@ class Rewriter:
         self.collectives = []     # (kind, new node, note, bytes)
         self.rewrites = []        # (node name, old shape, new shape)
         self.grad_tp_params = set()
+        self.bucket = list(bucket or [])   # parameters whose f is one bucketed all-reduce
+        self.lazy_param_f = []             # parameters that got their own f this run
+        self.dropouts = {"sharded": 0, "replicated": 0}
 
     # ---- helpers ---------------------------------------------------------------------------
     def emit(self, target, args, kwargs=None, pl=None, rg=None, like: Optional[fx.Node] = None):
@@ -119,7 +142,24 @@ class Rewriter:
             self.collectives.append(("f", self._f[v], f"f on {v.name}", None))
             if v.op == "placeholder":
                 self.grad_tp_params.add(v.meta.get("ptdp_input_name"))
+                self.lazy_param_f.append(v.meta.get("ptdp_input_name"))
         return self._f[v]
+
+    def emit_bucket(self):
+        """f for every parameter in ``self.bucket`` as one op right after the inputs: its
+        backward is a single all-reduce of all their gradients (not one per parameter)."""
+        names = set(self.bucket)
+        phs = [v for v in self.g.nodes if v.op == "placeholder" and
+               v.meta.get("ptdp_input_name") in names and v.meta.get("ptdp_input_kind") == "param"]
+        if not phs:
+            return
+        b = self.emit(ptdp_ops.tp_f_bucket.default, (phs, self.gn, self.t), pl=None, rg=True)
+        self.collectives.append(("f_bucket", b, f"f on {len(phs)} parameters", None))
+        for i, v in enumerate(phs):
+            gi = self.emit(operator.getitem, (b, i), pl=None, rg=True)
+            self._f[v] = gi
+            self.gradok.add(gi)
+            self.grad_tp_params.add(v.meta.get("ptdp_input_name"))
 
     def gathered(self, v, node):
         """A sequence-sharded value made whole (SP all-gather; its backward reduce-scatters)."""
@@ -165,6 +205,8 @@ class Rewriter:
             return self.f(v)
         if out_pl.outer != 1:
             _fail(node, "a replicated operand meets a block-sharded one")
+        if isinstance(out_pl, PaddedShard):
+            _fail(node, "a replicated operand meets the padded vocabulary dimension")
         n = full_shape[j]
         v = self.f(v)
         lo = self.r * (n // self.t)
@@ -176,7 +218,11 @@ class Rewriter:
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self) -> fx.Graph:
+        inputs_done = False
         for node in self.gm.graph.nodes:
+            if node.op != "placeholder" and not inputs_done:
+                inputs_done = True
+                self.emit_bucket()
             if node.op == "placeholder":
                 n = self.g.placeholder(node.name)
                 n.meta.update({k: v for k, v in node.meta.items() if k != "val"})
@@ -225,6 +271,8 @@ class Rewriter:
         if tgt in _an.LOSSES and self.pl.get(self.env[node.args[0]]) is not None:
             return self.cross_entropy(node)
         if all(p is None for p in pls):
+            if tgt is aten.dropout.default:
+                self.dropouts["replicated"] += 1   # shared stream: same mask on every tp rank
             if tgt is operator.getitem and isinstance(self.pl.get(self.env[node.args[0]]), list):
                 return self.getitem(node)
             return self.copy(node)
@@ -235,6 +283,8 @@ class Rewriter:
             return self.getitem(node)
         x = node.args[0] if node.args else None
         xp = self.pl.get(self.env[x]) if isinstance(x, fx.Node) else None
+        if tgt is aten.dropout.default and xp is not None:
+            return self.sharded_dropout(node, xp)
         if tgt in PASSTHROUGH and xp is not None:
             return self.copy(node, xp)
         if tgt in VIEWS:
@@ -267,6 +317,23 @@ class Rewriter:
                     f"({', '.join(str(p) for p in pls)})")
 
     # ---- rules -----------------------------------------------------------------------------
+    def sharded_dropout(self, node, xp):
+        """Dropout of a tp-sharded tensor: a keep-mask from this tp rank's own stream
+        (runtime/rng.py), scaled as aten.dropout scales."""
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if not train or p == 0 or p >= 1:     # deterministic: no random numbers drawn
+            return self.copy(node, xp)
+        return self.rank_dropout(self.env[node.args[0]], xp, float(p), node)
+
+    def rank_dropout(self, x, xp, p: float, node):
+        self.dropouts["sharded"] += 1
+        det = self.emit(aten.detach.default, (x,), pl=xp, rg=False)
+        keep = self.emit(ptdp_ops.tp_rank_dropout_mask.default, (det, float(p), self.r),
+                         pl=xp, rg=False, like=node)
+        y = self.emit(aten.mul.Tensor, (x, keep), pl=xp, like=node)
+        return self.emit(aten.mul.Scalar, (y, 1.0 / (1.0 - p)), pl=xp, like=node)
+
     def pointwise(self, node):
         out = _val(node)
         m = out.dim()
@@ -276,7 +343,7 @@ class Rewriter:
             if p is None:
                 continue
             od = p.dim + m - _val(a).dim()
-            cand = Shard(od, p.outer)
+            cand = moved(p, od)
             if shard is not None and cand != shard:
                 _fail(node, f"operands sharded differently ({shard} vs {cand})")
             shard = cand
@@ -298,6 +365,18 @@ class Rewriter:
     def view(self, node, xp):
         full_in = tuple(_val(node.args[0]).shape)
         full_out = tuple(_val(node).shape)
+        if isinstance(xp, PaddedShard):
+            # the padded vocabulary must stay one whole trailing dimension (logits views
+            # between the LM head and the loss: [B, T, V] <-> [B·T, V])
+            if xp.dim != len(full_in) - 1 or full_out[-1] != full_in[-1]:
+                _fail(node, f"the view {list(full_in)} -> {list(full_out)} splits the padded "
+                            f"vocabulary dimension")
+            p = moved(xp, len(full_out) - 1)
+            new = local_shape(full_out, p, self.t)
+            self.shape_rewrite(node, full_out, new)
+            tgt = node.target if node.target in (aten.view.default, aten._unsafe_view.default) \
+                else aten.reshape.default
+            return self.emit(tgt, (self.env[node.args[0]], new), pl=p, like=node)
         p = view_rule(full_in, xp, full_out, self.t)
         if p is None:
             size = full_in[xp.dim]
@@ -305,9 +384,16 @@ class Rewriter:
             before = 1
             for o in full_out:
                 if before == outer_total and o % self.t:
+                    what = _heads_kind(node)
+                    if what:
+                        _fail(node, f"tp={self.t} does not divide the {o} {what} "
+                                    f"(view {list(full_in)} -> {list(full_out)}); tensor "
+                                    "parallelism gives each rank whole heads (key/value heads "
+                                    "are not replicated across ranks): choose tp dividing "
+                                    f"{o}", ConfigError)
                     _fail(node, f"tp={self.t} does not divide {o}, the leading factor of the "
-                                f"split dimension in {list(full_out)} (e.g. the number of "
-                                "attention heads); choose tp dividing it", ConfigError)
+                                f"split dimension in {list(full_out)}; choose tp dividing it",
+                          ConfigError)
                 before *= o
             if size % self.t:
                 _fail(node, f"tp={self.t} does not divide dimension {xp.dim} of size {size}",
@@ -330,23 +416,23 @@ class Rewriter:
         args = list(node.args[1:])
         if tgt is aten.transpose.int:
             a, b = args[0] % nd, args[1] % nd
-            p = Shard(b if d == a else a if d == b else d, xp.outer)
+            p = moved(xp, b if d == a else a if d == b else d)
         elif tgt is aten.t.default:
-            p = Shard(1 - d, xp.outer)
+            p = moved(xp, 1 - d)
         elif tgt is aten.permute.default:
             perm = [i % nd for i in args[0]]
-            p = Shard(perm.index(d), xp.outer)
+            p = moved(xp, perm.index(d))
         elif tgt is aten.unsqueeze.default:
             u = args[0] % (nd + 1)
-            p = Shard(d + 1 if u <= d else d, xp.outer)
+            p = moved(xp, d + 1 if u <= d else d)
         elif tgt is aten.squeeze.dim:
             s = args[0] % nd
             if s == d:
                 _fail(node, "squeeze of the sharded dimension")
-            p = Shard(d - 1 if s < d else d, xp.outer)
+            p = moved(xp, d - 1 if s < d else d)
         elif tgt is aten.expand.default:
             full_out = tuple(_val(node).shape)
-            p = Shard(d + len(full_out) - nd, xp.outer)
+            p = moved(xp, d + len(full_out) - nd)
             if _val(node.args[0]).shape[d] != full_out[p.dim]:
                 _fail(node, "expand of the sharded dimension")
             new = local_shape(full_out, p, self.t)
@@ -366,7 +452,7 @@ class Rewriter:
             s = args[0] % nd
             if s == d:
                 _fail(node, "select on the sharded dimension")
-            p = Shard(d - 1 if s < d else d, xp.outer)
+            p = moved(xp, d - 1 if s < d else d)
         else:
             _fail(node, "unsupported layout op")
         return self.emit(tgt, (x, *args), node.kwargs, pl=p, like=node)
@@ -382,7 +468,7 @@ class Rewriter:
         outs = _val(node)
         if dim != xp.dim:
             if tgt is aten.unbind.int:
-                p = Shard(xp.dim - 1 if dim < xp.dim else xp.dim, xp.outer)
+                p = moved(xp, xp.dim - 1 if dim < xp.dim else xp.dim)
             else:
                 p = xp
             n = self.emit(tgt, (self.env[x], *node.args[1:]), node.kwargs, like=node)
@@ -473,7 +559,45 @@ class Rewriter:
                 rest[0] = mv
             else:
                 kwargs["attn_mask"] = mv
+        names = ("attn_mask", "dropout_p", "is_causal", "scale")
+        opts = {k: (rest[i] if i < len(rest) else kwargs.get(k)) for i, k in enumerate(names)}
+        opts["mask_is_bool"] = isinstance(mask, fx.Node) and _val(mask).dtype == torch.bool
+        if opts["dropout_p"]:
+            return self.attention_with_rank_dropout(node, *args, opts,
+                                                    kwargs.get("enable_gqa", False))
         return self.emit(node.target, args + rest, kwargs, pl=Shard(1), like=node)
+
+    def attention_with_rank_dropout(self, node, q, k, v, opts, gqa):
+        """Attention with dropout on head-sharded q, k, v, written out so the dropout of the
+        attention probabilities draws this tp rank's own numbers (the fused op would draw
+        the same numbers on every rank, for different heads)."""
+        e, pl = self.emit, Shard(1)
+        qv, kv = _val(node.args[0]), _val(node.args[1])
+        L, S, E = qv.shape[-2], kv.shape[-2], qv.shape[-1]
+        if gqa and qv.shape[1] != kv.shape[1]:
+            rep = qv.shape[1] // kv.shape[1]
+            k = e(aten.repeat_interleave.self_int, (k, rep, 1), pl=pl, like=node)
+            v = e(aten.repeat_interleave.self_int, (v, rep, 1), pl=pl, like=node)
+        scale = opts["scale"] if opts["scale"] is not None else 1.0 / math.sqrt(E)
+        kt = e(aten.transpose.int, (k, -2, -1), pl=pl, like=node)
+        sc = e(aten.mul.Scalar, (e(aten.matmul.default, (q, kt), pl=pl, like=node), scale),
+               pl=pl, like=node)
+        if opts["is_causal"]:
+            ones = e(aten.ones.default, ([L, S],), {"dtype": torch.bool, "device": qv.device},
+                     pl=None, rg=False)
+            hide = e(aten.logical_not.default, (e(aten.tril.default, (ones,), pl=None, rg=False),),
+                     pl=None, rg=False)
+            sc = e(aten.masked_fill.Scalar, (sc, hide, float("-inf")), pl=pl, like=node)
+        mask = opts["attn_mask"]
+        if isinstance(mask, fx.Node):
+            if opts["mask_is_bool"]:
+                hide = e(aten.logical_not.default, (mask,), pl=self.pl.get(mask), rg=False)
+                sc = e(aten.masked_fill.Scalar, (sc, hide, float("-inf")), pl=pl, like=node)
+            else:
+                sc = e(aten.add.Tensor, (sc, mask), pl=pl, like=node)
+        a = e(aten._softmax.default, (sc, -1, False), pl=pl, like=node)
+        a = self.rank_dropout(a, pl, float(opts["dropout_p"]), node)
+        return e(aten.matmul.default, (a, v), pl=pl, like=node)
 
     def batched_matmul(self, node):
         a, b = node.args[:2]
@@ -497,7 +621,7 @@ class Rewriter:
             _fail(node, "a reduction over the sharded dimension")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         d = xp.dim if keep else xp.dim - sum(1 for x in dims if x < xp.dim)
-        return self.copy(node, Shard(d, xp.outer))
+        return self.copy(node, moved(xp, d))
 
     def layer_norm(self, node, xp):
         x = node.args[0]
@@ -522,7 +646,7 @@ class Rewriter:
                 x = self.gathered(x, node)
             else:
                 x = self.f(x)
-            out_pl = Shard(out_nd - 1, wp.outer)
+            out_pl = moved(wp, out_nd - 1)
             return self.emit(node.target, self._lin_args(node, lin, x, W, b), pl=out_pl,
                              like=node)
         if wp is not None:                                        # row-parallel
@@ -547,7 +671,7 @@ class Rewriter:
         W = self.f(W)
         b = self.f(b) if b is not None else None
         return self.emit(node.target, self._lin_args(node, lin, x, W, b),
-                         pl=Shard(xp.dim, xp.outer), like=node)
+                         pl=moved(xp, xp.dim), like=node)
 
     @staticmethod
     def _lin_args(node, lin, x, W, b):
@@ -560,10 +684,9 @@ class Rewriter:
     def embedding(self, node):
         W, ids = self.env[node.args[0]], self.env[node.args[1]]
         wp = self.pl[W]
-        if wp != Shard(0) or self.pl.get(ids) is not None:
+        if wp is None or wp.dim != 0 or wp.outer != 1 or self.pl.get(ids) is not None:
             _fail(node, f"embedding with weight {wp} and ids {self.pl.get(ids)}")
-        V = _val(node.args[0]).shape[0]
-        vl = V // self.t
+        vl = local_shape(_val(node.args[0]).shape, wp, self.t)[0]   # padded rows included
         lo = self.r * vl
         rel = self.emit(aten.sub.Tensor, (ids, lo), pl=None, rg=False)
         out_lo = self.emit(aten.lt.Scalar, (rel, 0), pl=None, rg=False)
@@ -582,7 +705,8 @@ class Rewriter:
         logits, target = node.args[0], node.args[1]
         lg, tg = self.env[logits], self.env[target]
         lp = self.pl[lg]
-        if _val(logits).dim() != 2 or lp != Shard(1) or self.pl.get(tg) is not None:
+        if _val(logits).dim() != 2 or lp is None or lp.dim != 1 or lp.outer != 1 or \
+                self.pl.get(tg) is not None:
             _fail(node, f"vocab-parallel cross-entropy needs [tokens, vocab] logits split on "
                         f"the vocabulary; got {lp} of shape {list(_val(logits).shape)}")
         weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
@@ -593,9 +717,17 @@ class Rewriter:
         if weight is not None or smoothing:
             _fail(node, "vocab-parallel cross-entropy supports no class weights or smoothing")
         V = _val(logits).shape[1]
-        vl = V // self.t
+        vl = local_shape(_val(logits).shape, lp, self.t)[1]   # padded columns included
         lo = self.r * vl
         e = self.emit
+        if lo + vl > V:
+            # vocabulary padding: this rank's columns past V are no tokens; -inf logits
+            # never win the max, add nothing to the sum of exponentials, and pass no
+            # gradient back to the zero rows that produced them
+            cols = e(aten.arange.start, (lo, lo + vl), {"device": _val(logits).device},
+                     pl=None, rg=False)
+            pad = e(aten.ge.Scalar, (cols, V), pl=None, rg=False)
+            lg = e(aten.masked_fill.Scalar, (lg, pad, float("-inf")), pl=None, like=node)
         det = e(aten.detach.default, (lg,), pl=None, rg=False)
         mx = e(aten.amax.default, (det, [1], True), pl=None, rg=False)
         mx = e(ptdp_ops.all_reduce_max.default, (mx, self.gn, self.t), pl=None, rg=False)
@@ -632,14 +764,22 @@ class Rewriter:
 
 def tensor_parallel(gm: fx.GraphModule, an: _an.Analysis, t: int, rank: int, group_name: str,
                     sp: bool, requires_grad: dict):
-    """Returns (new GraphModule, seeds {param: Shard}, rewriter)."""
+    """Returns (new GraphModule, seeds {param: Shard}, rewriter).
+
+    The rewrite runs again when it learns something: a fused projection's split (the
+    weight is re-seeded as block-sharded), or the replicated parameters that need f
+    (their gradients, partial over tp, are then summed by one bucketed all-reduce)."""
     seeds = initial_seeds(gm, an, t, sp)
-    for _ in range(8):
-        rw = Rewriter(gm, an, seeds, t, rank, group_name, sp, requires_grad)
+    bucket = None
+    for _ in range(10):
+        rw = Rewriter(gm, an, seeds, t, rank, group_name, sp, requires_grad, bucket)
         try:
             g = rw.run()
         except _Refine as ref:
             seeds = _refine(seeds, an, ref)
+            continue
+        if rw.lazy_param_f and bucket is None:
+            bucket = rw.lazy_param_f
             continue
         new = fx.GraphModule(gm, g)
         return new, seeds, rw
@@ -665,29 +805,37 @@ def initial_seeds(gm, an: _an.Analysis, t: int, sp: bool) -> dict:
                               f"{source_line(n)}; choose tp dividing it")
     for n in an.column:
         lin = an.linears[n]
-        check(n, lin.out_features, "the output features (heads·head_dim or FFN size)")
+        check(n, lin.out_features,
+              "the attention width (heads·head_dim, the hidden size)"
+              if an.group_kinds.get(an.column[n]) == "attention" else "the FFN size")
         seeds[_an.param_name(lin.weight)] = Shard(lin.w_out_dim)
         if lin.bias is not None:
             seeds[_an.param_name(lin.bias)] = Shard(0)
     for n in an.row:
         lin = an.linears[n]
-        check(n, lin.weight.meta["val"].shape[1 - lin.w_out_dim], "the input features")
+        check(n, lin.weight.meta["val"].shape[1 - lin.w_out_dim],
+              "the input features (the attention width, the hidden size)"
+              if an.group_kinds.get(an.row[n]) == "attention" else
+              "the input features (the FFN size)")
         seeds[_an.param_name(lin.weight)] = Shard(1 - lin.w_out_dim)
     if an.head is not None:
         h = an.head
-        if an.vocab % t:
-            raise ConfigError(
-                f"tp={t} does not divide the vocabulary size {an.vocab}: pad the vocabulary to "
-                f"a multiple of tp (Megatron pads to a multiple of 128·tp), e.g. "
-                f"{-(-an.vocab // (128 * t)) * 128 * t}, or choose tp dividing {an.vocab}")
-        seeds[_an.param_name(h.weight)] = Shard(h.w_out_dim)
+        if an.vocab % t:   # Megatron's padding: zero rows up to a multiple of t
+            pad = padded_size(an.vocab, t)
+
+            def vocab(dim):
+                return PaddedShard(dim, 1, an.vocab, pad)
+        else:
+            def vocab(dim):
+                return Shard(dim)
+        seeds[_an.param_name(h.weight)] = vocab(h.w_out_dim)
         if h.bias is not None:
-            seeds[_an.param_name(h.bias)] = Shard(0)
+            seeds[_an.param_name(h.bias)] = vocab(0)
         for e in an.vocab_embeddings:
             name = _an.param_name(e.args[0])
             if name not in seeds:
-                seeds[name] = Shard(0)
-            elif seeds[name] != Shard(0):  # tied to a [in, out] head: not supported
+                seeds[name] = vocab(0)
+            elif seeds[name] != vocab(0):  # tied to a [in, out] head: not supported
                 raise ShardingError(f"embedding '{name}' is tied to an LM head stored [in, out]")
     if sp:
         if an.embed_out_shape is None:
@@ -705,6 +853,13 @@ def collective_plans(rw: Rewriter, t: int) -> list:
     for kind, n, where, old in rw.collectives:
         v = n.meta.get("val")
         if v is None:
+            continue
+        if kind == "f_bucket":
+            nbytes = sum(x.numel() * x.element_size() for x in v)
+            out.append(CollectivePlan("all_reduce", "tp", f"{n.name} ({where})", 0,
+                                      f"gradient bucket of {nbytes} bytes; backward only: one "
+                                      f"all-reduce, {int(2 * (t - 1) * nbytes / t)} bytes "
+                                      "per microbatch"))
             continue
         nbytes = v.numel() * v.element_size()
         if kind == "f":

@@ -83,9 +83,10 @@ class ParallelModule:
         self._full_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
         self._placements: dict | None = None   # name -> Shard over tp, once compiled
         if config.tp > 1:
-            # this rank's shards live in their own Parameters (the module keeps the full
-            # weights, which capture needs); they shrink to the shard on the first compile
-            self._params = {n: nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            # this rank's parameters are Parameters of their own, sharing the module's
+            # storage (no copy); on the first compile the sharded ones shrink to this rank's
+            # shard and the module's full copies are released (_apply_placements)
+            self._params = {n: nn.Parameter(p.detach(), requires_grad=p.requires_grad)
                             for n, p in self._params.items()}
         self._tp_group = self.coords.group("tp") if config.tp > 1 else None
         self._dp_group = self.coords.group("dp") if config.dp > 1 else None
@@ -136,6 +137,11 @@ class ParallelModule:
             for n, pl in placements.items():
                 p = self._params[n]
                 p.data = shard_tensor(p.data, pl, t, r)
+                # the module's full weight is needed from now on only for its shape (a new
+                # input signature is captured from the module): a zero-stride view of one
+                # element keeps shape and dtype and frees the storage
+                m = self.module.get_parameter(n)
+                m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
         self._placements = placements
         for h in self._buckets._hooks:
             h.remove()

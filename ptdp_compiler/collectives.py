@@ -8,6 +8,9 @@
   reduce-scatter backward — sequence parallelism, before a column-parallel linear.
 - ``sp_scatter`` (``ptdp::sp_scatter``): reduce-scatter forward, all-gather backward —
   sequence parallelism, after a row-parallel linear.
+- ``tp_f_bucket`` (``ptdp::tp_f_bucket``): f for a list of parameters at once — identity
+  forward, ONE all-reduce of their flattened gradients backward (sequence parallelism's
+  norm weights and biases, which see only their sequence shard's gradient).
 
 Sharding along a dimension may be "strided": ``outer`` > 1 means the dimension is
 laid out as ``(outer, t, inner)`` with the rank index in the middle (e.g. a sequence
@@ -19,29 +22,19 @@ graph) and takes the group size ``t`` for shape inference. Their bodies call the
 functional collectives (``torch.ops._c10d_functional``), which Dynamo, AOTAutograd
 and Inductor understand; as custom ops they stay single, countable nodes in the
 forward and backward graphs AOTAutograd produces.
+
+All-gather and reduce-scatter use the functional collectives' ``*_coalesced`` forms with
+one tensor: the same single collective on NCCL and gloo, and the forms a Python
+``ProcessGroup`` wrapper can intercept (``benchmarks/tp_comm.py`` measures the bytes sent
+by wrapping the tp process group; these ops count nothing themselves).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 _c10d = torch.ops._c10d_functional
-
-
-# Bytes this rank sends, per (collective kind, tag), under the ring model NCCL and gloo use:
-# all-reduce 2(t-1)/t·|x|, all-gather (t-1)·|x_local|, reduce-scatter (t-1)/t·|x_full|.
-STATS: dict = {}
-
-
-def _count(kind: str, tag: str, x: torch.Tensor, t: int):
-    n = x.numel() * x.element_size()
-    sent = {"all_reduce": 2 * (t - 1) * n / t, "all_gather": (t - 1) * n,
-            "reduce_scatter": (t - 1) * n / t}[kind]
-    key = (kind, tag)
-    STATS[key] = STATS.get(key, 0) + sent
-
-
-def reset_stats():
-    STATS.clear()
 
 
 def _all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -69,7 +62,7 @@ def _all_gather(x: torch.Tensor, dim: int, outer: int, t: int, group_name: str) 
     d0 = dim % x.dim()
     y, d = _split_outer(x, d0, outer)
     y = y.movedim(d, 0).contiguous()
-    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor(y, t, group_name))  # [t·n, ...]
+    out = _c10d.wait_tensor(_c10d.all_gather_into_tensor_coalesced([y], t, group_name)[0])
     out = out.movedim(0, d).contiguous()
     return _merge_outer(out, d0, outer)
 
@@ -78,7 +71,8 @@ def _reduce_scatter(x: torch.Tensor, dim: int, outer: int, t: int, group_name: s
     d0 = dim % x.dim()
     y, d = _split_outer(x, d0, outer)
     y = y.movedim(d, 0).contiguous()
-    out = _c10d.wait_tensor(_c10d.reduce_scatter_tensor(y, "sum", t, group_name))
+    out = _c10d.wait_tensor(
+        _c10d.reduce_scatter_tensor_coalesced([y], "sum", t, group_name)[0])
     out = out.movedim(0, d).contiguous()
     return _merge_outer(out, d0, outer)
 
@@ -104,7 +98,6 @@ def _(x, group_name, t, tag):
 # ---- g: all-reduce / identity ---------------------------------------------------------------
 @torch.library.custom_op("ptdp::tp_g", mutates_args=())
 def tp_g(x: torch.Tensor, group_name: str, t: int, tag: str) -> torch.Tensor:
-    _count("all_reduce", tag, x, t)
     return _all_reduce(x, group_name)
 
 
@@ -129,10 +122,37 @@ tp_f.register_autograd(_f_backward, setup_context=_setup_ft)
 tp_g.register_autograd(_g_backward, setup_context=_setup_ft)
 
 
+# ---- f over a bucket of parameters: one all-reduce of all their gradients ------------------
+@torch.library.custom_op("ptdp::tp_f_bucket", mutates_args=())
+def tp_f_bucket(xs: list[torch.Tensor], group_name: str, t: int) -> list[torch.Tensor]:
+    return [x.clone() for x in xs]
+
+
+@tp_f_bucket.register_fake
+def _(xs, group_name, t):
+    return [torch.empty_like(x) for x in xs]
+
+
+def _bucket_setup(ctx, inputs, output):
+    ctx.group_name, ctx.t = inputs[1], inputs[2]
+    ctx.shapes = [x.shape for x in inputs[0]]
+    ctx.like = inputs[0][0]
+
+
+def _bucket_backward(ctx, grads):
+    flat = torch.cat([(g if g is not None else ctx.like.new_zeros(s)).reshape(-1)
+                      for g, s in zip(grads, ctx.shapes)])
+    flat = tp_g(flat, ctx.group_name, ctx.t, "param")
+    sizes = [math.prod(s) for s in ctx.shapes]
+    return [piece.view(s) for piece, s in zip(flat.split(sizes), ctx.shapes)], None, None
+
+
+tp_f_bucket.register_autograd(_bucket_backward, setup_context=_bucket_setup)
+
+
 # ---- SP pair: all-gather / reduce-scatter ---------------------------------------------------
 @torch.library.custom_op("ptdp::sp_gather", mutates_args=())
 def sp_gather(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
-    _count("all_gather", "act", x, t)
     return _all_gather(x, dim, outer, t, group_name)
 
 
@@ -143,7 +163,6 @@ def _(x, dim, outer, group_name, t):
 
 @torch.library.custom_op("ptdp::sp_scatter", mutates_args=())
 def sp_scatter(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int) -> torch.Tensor:
-    _count("reduce_scatter", "act", x, t)
     return _reduce_scatter(x, dim, outer, t, group_name)
 
 
@@ -171,7 +190,6 @@ sp_scatter.register_autograd(_scatter_backward, setup_context=_setup_sp)
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------
 @torch.library.custom_op("ptdp::all_reduce_max", mutates_args=())
 def all_reduce_max(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
-    _count("all_reduce", "loss", x, t)
     return _c10d.wait_tensor(_c10d.all_reduce(x.contiguous(), "max", group_name))
 
 
@@ -184,6 +202,7 @@ def _(x, group_name, t):
 TP_COLLECTIVES = {
     torch.ops.ptdp.tp_f.default: "f (identity fwd / all-reduce bwd)",
     torch.ops.ptdp.tp_g.default: "g (all-reduce fwd / identity bwd)",
+    torch.ops.ptdp.tp_f_bucket.default: "f over a parameter bucket (one all-reduce bwd)",
     torch.ops.ptdp.sp_gather.default: "all-gather (fwd) / reduce-scatter (bwd)",
     torch.ops.ptdp.sp_scatter.default: "reduce-scatter (fwd) / all-gather (bwd)",
     torch.ops.ptdp.all_reduce_max.default: "all-reduce max (no grad)",
@@ -193,6 +212,7 @@ TP_COLLECTIVES = {
 FORWARD_KIND = {
     torch.ops.ptdp.tp_f.default: None,
     torch.ops.ptdp.tp_g.default: "all_reduce",
+    torch.ops.ptdp.tp_f_bucket.default: None,
     torch.ops.ptdp.sp_gather.default: "all_gather",
     torch.ops.ptdp.sp_scatter.default: "reduce_scatter",
     torch.ops.ptdp.all_reduce_max.default: "all_reduce",
