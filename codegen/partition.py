@@ -31,6 +31,14 @@ partition_report: list = []
 ORIGIN_KEY = "ptdp_node"   # node.meta["custom"][ORIGIN_KEY]: the captured node's name
 
 
+def concrete(x) -> int:
+    """An int for a possibly symbolic size (its hint: the size the graph was traced at)."""
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        return int(hint) if hint is not None else int(x)
+    return int(x)
+
+
 def tag_digest(gm: fx.GraphModule) -> str:
     """Digest of every node's recompute tag (position-based, so equal layers agree)."""
     h = hashlib.sha1()
@@ -91,7 +99,7 @@ def saved_values(fw: fx.GraphModule, num_fwd_outputs: int) -> list:
             continue
         seen.add(b)
         origin = (b.meta.get("custom") or {}).get(ORIGIN_KEY)
-        rows.append((b.name, v.numel() * v.element_size(), origin))
+        rows.append((b.name, concrete(v.numel()) * v.element_size(), origin))
     return rows
 
 
@@ -117,7 +125,8 @@ def trial_partition(gm: fx.GraphModule) -> list:
     with mode:
         for p in phs:
             v = p.meta["val"]
-            x = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype,
+            x = torch.empty_strided([concrete(d) for d in v.shape],
+                                    [concrete(d) for d in v.stride()], dtype=v.dtype,
                                     device=v.device)
             if p.meta.get("ptdp_input_kind") == "param" and v.dtype.is_floating_point:
                 x.requires_grad_(True)

@@ -72,11 +72,13 @@ def _val(n):
 
 
 def _bytes(n: fx.Node) -> int:
+    from ptdp_compiler.codegen.partition import concrete
     v = _val(n)
     if isinstance(v, torch.Tensor):
-        return v.numel() * v.element_size()
+        return concrete(v.numel()) * v.element_size()
     if isinstance(v, (tuple, list)):
-        return sum(x.numel() * x.element_size() for x in v if isinstance(x, torch.Tensor))
+        return sum(concrete(x.numel()) * x.element_size() for x in v
+                   if isinstance(x, torch.Tensor))
     return 0
 
 
@@ -435,15 +437,28 @@ def recompute_pass(gm: fx.GraphModule, mode, sequence_parallel: bool = False):
             per_layer.append(scored)
             all_opts.append(opts)
         outside = sum(b for n, b in model.base.items() if n not in in_layer)
-        picks = _knapsack(per_layer, budget - outside)
-        if picks is None:
-            least = outside + sum(min(s[0] for s in sc) for sc in per_layer)
-            raise ConfigError(
-                f"recompute={{'budget_bytes': {budget}}} is below the least this program "
-                f"can save for backward per microbatch on this rank (~{least:,} bytes, with "
-                "full recomputation); raise the budget, use more microbatches or more tp")
-        for i, j in enumerate(picks):
-            choices.append(all_opts[i][j])
+        target = budget - outside
+        for _attempt in range(6):
+            picks = _knapsack(per_layer, target)
+            if picks is None:
+                least = outside + sum(min(s[0] for s in sc) for sc in per_layer)
+                raise ConfigError(
+                    f"recompute={{'budget_bytes': {budget}}} is below the least this program "
+                    f"can save for backward per microbatch on this rank (~{least:,} bytes, "
+                    "with full recomputation); raise the budget, use more microbatches or "
+                    "more tp")
+            choices = [all_opts[i][j] for i, j in enumerate(picks)]
+            # the cost model is an estimate: check the choice with a trial partition and
+            # tighten the target by the overshoot until it fits
+            _tag(gm, layers, set().union(*(R for _, R in choices)), input_only, regather)
+            got = sum(b for _, b, _ in _trial(gm))
+            if got <= budget:
+                break
+            target -= got - budget
+        else:
+            raise ConfigError(f"recompute={{'budget_bytes': {budget}}}: no choice of "
+                              f"recomputed nodes fits (last try saved {got:,} bytes); "
+                              "raise the budget")
     choices = [(opt, {n for n in R if replayable(n)}) for opt, R in choices]
     for i, (opt, R) in enumerate(choices):
         report.layers.append(LayerChoice(

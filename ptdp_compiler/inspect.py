@@ -64,3 +64,6 @@ def explain(pm) -> str:
     lines.append(f"  compiles so far in this process: {compile_stats['compiles']} "
                  f"({compile_stats['seconds']:.1f} s)")
     return "\n".join(lines)
+        if hasattr(getattr(plan, "recompute", None), "layers"):   # issue 4: per-layer recompute
+            from .passes.recompute import explain_lines
+            lines.extend(explain_lines(gm, plan.recompute))
