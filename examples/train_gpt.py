@@ -1,10 +1,12 @@
 """Train a small GPT on local CPU ranks with ptdp_compiler (the README's main job).
 
-    python examples/train_gpt.py                  # dp=2 on 2 local ranks
-    python examples/train_gpt.py --dp 4 --steps 100 --codegen aot_eager
+    python examples/train_gpt.py                  # dp=2 × pp=2 × tp=2 on 8 local ranks
+    python examples/train_gpt.py --dp 1 --pp 2 --virtual-stages 2 --codegen aot_eager
+    python examples/train_gpt.py --dp 1 --tp 4 --pp 2 --sequence-parallel
 
 The model (examples/models/gpt.py) is ordinary single-device code; ptdp_compiler
-captures it, compiles it and trains it data-parallel on gloo ranks. The corpus is
+captures it, compiles it and trains it with tensor (+ sequence), interleaved pipeline and
+data parallelism on gloo ranks. The corpus is
 byte-level text (the Zen of Python and this package's own docstrings), so nothing
 is downloaded.
 """
@@ -54,7 +56,8 @@ def train(args) -> dict:
                     n_embd=args.width, dropout=0.0)
     model = GPT(cfg)
     pm = ptdp.parallelize(model, dp=args.dp, tp=args.tp, pp=args.pp,
-                          microbatches=args.microbatches, codegen=args.codegen)
+                          virtual_stages=args.virtual_stages, microbatches=args.microbatches,
+                          sequence_parallel=args.sequence_parallel, codegen=args.codegen)
     opt = torch.optim.AdamW(pm.parameters(), lr=args.lr, weight_decay=0.0)
     data = batches(corpus(), args.batch, args.seq, seed=1)
     bar = None
@@ -89,13 +92,15 @@ def train(args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--microbatches", type=int, default=2)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--virtual-stages", type=int, default=1, help="interleaved chunks per stage")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--codegen", default="inductor", choices=["inductor", "aot_eager"])

@@ -208,6 +208,11 @@ def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
         start = end + 1
     chunks, boundary_shapes = [], []
     incoming: list = []   # nodes of earlier chunks live into this chunk
+    # boundary placeholders must not reuse an input's name (e.g. re-splitting a chunk)
+    taken = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+    prefix = "boundary"
+    while any(t.startswith(prefix + "_") for t in taken):
+        prefix = "_" + prefix
     for k in range(len(bounds)):
         g = fx.Graph()
         env, inputs = {}, []
@@ -231,7 +236,7 @@ def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
             raise AssertionError(f"{a.name} crosses a cut but is not a boundary value")
 
         for i, b in enumerate(incoming):
-            ph = g.placeholder(f"boundary_{i}")
+            ph = g.placeholder(f"{prefix}_{i}")
             ph.meta.update(b.meta)
             inputs.append(("boundary", i))
             env[b] = ph

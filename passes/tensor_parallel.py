@@ -763,7 +763,7 @@ class Rewriter:
 
 
 def tensor_parallel(gm: fx.GraphModule, an: _an.Analysis, t: int, rank: int, group_name: str,
-                    sp: bool, requires_grad: dict):
+                    sp: bool, requires_grad: dict, bucket_param_f: bool = True):
     """Returns (new GraphModule, seeds {param: Shard}, rewriter).
 
     The rewrite runs again when it learns something: a fused projection's split (the
@@ -778,7 +778,9 @@ def tensor_parallel(gm: fx.GraphModule, an: _an.Analysis, t: int, rank: int, gro
         except _Refine as ref:
             seeds = _refine(seeds, an, ref)
             continue
-        if rw.lazy_param_f and bucket is None:
+        # (not under pipeline parallelism: one bucket op would feed every stage's layers
+        # and cross every pipeline cut; there each parameter keeps its own f)
+        if rw.lazy_param_f and bucket is None and bucket_param_f:
             bucket = rw.lazy_param_f
             continue
         new = fx.GraphModule(gm, g)

@@ -25,6 +25,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     recompute: Union[str, dict] = "none"
     schedule: Optional[str] = None     # None: "interleaved" when virtual_stages > 1, else "1f1b"
+    scatter_gather: bool = True        # pp boundaries replicated over tp travel as 1/t slices
     codegen: str = "inductor"
     loss_fn: Optional[Callable] = None
     seed: int = 0

@@ -19,7 +19,7 @@ from .runtime.pipeline import BoundaryMeta, PipelineComm, PipelineRun, Stage
 from .runtime.schedules import build_schedule
 
 
-def _boundary_meta(node, tp: int, sp: bool) -> BoundaryMeta:
+def _boundary_meta(node, tp: int, scatter_gather: bool) -> BoundaryMeta:
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
         raise InputShapeError(f"pipeline boundary {node.name} has no known shape; the graph "
@@ -27,7 +27,7 @@ def _boundary_meta(node, tp: int, sp: bool) -> BoundaryMeta:
     meta = BoundaryMeta(tuple(v.shape), v.dtype, False)
     # replicated over tp (no placement recorded) and evenly divisible: scatter/gather
     replicated = node.meta.get("ptdp_placement") is None
-    meta.scatter = tp > 1 and replicated and meta.numel % tp == 0
+    meta.scatter = scatter_gather and tp > 1 and replicated and meta.numel % tp == 0
     return meta
 
 
@@ -66,28 +66,27 @@ class PipelineProgram:
             "schedule": f"{self.schedule.name} p={p} v={v} m={cfg.microbatches}",
         }
         plan.pass_log.append(("pipeline_split", self.split.describe()))
-        sp = cfg.sequence_parallel
+        sg = cfg.scatter_gather
         self.stages = {}
         users = self.user_inputs(mb)
         for k in sorted(mine):
             ch = self.split.chunks[k]
-            phs = {n.name: n for n in ch.gm.graph.find_nodes(op="placeholder")}
+            phs = list(ch.gm.graph.find_nodes(op="placeholder"))   # in ch.inputs order
             out_node = next(n for n in ch.gm.graph.nodes if n.op == "output")
             in_meta, inputs, example = [], [], []
-            for kind, ref in ch.inputs:
+            for ph, (kind, ref) in zip(phs, ch.inputs):
                 if kind == "boundary":
-                    meta = _boundary_meta(phs[f"boundary_{ref}"], cfg.tp, sp)
+                    meta = _boundary_meta(ph, cfg.tp, sg)
                     in_meta.append(meta)
                     inputs.append(("boundary", ref))
                     example.append(torch.zeros(meta.shape, dtype=meta.dtype,
                                                requires_grad=meta.dtype.is_floating_point))
                 else:
-                    ph = phs[ref]
                     key = (ph.meta.get("ptdp_input_kind", "user"), ph.meta.get("ptdp_input_name"))
                     inputs.append(("graph", key))
                     example.append(self._value(key, users))
             out_meta = [] if k == p * v - 1 else [
-                _boundary_meta(o, cfg.tp, sp) for o in out_node.args[0]]
+                _boundary_meta(o, cfg.tp, sg) for o in out_node.args[0]]
             fn = compile_graph(ch.gm, example, cfg.codegen)
             self.stages[k] = Stage(k, fn, inputs, in_meta, out_meta, self.chunk_params[k])
         tp_size, pp_size = cfg.tp, cfg.pp
