@@ -369,3 +369,22 @@ def test_dropout_masks_per_rank_on_shards_shared_when_replicated(world, sp):
             assert torch.equal(a, b), "tp ranks drew different masks on a replicated tensor"
     assert torch.equal(loss0, loss1)
     assert "draw a different mask on each tp rank" in text
+
+
+# ---- bytes on the wire per decoder layer vs Megatron's 8·b·s·h·(t−1)/t --------------------------
+def bytes_job(sp):
+    from benchmarks.tp_comm import job
+    return job(2, sp, b=2, s=16, h=32, v=VOCAB, heads=4)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_bytes_per_layer_match_megatron_formula(world, sp):
+    """Measured by wrapping the tp process group (benchmarks/tp_comm.py): one layer's
+    forward + backward activation collectives send exactly 8·b·s·h·(t−1)/t elements."""
+    row = world(2, bytes_job, sp, timeout=300)[0]
+    b, s, h, t = 2, 16, 32, 2
+    assert row["measured_bytes"] == row["formula_bytes"] == 8 * b * s * h * (t - 1) / t * 4, row
+    # SP: the column inputs re-gathered in backward and the norm/bias gradient bucket
+    # (6·h per layer) are the only other per-layer traffic
+    assert row["regather_bytes"] == (2 * b * s * h * (t - 1) / t * 4 if sp else 0), row
+    assert row["param_grad_bytes"] == (2 * (t - 1) / t * 6 * h * 4 if sp else 0), row
