@@ -167,17 +167,18 @@ def attention_cores(gm: fx.GraphModule) -> list:
             for u in m.users:
                 if u in seen or u.op != "call_function":
                     continue
-                seen.add(u)
                 acts = [a for a in u.all_input_nodes if _activation(a, input_only)]
                 if u.target in _MATMUL2 and u.args[0] is m and len(acts) == 2:
                     pv = u
                     break
+                # a node rejected now may be accepted once its other inputs join the chain
                 v = _val(u)
                 # an op that only mixes values of the chain (a dropout drawn from a detached
                 # copy of the probabilities, then multiplied in) stays in the core
                 closed = all(x in seen or x is s for x in acts)
                 if u.target is operator.getitem or (isinstance(v, torch.Tensor) and
                                                     v.numel() == size and closed):
+                    seen.add(u)
                     fwd.append(u)
                     frontier.append(u)
         if pv is not None:
