@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ptdp_compiler as ptdp  # noqa: E402
 
+LOSS_PARALLEL_PP = True   # vocab-parallel loss on the last stage too (as with pp=1)
 VOCAB, SEQ, BATCH, LAYERS, HIDDEN, HEADS = 256, 32, 8, 4, 64, 4
 
 CONFIGS = {   # name -> ptdp.parallelize keywords (the native side reads the same numbers)
@@ -343,12 +344,20 @@ class NativeRunner:
             else:
                 m = _LlamaStage(m, s * per, (s + 1) * per, first, last)
             if tp > 1:
-                _apply_tp(model_name, m, mesh["tp"], self.sp)
+                _apply_tp(model_name, m, mesh["tp"], self.sp, loss_par=LOSS_PARALLEL_PP)
             self.modules.append(m)
-            stages.append(PipelineStage(m, s, n_stages, torch.device("cpu"), group=self.pp_group))
+            # shapes given up front, as the pipelining docs' manual split does: the stage
+            # then needs no shape-inference forward (which cannot run TP collectives)
+            mb = BATCH // self.m_count
+            act = torch.empty(mb, SEQ, HIDDEN)
+            stages.append(PipelineStage(
+                m, s, n_stages, torch.device("cpu"), group=self.pp_group,
+                input_args=torch.empty(mb, SEQ, dtype=torch.long) if first else act,
+                output_args=torch.empty(mb, SEQ, VOCAB) if last else act,
+                input_grads=None if first else act, output_grads=None if last else act))
         self.first = 0 in [st.stage_index for st in stages]
         self.last = n_stages - 1 in [st.stage_index for st in stages]
-        self.loss_parallel = tp > 1
+        self.loss_parallel = tp > 1 and LOSS_PARALLEL_PP
         loss = self._loss
         self.schedule = (ScheduleInterleaved1F1B(stages, self.m_count, loss_fn=loss) if v > 1
                          else Schedule1F1B(stages[0], self.m_count, loss_fn=loss))
@@ -378,7 +387,8 @@ class NativeRunner:
         from torch.distributed.tensor.parallel import loss_parallel
         import contextlib
         self.zero_grad()
-        ctx = loss_parallel() if self.tp > 1 else contextlib.nullcontext()
+        use_lp = self.tp > 1 and (self.pp == 1 or self.loss_parallel)
+        ctx = loss_parallel() if use_lp else contextlib.nullcontext()
         if self.pp == 1:
             with ctx:
                 if self.name == "gpt":
@@ -398,9 +408,12 @@ class NativeRunner:
             else:
                 self.schedule.step()
         if len(self.tied) == 1:     # this rank holds one of the two tied copies
-            g = self.tied[0].grad
-            local = g.to_local() if hasattr(g, "to_local") else g
-            dist.all_reduce(local, group=self.pp_group)
+            p = self.tied[0]
+            if hasattr(p.grad, "redistribute") and p.grad.placements != p.placements:
+                # DTensor leaves a vocab-sharded embedding's gradient replicated
+                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=self.pp_group)
         if losses:
             ls = [l.full_tensor() if hasattr(l, "full_tensor") else l for l in losses]
             return torch.stack([l.detach().float() for l in ls]).mean().item()
