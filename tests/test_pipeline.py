@@ -223,3 +223,37 @@ def test_stalled_stage_fails_the_others_with_a_named_error():
     kind, msg, waited = res[0]
     assert kind == "error" and "rank(s) [1]" in msg, res[0]
     assert waited < 8.0
+
+
+def killed_stage_job(report_path):
+    import os
+    import signal
+    pm = ptdp.parallelize(_model("gpt", 2), pp=2, microbatches=2, codegen="aot_eager")
+    args, kwargs = batch("gpt", GB)
+    pm.train_step(*args, **kwargs)
+    if pm.coords.pp_rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)     # the last stage dies mid-run
+    t0 = time.time()
+    try:
+        pm.train_step(*args, **kwargs)
+        outcome = "no error"
+    except ptdp.errors.PipelinePeerError as e:
+        outcome = f"PipelinePeerError {time.time() - t0:.1f} {e}"
+    with open(report_path, "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.timeout(120)
+def test_killed_stage_is_named_and_the_other_stage_does_not_hang(tmp_path, monkeypatch):
+    import ptdp_compiler.runtime.launch as launch
+    monkeypatch.setattr(launch, "ERROR_GRACE_S", 20.0)   # let the survivor report
+    report = tmp_path / "rank0.txt"
+    w = ptdp.LocalWorld(2, timeout_s=60)
+    try:
+        with pytest.raises(ptdp.errors.RankError, match=r"rank 1 process died \(exit code -9\)"):
+            w.run(killed_stage_job, str(report), timeout=100)
+    finally:
+        w.close()
+    text = report.read_text()
+    assert text.startswith("PipelinePeerError") and "rank(s) [1]" in text, text
+    assert float(text.split()[1]) < 30

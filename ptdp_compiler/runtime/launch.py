@@ -125,8 +125,14 @@ class LocalWorld:
                 r = waitables[obj]
                 if r not in pending:
                     continue
+                reply = None
                 if obj is self._conns[r] and self._conns[r].poll():
-                    reply = _loads(self._conns[r].recv_bytes())
+                    try:
+                        reply = _loads(self._conns[r].recv_bytes())
+                    except (EOFError, OSError):   # the rank died: its pipe closed
+                        self._procs[r].join(1.0)
+                if reply is not None:
+                    pass
                 elif not self._procs[r].is_alive():
                     reply = ("err", f"rank {r} process died (exit code {self._procs[r].exitcode})",
                              "", None)
