@@ -50,7 +50,8 @@ class RNGTracker:
 # generator (the same draw on every tp rank, so the shared stream stays in step across
 # ranks), mixed with the tp rank, seeds a private generator for this mask. A replayed
 # (step, microbatch) therefore reproduces every mask.
-@torch.library.custom_op("ptdp::tp_rank_dropout_mask", mutates_args=())
+@torch.library.custom_op("ptdp::tp_rank_dropout_mask", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))  # recompute replays its RNG
 def tp_rank_dropout_mask(x: torch.Tensor, p: float, tp_rank: int) -> torch.Tensor:
     """Keep-mask (True = keep, probability 1-p) of x's shape, on this tp rank's stream."""
     base = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
