@@ -211,7 +211,9 @@ def dump_parallel_module(pm, path: str, kernels: bool = True) -> str:
     progs = list(pm._programs.values())
     for i, prog in enumerate(progs):
         d = base if len(progs) == 1 else os.path.join(base, f"program{i}")
-        chunks = getattr(prog, "chunk_graphs", None)
+        split = getattr(prog, "split", None)   # a pipeline program: this rank's chunks
+        chunks = None if split is None else [
+            (c.index, c.gm) for c in split.chunks if c.index % pm.config.pp == pm.coords.pp_rank]
         dump_rank(d, prog.captured.gm, prog.program, chunks, kernels,
                   header=pm.explain() if i == 0 else "")
     return base
