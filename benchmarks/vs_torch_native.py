@@ -89,8 +89,9 @@ def make_batch(name: str):
     return ids, ids.clone()
 
 
-def ptdp_kwargs(name, ids, tgt):
-    return {"targets": tgt} if name == "gpt" else {"input_ids": ids, "labels": tgt}
+def ptdp_inputs(name, ids, tgt):
+    """(args, kwargs) of the unmodified model's forward."""
+    return ((ids,), {"targets": tgt}) if name == "gpt" else ((), {"input_ids": ids, "labels": tgt})
 
 
 # ---- byte counting, identical for both sides --------------------------------------------
@@ -448,7 +449,8 @@ def job(model_name: str, cfg_name: str, steps: int, warmup: int, codegen: str) -
     except ptdp.ConfigError as e:
         pm, row["ptdp_pending"] = None, str(e)
     native = NativeRunner(model_name, kw)
-    p_step = (lambda: pm.train_step(ids, **ptdp_kwargs(model_name, ids, tgt)).item()) if pm else None
+    p_args, p_kwargs = ptdp_inputs(model_name, ids, tgt)
+    p_step = (lambda: pm.train_step(*p_args, **p_kwargs).item()) if pm else None
     n_step = lambda: native.step(ids, tgt)  # noqa: E731
     p_times, n_times, p_loss, n_loss = [], [], None, None
     for i in range(warmup + steps):      # interleaved: noise on the shared machine hits both
