@@ -179,6 +179,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"benchmark": "tp_comm", "device": "cpu (gloo)", "torch": torch.__version__,
+                       "command": "python benchmarks/tp_comm.py --json " + a.json,
                        "rows": rows}, f, indent=1)
     return rows
 
