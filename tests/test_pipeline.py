@@ -124,7 +124,7 @@ def bubble_job(p, v, m, layers, ms):
     ids = torch.randint(0, 8, (m, 5), generator=torch.Generator().manual_seed(0))
     pm.train_step(ids[:, :-1], targets=ids[:, 1:])   # compile, warm p2p
     timelines = []
-    for _ in range(3):
+    for _ in range(2):
         pm.train_step(ids[:, :-1], targets=ids[:, 1:])
         timelines.append(pm.timeline())
     # a busy machine only ever adds idle time: the least-disturbed step shows the schedule
@@ -138,9 +138,9 @@ def test_bubble_matches_formula_and_interleaving_shrinks_it(world):
     measured = {}
     for p, v, m in [(2, 1, 8), (4, 1, 8), (4, 2, 8)]:
         # p=4: the same 8-layer model with and without interleaving (v chunks per stage);
-        # long sleeps keep the executor's own overhead (~1 ms a step) out of the picture
+        # long sleeps keep p2p latency (~0.2-2 ms a group on a loaded CPU) out of the picture
         layers = 2 if p == 2 else 8
-        tl = world(p, bubble_job, p, v, m, layers, 60.0, timeout=200)[0]
+        tl = world(p, bubble_job, p, v, m, layers, 100.0, timeout=200)[0]
         formula = (p - 1) / (v * m)
         measured[(p, v, m)] = tl["bubble"]
         assert abs(tl["bubble"] - formula) <= 0.15 * formula, (p, v, m, tl["bubble"], formula)
