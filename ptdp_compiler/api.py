@@ -287,10 +287,15 @@ class ParallelModule:
         stage's parameters, a tied weight owned by one of its stages."""
         from .runtime.layout import LocalParam
         t, r = self.config.tp, self.coords.tp_rank
+        # pp: a weight on several stages (tied embedding / LM head) is counted by its first
+        owners = getattr(list(self._programs.values())[-1], "owners", None) \
+            if self.config.pp > 1 and self._programs else None
         for n, p in self._params.items():
             pl = (self._placements or {}).get(n)
-            yield LocalParam(n, p, pl, pl is not None or r == 0, tuple(self._full_shapes[n]),
-                             t, r)
+            first_stage = owners is None or min(owners.get(n, {self.coords.pp_rank})) == \
+                self.coords.pp_rank
+            yield LocalParam(n, p, pl, (pl is not None or r == 0) and first_stage,
+                             tuple(self._full_shapes[n]), t, r)
 
     def _layout_final(self) -> bool:
         """Whether ``_local_layout`` is settled (tp shards and pp stages appear on the

@@ -78,6 +78,13 @@ class _SavePlanner(DefaultSavePlanner):
 
 
 class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        # DCP's _init_state_dict maps objects it does not know (ours) to None: put them back
+        boxes = {k: v for k, v in state_dict.items() if isinstance(v, Boxes)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        state_dict.update(boxes)
+        self.state_dict.update(boxes)
+
     def lookup_tensor(self, index):
         return _lookup(self.state_dict, index, super().lookup_tensor)
 
