@@ -36,7 +36,8 @@ def scale_model_cost(mc: ModelCost, batch: int, dtype_bytes: int = 2) -> ModelCo
         if dims:
             dims = (max(1, dims[0] // batch),) + tuple(dims[1:])
         return dataclasses.replace(c, flops=c.flops * f, bytes=c.bytes * f * bf, gemm_dims=dims,
-                                   attn_scores=c.attn_scores * f)
+                                   attn_scores=c.attn_scores * f,
+                                   measured_s=c.measured_s * f)
     return dataclasses.replace(mc, layers=[[sc(c) for c in l] for l in mc.layers],
                                pre=[sc(c) for c in mc.pre], post=[sc(c) for c in mc.post],
                                dtype_bytes=dtype_bytes)

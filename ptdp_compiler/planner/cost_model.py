@@ -158,6 +158,7 @@ class NodeCost:
     out_last_dim: int = 0
     param_elems: int = 0   # parameter elements this node reads (weights)
     residual_add: bool = False  # add of two same-shape tensors (a branch joining the stream)
+    measured_s: float = 0.0  # forward seconds timed on this machine (opaque custom ops)
 
 
 def _val(x):
@@ -514,6 +515,8 @@ def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOpt
     """Forward time of one node for microbatch b on one of t tensor-parallel GPUs."""
     if c.kind == "free":
         return 0.0
+    if c.measured_s:   # an op without a formula, timed by calibrate.time_opaque_ops
+        return c.measured_s * b + gpu.kernel_overhead
     split = t if (c.sp_split if sp else c.tp_split) else 1
     flops = c.flops * b / split
     nbytes = c.bytes * b / split

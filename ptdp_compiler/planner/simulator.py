@@ -33,15 +33,20 @@ class SimResult:
 def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callable[[int], float],
              p2p_cost: Callable[[Action], float] = lambda a: 0.0,
              act_bytes: Optional[Callable[[int], float]] = None,
-             static_bytes: Optional[Sequence[float]] = None, check: bool = False) -> SimResult:
+             static_bytes: Optional[Sequence[float]] = None, check: bool = False,
+             eager_sends: bool = True) -> SimResult:
     """Play ``sched`` with forward/backward cost per chunk and p2p cost per send.
+
+    ``eager_sends=False``: a send completes only once the receiver has posted its recv
+    (rendezvous, what gloo's TCP transport does: the payload goes after the receiver's
+    ready notice), so a sender blocks until its peer reaches the matching group.
 
     Peak memory per rank = static bytes + the largest sum over alive (chunk, microbatch)
     forwards of ``act_bytes(chunk)``."""
     def cc(a: Action) -> float:
         return fwd_cost(a.chunk) if a.kind == FORWARD else bwd_cost(a.chunk)
 
-    res = play(sched, cc, p2p_cost, check=check)
+    res = play(sched, cc, p2p_cost, check=check, eager_sends=eager_sends)
     busy = max(res.busy) if res.busy else 0.0
     mem = _peak_memory(sched, res, act_bytes, static_bytes)
     return SimResult(sched, res.makespan, busy, (res.makespan - busy) / busy if busy else 0.0,
@@ -71,7 +76,8 @@ def cached_schedule(name: str, p: int, v: int, m: int) -> Schedule:
 
 
 def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_cost=lambda a: 0.0,
-                    act_bytes=None, static_bytes=None, max_m: int = 0) -> SimResult:
+                    act_bytes=None, static_bytes=None, max_m: int = 0,
+                    eager_sends: bool = True) -> SimResult:
     """Simulate (name, p, v, m); when m > max_m (> 0) play two shorter pipelines of the same
     shape and extrapolate linearly in m — exact once the schedule has a periodic steady
     state (equal microbatches), and it keeps p=64, m=512 to milliseconds."""
@@ -80,9 +86,9 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         m1 = max(p, ((max_m // 2) // step) * step)
         m2 = m1 + p
         r1 = simulate(cached_schedule(name, p, v, m1), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes)
+                      act_bytes, static_bytes, eager_sends=eager_sends)
         r2 = simulate(cached_schedule(name, p, v, m2), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes)
+                      act_bytes, static_bytes, eager_sends=eager_sends)
         slope = (r2.step_time - r1.step_time) / (m2 - m1)
         busy_slope = (r2.ideal_time - r1.ideal_time) / (m2 - m1)
         T = r2.step_time + slope * (m - m2)
@@ -90,7 +96,7 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         return SimResult(r2.schedule, T, busy, (T - busy) / busy if busy else 0.0,
                          r2.peak_inflight, r2.peak_memory, None, (m1, m2))
     return simulate(cached_schedule(name, p, v, m), fwd_cost, bwd_cost, p2p_cost, act_bytes,
-                    static_bytes)
+                    static_bytes, eager_sends=eager_sends)
 
 
 # --------------------------------------------------------------------------------------------
