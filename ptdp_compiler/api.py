@@ -355,19 +355,31 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                 precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
                 schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
-                bucket_mb: float = 25.0, scatter_gather: bool = True):
+                bucket_mb: float = 25.0, scatter_gather: bool = True, plan: str | None = None,
+                cluster=None, global_batch: int | None = None, example_inputs=None,
+                example_kwargs: dict | None = None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
     ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
     function (then every instance/result comes out parallelized), or omitted to use
     ``@parallelize(tp=..., ...)`` as a decorator. The configuration is validated here,
     before any process-group work.
+
+    ``plan="auto"``: the planner chooses tp, pp, dp, virtual_stages, microbatches,
+    sequence_parallel and recompute for this world (``cluster``: a ``ptdp.Cluster`` or a
+    calibrated cluster file, default this machine), capturing the model once with
+    ``example_inputs`` / ``example_kwargs``; ``global_batch`` defaults to their batch
+    size. ``pm.auto_plan`` holds the choice and why (ptdp_compiler/planner/auto.py).
     """
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          recompute=recompute, schedule=schedule, codegen=codegen,
                          loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather).validate()
+    if plan is not None:
+        from .planner.auto import parallelize_auto
+        return parallelize_auto(model, cfg, plan, cluster, global_batch, example_inputs,
+                                example_kwargs)
     if model is None:
         return functools.partial(_wrap, cfg=cfg)
     return _wrap(model, cfg)

@@ -19,6 +19,7 @@ def explain(pm) -> str:
              f"dp={co.dp_rank} pp={co.pp_rank} tp={co.tp_rank}",
              f"  microbatches={c.microbatches} schedule={c.schedule} codegen={c.codegen} "
              f"recompute={c.recompute} sequence_parallel={c.sequence_parallel}"]
+    lines += ["  " + pm.auto_plan.summary()] if getattr(pm, "auto_plan", None) else []
     nparam = sum(p.numel() for p in pm.parameters())
     lines.append(f"  parameters: {len(pm._params)} tensors, {nparam:,} elements on this rank")
     lines.append(f"  data-parallel gradient buckets: {pm._buckets.num_buckets} "

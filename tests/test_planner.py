@@ -102,3 +102,89 @@ def test_cli_plan_runs():
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ParallelConfig" in out.stdout
+
+
+# ---- the simulator against the pipeline runtime on this machine ---------------------------
+@pytest.mark.timeout(300)
+def test_simulator_predicts_runtime_schedule_ratios(world):
+    """Predicted 1F1B / interleaved step-time ratio (cost model + calibration + simulator,
+    no step of the run itself) within 20% of the runtime's measured ratio, for sleeping
+    layers (exact costs) and the real GPT (compute)."""
+    from benchmarks import simulator_vs_runtime as svr
+    pairs = [("sleepy", 2, 2, 4, "1f1b", "interleaved"), ("gpt", 2, 2, 4, "1f1b", "interleaved")]
+    rows = svr.run_pairs(world, pairs, steps=3, log=lambda *_: None)
+    for r in rows:
+        assert abs(r["error"]) <= 0.20, r
+        # the prediction is a model, not a copy: it also predicts absolute step times
+        assert 0.5 < r["predicted_step_s_a"] / r["measured_step_s_a"] < 1.5, r
+
+
+# ---- parallelize(plan="auto") ---------------------------------------------------------------
+def _auto_job(tight: bool):
+    import dataclasses
+    import torch.distributed as dist
+    from ptdp_compiler.planner.auto import CPU_NOMINAL, GLOO_LOCAL, choose
+    from tests.models import batch, build
+    model = build("gpt", n_layer=4)
+    args, kwargs = batch("gpt", 8)
+    cluster = None
+    if tight:   # memory for 60% of a full replica: the planner must split the model
+        n = dist.get_world_size()
+        roomy = ptdp.Cluster(nodes=1, gpus_per_node=n, gpu=CPU_NOMINAL, intra=GLOO_LOCAL,
+                             inter=GLOO_LOCAL)
+        need = choose(model, args, kwargs, roomy, None, n).best.memory
+        cluster = dataclasses.replace(roomy, name="tight CPU", gpu=dataclasses.replace(
+            CPU_NOMINAL, memory=0.6 * need))
+    pm = ptdp.parallelize(model, plan="auto", cluster=cluster, example_inputs=args,
+                          example_kwargs=kwargs, codegen="aot_eager")
+    args = tuple(pm.dp_shard(a) for a in args)
+    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
+    opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    losses, grads = [], []
+    for _ in range(2):
+        opt.zero_grad()
+        losses.append(pm.train_step(*args, **kwargs).detach())
+        grads.append(pm.full_grads())
+        opt.step()
+    return losses, grads, pm.auto_plan.parallel_config_kwargs(), pm.explain()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("n,tight", [(2, False), (4, True)])
+def test_plan_auto_matches_single_device(world, n, tight):
+    from tests.models import assert_close_tensor, batch, build
+    model = build("gpt", n_layer=4)
+    args, kwargs = batch("gpt", 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_losses, ref_grads = [], []
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(*args, **kwargs)
+        loss.backward()
+        ref_losses.append(loss.detach())
+        ref_grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+        opt.step()
+    res = world(n, _auto_job, tight, timeout=350)
+    chosen = res[0][2]
+    assert all(r[2] == chosen for r in res), "ranks chose different configurations"
+    assert chosen["tp"] * chosen["pp"] * chosen["dp"] == n
+    if tight:
+        assert chosen["tp"] * chosen["pp"] > 1, chosen   # a full replica does not fit
+    assert "plan='auto' chose" in res[0][3]
+    for rank, (losses, grads, _, _) in enumerate(res):
+        for s in range(2):
+            assert_close_tensor(f"rank {rank} step {s} loss", losses[s], ref_losses[s])
+            for k in ref_grads[s]:
+                assert_close_tensor(f"rank {rank} step {s} grad {k}", grads[s][k],
+                                    ref_grads[s][k])
+
+
+def test_plan_auto_named_errors():
+    from tests.models import build
+    with pytest.raises(ptdp.ConfigError, match="example_inputs"):
+        ptdp.parallelize(build("gpt"), plan="auto")
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ptdp.ConfigError, match="do not also pass tp"):
+        ptdp.parallelize(build("gpt"), plan="auto", tp=2, example_inputs=(idx,))
+    with pytest.raises(ptdp.ConfigError, match="plan='auto'"):
+        ptdp.parallelize(build("gpt"), plan="best", example_inputs=(idx,))

@@ -325,6 +325,13 @@ class PlanResult:
             lines.append(f"   {len(descs):6d} × {why}  (e.g. {descs[0]})")
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """One line: what was chosen, on which cluster, and the predicted step."""
+        return (f"plan='auto' chose {self.best.cand.short()} schedule={self.schedule} on "
+                f"{self.cluster.name} ({self.num_candidates} legal configurations; predicted "
+                f"step {self.step_time_s:.4g} s, peak memory {self.memory_gib:.2f} GiB; "
+                f"pm.auto_plan.explain() lists the top 5 and the rejected)")
+
     def __str__(self):
         return self.explain()
 
