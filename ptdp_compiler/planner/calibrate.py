@@ -63,7 +63,8 @@ def fit_gemm_dim_half(peak: float, n_small: int = 128, threads: int = 0) -> floa
     """x in the cost model's GEMM efficiency (d/(d+x))³ for a square GEMM of side
     ``n_small``, from its measured FLOP/s relative to ``peak``."""
     eff = min(measure_flops(n_small, threads=threads) / peak, 0.999)
-    return n_small * (eff ** (-1.0 / 3.0) - 1.0)
+    # a noisy peak can make the small GEMM look as fast: keep a floor of one element
+    return max(1.0, n_small * (eff ** (-1.0 / 3.0) - 1.0))
 
 
 def measure_elementwise_bandwidth(n: int = 2 ** 20, threads: int = 0) -> float:
