@@ -90,6 +90,7 @@ class PipelineRun:
         self.saved: dict = {}      # (chunk, mb) -> (input leaves, outputs or weighted loss)
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.events: list = []     # (kind, chunk, mb, start, end, detail)
+        self.pending_sends: list = []  # (work, group, buffer) waited for at the end
 
     # ---- compute ------------------------------------------------------------------------
     def forward(self, c: int, mb: int):
@@ -104,7 +105,10 @@ class PipelineRun:
         if c == self.nc - 1:
             loss = outs[0] * self.weights[mb]
             self.loss_sum += loss.detach().double()
-            self.saved[(c, mb)] = (leaves, [loss])
+            # fp16: the backward seed (not the reported loss) carries the dynamic loss scale,
+            # which the executor attaches to the weights (runtime/precision.py)
+            scale = getattr(self.weights, "loss_scale", 1.0)
+            self.saved[(c, mb)] = (leaves, [loss * scale if scale != 1.0 else loss])
         else:
             outs = list(outs)
             self.saved[(c, mb)] = (leaves, outs)
@@ -163,9 +167,14 @@ class PipelineRun:
                 gathers.append((key, bufs, metas, a))
         try:
             works = dist.batch_isend_irecv(ops) if ops else []
-            for w in works:
-                if w.wait(timedelta(seconds=cm.timeout_s)) is False:
-                    raise TimeoutError("wait returned False")
+            # only the receives gate the next compute; a send is waited for at the end of
+            # the step (its buffer stays alive until then), so no rank idles on a peer
+            # that has not yet posted its matching receive
+            for op, w in zip(ops, works):
+                if op.op is dist.isend:
+                    self.pending_sends.append((w, group, op.tensor))
+                else:
+                    self._wait(w)
         except (RuntimeError, TimeoutError) as e:
             raise PipelinePeerError(self._timeout_message(group, e)) from e
         for key, bufs, metas, a in gathers:
@@ -177,6 +186,18 @@ class PipelineRun:
                     buf = torch.cat(parts)
                 tensors.append(buf.view(meta.shape))
             self.inbox[key] = tensors
+
+    def _wait(self, w):
+        if w.wait(timedelta(seconds=self.comm.timeout_s)) is False:
+            raise TimeoutError("wait returned False")
+
+    def _drain_sends(self):
+        for w, group, _ in self.pending_sends:
+            try:
+                self._wait(w)
+            except (RuntimeError, TimeoutError) as e:
+                raise PipelinePeerError(self._timeout_message(group, e)) from e
+        self.pending_sends = []
 
     def _timeout_message(self, group, err) -> str:
         peers = sorted({self.comm.global_rank_of(a.peer) for a in group})
@@ -199,6 +220,9 @@ class PipelineRun:
             kind = a.kind if a.is_compute else "comm"
             detail = "" if a.is_compute else " ".join(str(x) for x in step)
             self.events.append((kind, a.chunk, a.mb, t0, time.time(), detail))
+        t0 = time.time()
+        self._drain_sends()
+        self.events.append(("comm", -1, -1, t0, time.time(), "wait for outstanding sends"))
         assert not self.saved, f"activations left after the step: {list(self.saved)}"
         return self.loss_sum
 
