@@ -81,8 +81,7 @@ def _tensor_parallel(gm, cfg, coords, params, plan):
     an = _analyze.analyze(gm)
     rg = {n: p.requires_grad for n, p in params.items()}
     new, seeds, rw = _tp.tensor_parallel(gm, an, t, coords.tp_rank, group_name,
-                                         cfg.sequence_parallel, rg,
-                                         bucket_param_f=cfg.pp == 1)
+                                         cfg.sequence_parallel, rg)
     for name, pp in plan.params.items():
         pl = seeds.get(name)
         if pl is not None:

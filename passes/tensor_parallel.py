@@ -113,7 +113,9 @@ class Rewriter:
         self.collectives = []     # (kind, new node, note, bytes)
         self.rewrites = []        # (node name, old shape, new shape)
         self.grad_tp_params = set()
-        self.bucket = list(bucket or [])   # parameters whose f is one bucketed all-reduce
+        # {parameter: bucket key}: the parameters of one layer share one f op, emitted at the
+        # first use of any of them (so the op never crosses a layer/pipeline-stage boundary)
+        self.bucket = dict(bucket or {})
         self.lazy_param_f = []             # parameters that got their own f this run
         self.dropouts = {"sharded": 0, "replicated": 0}
 
@@ -134,6 +136,9 @@ class Rewriter:
         """v (replicated) as consumed by a sharded computation: gradient summed over tp."""
         if not self.rg.get(v, False) or v in self.gradok:
             return v
+        name = v.meta.get("ptdp_input_name") if v.op == "placeholder" else None
+        if v not in self._f and name in self.bucket:
+            self.emit_bucket(self.bucket[name])
         if v not in self._f:
             self._f[v] = self.emit(ptdp_ops.tp_f.default, (v, self.gn, self.t,
                                                          "param" if v.op == "placeholder"
@@ -145,10 +150,10 @@ class Rewriter:
                 self.lazy_param_f.append(v.meta.get("ptdp_input_name"))
         return self._f[v]
 
-    def emit_bucket(self):
-        """f for every parameter in ``self.bucket`` as one op right after the inputs: its
-        backward is a single all-reduce of all their gradients (not one per parameter)."""
-        names = set(self.bucket)
+    def emit_bucket(self, key):
+        """f for every parameter of bucket ``key`` as one op: its backward is a single
+        all-reduce of all their gradients (not one per parameter)."""
+        names = {n for n, k in self.bucket.items() if k == key}
         phs = [v for v in self.g.nodes if v.op == "placeholder" and
                v.meta.get("ptdp_input_name") in names and v.meta.get("ptdp_input_kind") == "param"]
         if not phs:
@@ -218,11 +223,7 @@ class Rewriter:
 
     # ---- the walk ---------------------------------------------------------------------------
     def run(self) -> fx.Graph:
-        inputs_done = False
         for node in self.gm.graph.nodes:
-            if node.op != "placeholder" and not inputs_done:
-                inputs_done = True
-                self.emit_bucket()
             if node.op == "placeholder":
                 n = self.g.placeholder(node.name)
                 n.meta.update({k: v for k, v in node.meta.items() if k != "val"})
@@ -778,14 +779,39 @@ def tensor_parallel(gm: fx.GraphModule, an: _an.Analysis, t: int, rank: int, gro
         except _Refine as ref:
             seeds = _refine(seeds, an, ref)
             continue
-        # (not under pipeline parallelism: one bucket op would feed every stage's layers
-        # and cross every pipeline cut; there each parameter keeps its own f)
         if rw.lazy_param_f and bucket is None and bucket_param_f:
-            bucket = rw.lazy_param_f
+            bucket = _buckets_by_layer(gm, rw.lazy_param_f)
             continue
         new = fx.GraphModule(gm, g)
         return new, seeds, rw
     raise ShardingError("sharding propagation did not converge (repeated fused-weight splits)")
+
+
+def _buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
+    """{parameter: key}: parameters read by the same layer (the element of a layer
+    container their first reader belongs to, from nn_module_stack) share a bucket; outside
+    the layers, those of one module (e.g. the final norm's weight and bias) do. Per layer, so regional compilation sees identical layers and no bucket
+    spans two pipeline stages."""
+    from .pipeline_split import _layer_key
+    wanted = set(names)
+    out = {}
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        name = ph.meta.get("ptdp_input_name")
+        if name not in wanted or ph.meta.get("ptdp_input_kind") != "param":
+            continue
+        first = min(ph.users, key=_position(gm), default=None)
+        key = _layer_key(first) if first is not None else None
+        if key is None and first is not None:   # outside the layers: the reading module
+            stack = first.meta.get("nn_module_stack") or {}
+            paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+            key = paths[-1] if paths else None
+        out[name] = key if key is not None else f"param:{name}"
+    return out
+
+
+def _position(gm):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: order[n]
 
 
 def _refine(seeds, an, ref: _Refine):
