@@ -136,17 +136,31 @@ class PipelineProgram:
         return out
 
     def reduce_tied_grads(self):
-        params = self._pm._params
+        """Sum each tied parameter's gradient over the pipeline ranks holding it (after
+        the data-parallel reduction). The gradient is read where the buckets keep it: the
+        fp32 ``main_grad`` under bf16/fp16, else ``grad``. With the distributed optimizer
+        the buckets were reduce-scattered over dp, leaving the full buffer with this
+        rank's local gradients: their sum over pp is also summed over dp here and handed
+        to the buckets (``set_reduced_grad``), which put this rank's range into its shard."""
+        params, buckets = self._pm._params, self._pm._buckets
+        sharded = hasattr(buckets, "set_reduced_grad")
         for names, grp in self.tied:
-            grads = [params[n].grad for n in names if params[n].grad is not None]
-            if not grads:
+            slots = [(p, p.main_grad if getattr(p, "main_grad", None) is not None else p.grad)
+                     for p in (params[n] for n in names if n in params)]
+            slots = [(p, g) for p, g in slots if g is not None]
+            if not slots:
                 continue
+            ps, grads = zip(*slots)
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=grp)
+            if sharded and buckets.reduce:
+                dist.all_reduce(flat, group=buckets.group)
             off = 0
-            for g in grads:
+            for p, g in zip(ps, grads):
                 g.copy_(flat[off:off + g.numel()].view_as(g))
                 off += g.numel()
+                if sharded:
+                    buckets.set_reduced_grad(p, g)
 
     # ---- one step ------------------------------------------------------------------------
     def run(self, microbatches, weights, rng, step, on_last_backward):

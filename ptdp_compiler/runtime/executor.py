@@ -71,6 +71,12 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
     return loss_sum.to(torch.float32)
 
 
+class ScaledWeights(list):
+    """Per-microbatch loss weights, plus the fp16 loss scale the pipeline executor puts
+    on the backward seed of the last chunk (PipelineRun.forward)."""
+    loss_scale = 1.0
+
+
 def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_group):
     """One pipelined step: every microbatch's weight first (1F1B runs backwards before the
     last forward), then the schedule, then data-parallel and tied-weight gradient sums.
@@ -80,6 +86,8 @@ def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_
     """
     counts = [prog.loss_weight.count(prog.user_inputs(mb)) for mb in microbatches]
     weights, _ = global_weights(counts, dp_group)
+    weights = ScaledWeights(weights)
+    weights.loss_scale = getattr(buckets, "loss_scale", 1.0)   # fp16: the backward seed's
     buckets.start_step()
     params = prog._pm._params
 

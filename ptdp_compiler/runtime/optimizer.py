@@ -65,6 +65,17 @@ class ShardedGradBuckets(MainGradBuckets):
         if self.reduce:
             self._handles.append(_reduce_scatter(b["shard"], b["buffer"], self.group, True))
 
+    def set_reduced_grad(self, p, grad: torch.Tensor):
+        """``grad`` is p's fully reduced gradient (e.g. a tied weight summed over pp and
+        dp after the step's reduce-scatter): put this rank's range of it into the shard."""
+        b = self._owner[p]
+        s = b["shard"].numel()
+        r = dist.get_rank(self.group) if self.reduce else 0
+        off = b["offsets"][p]
+        lo, hi = max(off, r * s), min(off + p.numel(), (r + 1) * s)
+        if lo < hi:
+            b["shard"][lo - r * s:hi - r * s].copy_(grad.reshape(-1)[lo - off:hi - off])
+
 
 def make_buckets(params: list, dp_group, bucket_bytes: int, precision: str,
                  distributed: bool, dp: int):

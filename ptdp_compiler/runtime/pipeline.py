@@ -106,9 +106,11 @@ class PipelineRun:
             loss = outs[0] * self.weights[mb]
             self.loss_sum += loss.detach().double()
             # fp16: the backward seed (not the reported loss) carries the dynamic loss scale,
-            # which the executor attaches to the weights (runtime/precision.py)
+            # which the executor attaches to the weights (runtime/precision.py); one multiply
+            # by weight·scale, as the scale alone (2^16) is not a finite fp16 gradient
             scale = getattr(self.weights, "loss_scale", 1.0)
-            self.saved[(c, mb)] = (leaves, [loss * scale if scale != 1.0 else loss])
+            seed = outs[0] * (self.weights[mb] * scale) if scale != 1.0 else loss
+            self.saved[(c, mb)] = (leaves, [seed])
         else:
             outs = list(outs)
             self.saved[(c, mb)] = (leaves, outs)
