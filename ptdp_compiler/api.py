@@ -106,8 +106,9 @@ class ParallelModule:
         """Every rank must pass the same model (same seed): compare a fingerprint."""
         if self.coords.mesh is None:
             return
-        with torch.no_grad():
-            fp = torch.stack([torch.tensor([p.double().sum().item(), p.double().norm().item()])
+        with torch.no_grad():  # meta parameters (no values yet) count by their sizes
+            fp = torch.stack([torch.tensor([float(p.numel()), 0.0]) if p.is_meta else
+                              torch.tensor([p.double().sum().item(), p.double().norm().item()])
                               for p in self._params.values()]).sum(0) if self._params \
                 else torch.zeros(2, dtype=torch.float64)
         lo, hi = fp.clone().double(), fp.clone().double()
@@ -302,10 +303,40 @@ class ParallelModule:
         first compile)."""
         return bool(self._programs) or (self.config.tp == 1 and self.config.pp == 1)
 
+    def _materialize_meta(self):
+        """A model built on the meta device: once this rank's layout is fixed (tp shards and
+        pp stage known), give its own parameters real storage, filled with NaN until
+        ``ptdp.load_hf`` / ``pm.load`` write them (the gradient buckets
+        and the compiled program need real tensors; the full model is never allocated)."""
+        if not any(p.is_meta for p in self._params.values()):
+            return
+        if (self.config.tp > 1 and self._placements is None) or \
+                (self.config.pp > 1 and getattr(self, "_stage_names", None) is None):
+            return
+        dev = self.coords.device
+        if not hasattr(self, "_uninitialized"):
+            self._uninitialized = set()
+        # new Parameter objects (a meta tensor's data cannot be swapped for a real one); the
+        # module keeps its meta parameters, so later captures still see a meta model
+        with torch.no_grad():
+            for n, p in list(self._params.items()):
+                if p.is_meta:
+                    real = torch.full(p.shape, float("nan"), dtype=p.dtype, device=dev) \
+                        if p.dtype.is_floating_point else torch.zeros(p.shape, dtype=p.dtype,
+                                                                      device=dev)
+                    self._params[n] = nn.Parameter(real, requires_grad=p.requires_grad)
+                    self._uninitialized.add(n)
+            for name, buf in self.module.named_buffers():
+                if buf.is_meta:
+                    raise ConfigError(f"buffer {name!r} of the meta-built model has no value; "
+                                      "build buffers on a real device (only parameters may be "
+                                      "on meta)")
+
     def _make_buckets(self):
         """Gradient buckets for the current parameters: fp32 main grads for bf16/fp16,
         reduce-scatter for the distributed optimizer (runtime/optimizer.py)."""
         from .runtime.optimizer import make_buckets
+        self._materialize_meta()
         b = make_buckets(list(self._params.values()), self._dp_group,
                          int(self.config.bucket_mb * 2**20), self.config.precision,
                          self.config.distributed_optimizer, self.config.dp)

@@ -104,8 +104,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
     """
     wrapper = LossModule(model, loss_fn)
     call = (tuple(args), dict(kwargs), target)
+    real_device = _meta_capture_device(model, call)
     try:
-        ep = torch.export.export(wrapper, call, strict=False)
+        ep = torch.export.export(wrapper, _to_meta(call) if real_device else call, strict=False)
     except CaptureError:
         raise
     except Exception as e:  # name the user's source line the tracer stopped at
@@ -157,6 +158,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
             u += 1
         else:
             raise CaptureError(f"unsupported graph input kind {spec.kind.name} for '{spec.target}'")
+    if real_device is not None:
+        _retarget_meta_device(gm, real_device)
     gm.recompile()
     tensor_phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(tensor_phs) != len(inputs):
@@ -169,6 +172,35 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
         gm=gm, inputs=inputs, user_leaf_index=user_leaf_index, in_spec=in_spec,
         constants=dict(ep.constants),
         example_user_inputs=[flat_user[i] for i in user_leaf_index], param_names=param_names)
+
+
+# ---- models built on the meta device ------------------------------------------------------
+# A model built under ``with torch.device("meta")`` has no weights to trace with, and
+# torch.export refuses to mix its meta parameters with real inputs. Nothing the graph
+# computes depends on values, so it is captured with the inputs moved to meta too; the
+# device literals the trace then recorded (``arange(..., device=meta)``) are the inputs'
+# device, and are rewritten to it.
+def _meta_capture_device(model: nn.Module, call) -> Optional[torch.device]:
+    """The inputs' device when ``model`` has meta parameters and real inputs, else None."""
+    if not any(p.is_meta for p in model.parameters()):
+        return None
+    devs = {l.device for l in pytree.tree_leaves(call)
+            if isinstance(l, torch.Tensor) and not l.is_meta}
+    if len(devs) > 1:
+        raise CaptureError(f"the model's inputs are on several devices {sorted(map(str, devs))}")
+    return next(iter(devs), None)
+
+
+def _to_meta(call):
+    return pytree.tree_map(lambda l: l.to("meta") if isinstance(l, torch.Tensor) else l, call)
+
+
+def _retarget_meta_device(gm: fx.GraphModule, device: torch.device):
+    def fix(a):
+        return device if isinstance(a, torch.device) and a.type == "meta" else a
+    for node in gm.graph.nodes:
+        node.args = tuple(fix(a) for a in node.args)
+        node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
 
 
 def user_tensors(cap: Captured, args, kwargs, target=None) -> list:

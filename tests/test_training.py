@@ -299,18 +299,43 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, where):
     assert not os.path.exists(path + ".partial") and fresh.load(path) == {"step": 2}
 
 
-# ---- Hugging Face-style state dicts --------------------------------------------------------
-def _load_hf_job():
-    pm = _make(_layout(tp=2))
-    _train(pm, 1)
-    src = build("gpt", seed=7)
-    ptdp.load_hf(pm, src.state_dict())
-    got = pm.full_state_dict()
-    return all(torch.equal(got[n], p.detach()) for n, p in src.named_parameters())
+# ---- models too large for one device: built on meta, loaded from a state dict -----------
+META_AT = _layout(tp=2, pp=2)
 
 
-def test_load_hf_into_tp_shards(world):
-    assert all(world(2, _load_hf_job, timeout=300))
+def _meta_job():
+    with torch.device("meta"):
+        model = build("gpt", n_layer=4)
+    pm = _make(META_AT, model=model, opt_cls=torch.optim.SGD, lr=0.5)
+    ids, tgt = _data(0)
+    pm.compile(pm.dp_shard(ids), targets=pm.dp_shard(tgt))
+    held = sum(p.numel() for p in pm.parameters())
+    still_meta = all(p.is_meta for p in model.parameters())  # the full model never allocated
+    with pytest.raises(ptdp.ConfigError, match="meta device"):
+        pm.step()  # refused until the weights are loaded
+    ptdp.load_hf(pm, build("gpt", n_layer=4).state_dict())
+    loaded = pm.full_state_dict()
+    return held, still_meta, loaded, _train(pm, 2)[0]
+
+
+def test_meta_built_model_equals_eager_after_load_hf(world):
+    eager = build("gpt", n_layer=4)
+    full = sum(p.numel() for p in eager.parameters())
+    opt = torch.optim.SGD(eager.parameters(), lr=0.5)
+    want_sd = {n: p.detach().clone() for n, p in eager.named_parameters()}
+    want = []
+    for s in range(2):
+        ids, tgt = _data(s)
+        opt.zero_grad()
+        loss = eager(ids, tgt)
+        loss.backward()
+        opt.step()
+        want.append(loss.item())
+    for held, still_meta, loaded, losses in world(4, _meta_job, timeout=300):
+        assert still_meta and held < 0.4 * full, (held, full)  # ≈ 1/4 + tied copy + norms
+        for n, t in want_sd.items():
+            assert torch.equal(loaded[n], t), n
+        assert max(abs(a - b) for a, b in zip(losses, want)) <= 1e-6 * max(want), (losses, want)
 
 
 # ---- bad input is refused with a named error ----------------------------------------------

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
                                                    TensorProperties)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .layout import piece_boxes
 
 FORMAT_VERSION = 1
@@ -259,8 +259,25 @@ def load(pm, path: str):
             pm._buckets.loss_scale = opt.scaler.scale
     if rng_key in sd:
         torch.set_rng_state(sd[rng_key])
+    mark_initialized(pm, [lp.name for lp in pm._local_layout()])
     _barrier()
     return meta.get("extra")
+
+
+def mark_initialized(pm, names):
+    """Parameters of a meta-built model that now hold real values (api._materialize_meta)."""
+    pending = getattr(pm, "_uninitialized", None)
+    if pending:
+        pending.difference_update(names)
+
+
+def check_initialized(pm, what: str):
+    pending = getattr(pm, "_uninitialized", None)
+    if pending:
+        raise ConfigError(
+            f"{what}: the model was built on the meta device and {len(pending)} parameter(s) "
+            f"of this rank (e.g. {sorted(pending)[:3]}) have no values yet; load them first "
+            "with ptdp.load_hf(pm, state_dict) or pm.load(checkpoint)")
 
 
 # ---- single-device (Hugging Face) state dicts -------------------------------------------
@@ -288,6 +305,7 @@ def load_hf(pm, state_dict: dict, strict: bool = True):
             local = shard_tensor(full, lp.placement, lp.tp, lp.tp_rank) \
                 if lp.placement is not None else full
             lp.param.copy_(local.to(lp.param.dtype))
+            mark_initialized(pm, [lp.name])
             for pc in masters.get(lp.name, []):
                 if pc.master is not lp.param:
                     pc.master.copy_(local.reshape(-1)[pc.lo:pc.hi].view_as(pc.master))

@@ -172,6 +172,8 @@ class ParallelOptimizer:
     # ---- the step ---------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> StepReport:
+        from .checkpoint import check_initialized
+        check_initialized(self.pm, "pm.step()")
         self.build()
         pm = self.pm
         grads = [self._grad_of(pc) for pc in self.pieces]
