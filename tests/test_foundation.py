@@ -79,7 +79,8 @@ def recompile_job(codegen):
 def test_compiled_graph_is_reused_across_steps(world):
     counts = world(2, recompile_job, "inductor")
     for c in counts:
-        assert c == [1, 1, 1, 1], f"recompiled after step 1: compile count per step {c}"
+        # one compile per distinct layer region (regional compilation), all in step 1
+        assert c[0] >= 1 and c == [c[0]] * 4, f"recompiled after step 1: compiles per step {c}"
 
 
 def test_hf_model_with_cache_object_output_trains():
