@@ -248,7 +248,8 @@ def test_main_job_runs_under_torchrun():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         os.path.join(root, "examples", "train_gpt.py"), "--steps", "4", "--codegen", "aot_eager"],
+         os.path.join(root, "examples", "train_gpt.py"), "--steps", "4", "--codegen", "aot_eager",
+         "--dp", "2", "--tp", "1", "--pp", "1"],
         capture_output=True, text=True, timeout=240, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "over 4 steps on 2 CPU ranks (dp=2" in out.stdout

@@ -46,11 +46,15 @@ def build_mesh(dp: int, pp: int, tp: int) -> Coords:
     if not dist.is_initialized():
         return Coords(0, 1, 0, 0, 0, dp, pp, tp, None)
     rank, world = dist.get_rank(), dist.get_world_size()
+    # keyed by the world's identity: a destroyed and re-created process group (the fake
+    # world of `inspect`, tests) must not find a mesh whose groups died with the old one.
+    # The entry keeps the world object alive, so its id cannot be reused by a new world.
     key = (dp, pp, tp, id(dist.group.WORLD))
-    mesh = _MESHES.get(key)
-    if mesh is None:
+    entry = _MESHES.get(key)
+    if entry is None or entry[1] is not dist.group.WORLD:
         from torch.distributed.device_mesh import init_device_mesh
         dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(dev, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
-        _MESHES[key] = mesh
+        _MESHES[key] = (mesh, dist.group.WORLD)
+    mesh = _MESHES[key][0]
     return Coords(rank, world, *coords_for_rank(rank, dp, pp, tp), dp, pp, tp, mesh)
