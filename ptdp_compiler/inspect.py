@@ -40,6 +40,9 @@ def explain(pm) -> str:
         lines.append(f"    loss weighting: {plan.loss_weighting}")
         for name, summary in plan.pass_log:
             lines.append(f"    pass {name}: {summary}")
+        if hasattr(getattr(plan, "recompute", None), "layers"):   # issue 4: per-layer recompute
+            from .passes.recompute import explain_lines
+            lines.extend(explain_lines(gm, plan.recompute))
         lines.append("    parameter placements:")
         for pp_ in plan.params.values():
             extra = ""
@@ -65,6 +68,3 @@ def explain(pm) -> str:
     lines.append(f"  compiles so far in this process: {compile_stats['compiles']} "
                  f"({compile_stats['seconds']:.1f} s)")
     return "\n".join(lines)
-        if hasattr(getattr(plan, "recompute", None), "layers"):   # issue 4: per-layer recompute
-            from .passes.recompute import explain_lines
-            lines.extend(explain_lines(gm, plan.recompute))
