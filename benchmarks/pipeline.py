@@ -45,7 +45,7 @@ def sleepy_job(schedule, p, v, m, layers, ms, png):
             best = tl
     if png and pm.coords.rank == 0:
         from ptdp_compiler.timeline import write
-        write(best, os.path.join(png, f"timeline_{schedule}_p{p}_v{v}_m{m}.json"))
+        write(best, os.path.join(png, f"timeline_{schedule}_p{p}_v{v}_m{m}.json"))  # + .png
     return {"bubble": best["bubble"], "step_s": best["step_s"],
             "peak_inflight": best["peak_inflight"]}
 

@@ -60,3 +60,18 @@ def assert_close_tensor(name, got, want, rtol=1e-5):
     bad = (got - want).abs() > tol
     assert not bad.any(), (f"{name}: max abs err {(got - want).abs().max().item():.3e}, "
                            f"max |want| {want.abs().max().item():.3e}")
+
+
+def reference_sgd(model, args, kwargs, steps: int, lr: float):
+    """The specification: single-device losses and gradients over ``steps`` SGD steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses, grads = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(*args, **kwargs)
+        loss = out if isinstance(out, torch.Tensor) else out.loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+    return losses, grads

@@ -9,7 +9,7 @@ import torch
 import ptdp_compiler as ptdp
 from ptdp_compiler.runtime.schedules import expected_peak_inflight
 from examples.models.sleepy import SleepyStack
-from tests.models import assert_close_tensor, batch, build
+from tests.models import reference_sgd, assert_close_tensor, batch, build
 
 STEPS, LR, GB = 3, 0.1, 8
 
@@ -22,17 +22,7 @@ def _model(name, layers):
 def _reference(name, layers):
     model = _model(name, layers)
     args, kwargs = batch(name, GB)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        out = model(*args, **kwargs)
-        loss = out if isinstance(out, torch.Tensor) else out.loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-        opt.step()
-    return losses, grads
+    return reference_sgd(model, args, kwargs, STEPS, LR)
 
 
 def parity_job(name, layers, cfg):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ptdp_compiler as ptdp
-from tests.models import SEQ, VOCAB, assert_close_tensor, batch, build
+from tests.models import reference_sgd, SEQ, VOCAB, assert_close_tensor, batch, build
 
 STEPS = 3
 LR = 0.1
@@ -97,17 +97,7 @@ def _reference(name, gb):
     """Single-device losses and gradients over STEPS SGD steps."""
     model = _build(name)
     args, kwargs = _batch(name, gb)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    losses, grads = [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        out = model(*args, **kwargs)
-        loss = out if isinstance(out, torch.Tensor) else out.loss
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
-        opt.step()
-    return losses, grads
+    return reference_sgd(model, args, kwargs, STEPS, LR)
 
 
 def parity_job(name, tp, dp, sp, codegen="aot_eager", gb=4):
