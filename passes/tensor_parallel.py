@@ -794,12 +794,13 @@ def _buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
     spans two pipeline stages."""
     from .pipeline_split import _layer_key
     wanted = set(names)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = {}
     for ph in gm.graph.find_nodes(op="placeholder"):
         name = ph.meta.get("ptdp_input_name")
         if name not in wanted or ph.meta.get("ptdp_input_kind") != "param":
             continue
-        first = min(ph.users, key=_position(gm), default=None)
+        first = min(ph.users, key=order.__getitem__, default=None)
         key = _layer_key(first) if first is not None else None
         if key is None and first is not None:   # outside the layers: the reading module
             stack = first.meta.get("nn_module_stack") or {}
@@ -807,11 +808,6 @@ def _buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
             key = paths[-1] if paths else None
         out[name] = key if key is not None else f"param:{name}"
     return out
-
-
-def _position(gm):
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return lambda n: order[n]
 
 
 def _refine(seeds, an, ref: _Refine):

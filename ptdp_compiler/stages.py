@@ -163,7 +163,7 @@ class PipelineProgram:
                     buckets.set_reduced_grad(p, g)
 
     # ---- one step ------------------------------------------------------------------------
-    def run(self, microbatches, weights, rng, step, on_last_backward):
+    def run(self, microbatches, weights, rng, step, on_last_backward, loss_scale=1.0):
         cache: dict = {}
 
         def graph_value(i, key):
@@ -172,7 +172,7 @@ class PipelineProgram:
             return self._value(key, cache[i])
 
         run = PipelineRun(self.schedule, self.stages, self.comm, graph_value, weights, rng,
-                          step, on_last_backward)
+                          step, on_last_backward, loss_scale)
         loss_sum = run.run()
         self.events = run.events
         return loss_sum

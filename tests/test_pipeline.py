@@ -9,7 +9,7 @@ import torch
 import ptdp_compiler as ptdp
 from ptdp_compiler.runtime.schedules import expected_peak_inflight
 from examples.models.sleepy import SleepyStack
-from tests.models import reference_sgd, assert_close_tensor, batch, build
+from tests.models import parallel_sgd, reference_sgd, assert_close_tensor, batch, build
 
 STEPS, LR, GB = 3, 0.1, 8
 
@@ -28,16 +28,7 @@ def _reference(name, layers):
 def parity_job(name, layers, cfg):
     cfg = dict(cfg)
     pm = ptdp.parallelize(_model(name, layers), codegen=cfg.pop("codegen", "aot_eager"), **cfg)
-    args, kwargs = batch(name, GB)
-    args = tuple(pm.dp_shard(a) for a in args)
-    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses, grads = [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pm.train_step(*args, **kwargs).detach())
-        grads.append(pm.full_grads())
-        opt.step()
+    losses, grads = parallel_sgd(pm, *batch(name, GB), STEPS, LR)
     tl = pm.timeline()
     return losses, grads, tl["peak_inflight"], pm.plan.pipeline
 
@@ -268,14 +259,9 @@ def test_inductor_tp2_pp2_interleaved_sp_selective_recompute_matches_single_devi
 def inductor_job(cfg):
     from ptdp_compiler.codegen import compile_stats
     pm = ptdp.parallelize(_model("gpt", 4), codegen="inductor", **cfg)
-    args, kwargs = batch("gpt", GB)
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses, grads, compiles = [], [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pm.train_step(*args, **kwargs).detach())
-        grads.append(pm.full_grads())
-        compiles.append(compile_stats["compiles_inductor"])
-        opt.step()
+    compiles = []
+    losses, grads = parallel_sgd(pm, *batch("gpt", GB), STEPS, LR,
+                                 after_step=lambda _: compiles.append(
+                                     compile_stats["compiles_inductor"]))
     assert compiles[0] > 0 and compiles[-1] == compiles[0], f"recompiled: {compiles}"
     return losses, grads

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ptdp_compiler as ptdp
-from tests.models import reference_sgd, SEQ, VOCAB, assert_close_tensor, batch, build
+from tests.models import parallel_sgd, reference_sgd, SEQ, VOCAB, assert_close_tensor, batch, build
 
 STEPS = 3
 LR = 0.1
@@ -102,16 +102,7 @@ def _reference(name, gb):
 
 def parity_job(name, tp, dp, sp, codegen="aot_eager", gb=4):
     pm = ptdp.parallelize(_build(name), tp=tp, dp=dp, sequence_parallel=sp, codegen=codegen)
-    args, kwargs = _batch(name, gb)
-    args = tuple(pm.dp_shard(a) for a in args)
-    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
-    opt = torch.optim.SGD(pm.parameters(), lr=LR)
-    losses, grads = [], []
-    for _ in range(STEPS):
-        opt.zero_grad()
-        losses.append(pm.train_step(*args, **kwargs).detach())
-        grads.append(pm.full_grads())
-        opt.step()
+    losses, grads = parallel_sgd(pm, *_batch(name, gb), STEPS, LR)
     nlocal = sum(p.numel() for p in pm.parameters())
     return losses, grads, nlocal, pm.explain()
 

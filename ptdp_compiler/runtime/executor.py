@@ -52,9 +52,7 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
     ``programs[i]`` is the compiled program for ``microbatches[i]`` (the same object when
     shapes agree): it has ``loss_weight``, ``user_inputs(mb)`` and ``__call__(mb)``.
     """
-    counts = [prog.loss_weight.count(prog.user_inputs(mb))
-              for prog, mb in zip(programs, microbatches)]
-    weights, _ = global_weights(counts, dp_group)
+    weights = microbatch_weights(programs, microbatches, dp_group)
     buckets.start_step()
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, (prog, mb) in enumerate(zip(programs, microbatches)):
@@ -66,15 +64,22 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
         (loss * (weights[i] * getattr(buckets, "loss_scale", 1.0))).backward()
         loss_sum += loss.detach().double() * weights[i]
     buckets.finish()
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(loss_sum, group=dp_group)
+    return global_loss(loss_sum, dp_group)
+
+
+def microbatch_weights(programs, microbatches, dp_group) -> list:
+    """Each microbatch's loss weight: its target count over the global batch's."""
+    counts = [prog.loss_weight.count(prog.user_inputs(mb))
+              for prog, mb in zip(programs, microbatches)]
+    return global_weights(counts, dp_group)[0]
+
+
+def global_loss(loss_sum, *groups):
+    """This rank's weighted loss summed over ``groups`` (those that exist), as float32."""
+    for g in groups:
+        if g is not None and dist.get_world_size(g) > 1:
+            dist.all_reduce(loss_sum, group=g)
     return loss_sum.to(torch.float32)
-
-
-class ScaledWeights(list):
-    """Per-microbatch loss weights, plus the fp16 loss scale the pipeline executor puts
-    on the backward seed of the last chunk (PipelineRun.forward)."""
-    loss_scale = 1.0
 
 
 def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_group):
@@ -84,21 +89,16 @@ def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_
     ``prog`` is a ``stages.PipelineProgram``. Returns the global-batch loss on every rank
     (the last stage computes it; it is summed over pp — other stages add zero — and dp).
     """
-    counts = [prog.loss_weight.count(prog.user_inputs(mb)) for mb in microbatches]
-    weights, _ = global_weights(counts, dp_group)
-    weights = ScaledWeights(weights)
-    weights.loss_scale = getattr(buckets, "loss_scale", 1.0)   # fp16: the backward seed's
+    weights = microbatch_weights([prog] * len(microbatches), microbatches, dp_group)
     buckets.start_step()
     params = prog._pm._params
 
     def on_last_backward(chunk: int):
         buckets.mark_final([params[n] for n in prog.chunk_params[chunk] if n in params])
 
-    loss_sum = prog.run(microbatches, weights, rng, step, on_last_backward)
+    # fp16: the backward seed carries the dynamic loss scale (runtime/precision.py)
+    loss_sum = prog.run(microbatches, weights, rng, step, on_last_backward,
+                        loss_scale=getattr(buckets, "loss_scale", 1.0))
     buckets.finish()
     prog.reduce_tied_grads()
-    if pp_group is not None:
-        dist.all_reduce(loss_sum, group=pp_group)
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(loss_sum, group=dp_group)
-    return loss_sum.to(torch.float32)
+    return global_loss(loss_sum, pp_group, dp_group)

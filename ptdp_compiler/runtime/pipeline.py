@@ -23,6 +23,7 @@ them into a Chrome trace and a picture.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from datetime import timedelta
 from typing import Callable, Optional
@@ -45,10 +46,7 @@ class BoundaryMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclasses.dataclass
@@ -79,11 +77,12 @@ class PipelineRun:
 
     def __init__(self, sched: Schedule, stages: dict, comm: PipelineComm,
                  graph_value: Callable, weights: list, rng, step: int,
-                 on_last_backward: Callable[[int], None], precision_hook=None):
+                 on_last_backward: Callable[[int], None], loss_scale: float = 1.0):
         self.sched, self.stages, self.comm = sched, stages, comm
         self.graph_value = graph_value      # (mb, (kind, name)) -> tensor
         self.weights, self.rng, self.step = weights, rng, step
         self.on_last_backward = on_last_backward
+        self.loss_scale = loss_scale
         self.nc = sched.num_chunks
         self.inbox: dict = {}      # ("act"/"grad", producing chunk, mb) -> list[Tensor]
         self.outbox: dict = {}     # same key -> list[Tensor] to send
@@ -105,10 +104,10 @@ class PipelineRun:
         if c == self.nc - 1:
             loss = outs[0] * self.weights[mb]
             self.loss_sum += loss.detach().double()
-            # fp16: the backward seed (not the reported loss) carries the dynamic loss scale,
-            # which the executor attaches to the weights (runtime/precision.py); one multiply
-            # by weight·scale, as the scale alone (2^16) is not a finite fp16 gradient
-            scale = getattr(self.weights, "loss_scale", 1.0)
+            # fp16: the backward seed (not the reported loss) carries the dynamic loss scale;
+            # one multiply by weight·scale, as the scale alone (2^16) is not a finite fp16
+            # gradient
+            scale = self.loss_scale
             seed = outs[0] * (self.weights[mb] * scale) if scale != 1.0 else loss
             self.saved[(c, mb)] = (leaves, [seed])
         else:
