@@ -12,7 +12,7 @@ import os
 
 import torch.distributed as dist
 
-from .runtime.pipeline import peak_inflight
+from .runtime.pipeline import event_detail, peak_inflight
 from .runtime.schedules import BACKWARD, FORWARD
 
 
@@ -62,7 +62,7 @@ def chrome_trace(tl: dict) -> dict:
             out.append({"name": name, "ph": "X", "pid": pid, "tid": 0 if name != "p2p" else 1,
                         "ts": (s - t0) * 1e6, "dur": max(e - s, 0.0) * 1e6,
                         "cat": kind, "args": {"chunk": chunk, "microbatch": mb,
-                                              "detail": detail}})
+                                              "detail": event_detail(detail)}})
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 

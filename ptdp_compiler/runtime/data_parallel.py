@@ -73,6 +73,8 @@ class GradBuckets:
             # the optimizer (or user) replaced .grad: fold it back into the bucket
             view.copy_(p.grad)
             p.grad = view
+        if not self.reduce:          # a single replica: nothing to launch
+            return
         if not self._final or (self._final is not True and p not in self._final):
             return
         b["pending"].discard(p)

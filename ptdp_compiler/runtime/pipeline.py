@@ -219,13 +219,19 @@ class PipelineRun:
             else:
                 self.communicate(step)
             kind = a.kind if a.is_compute else "comm"
-            detail = "" if a.is_compute else " ".join(str(x) for x in step)
-            self.events.append((kind, a.chunk, a.mb, t0, time.time(), detail))
+            # the step itself, formatted only when a timeline is drawn (event_detail)
+            self.events.append((kind, a.chunk, a.mb, t0, time.time(),
+                                "" if a.is_compute else step))
         t0 = time.time()
         self._drain_sends()
         self.events.append(("comm", -1, -1, t0, time.time(), "wait for outstanding sends"))
         assert not self.saved, f"activations left after the step: {list(self.saved)}"
         return self.loss_sum
+
+
+def event_detail(detail) -> str:
+    """The text of an event's detail (a communication step is kept as its actions)."""
+    return detail if isinstance(detail, str) else " ".join(str(x) for x in detail)
 
 
 def peak_inflight(events: list) -> int:
