@@ -30,7 +30,8 @@ class CompiledProgram:
         self.loss_weight = self.program.loss_weight
         self._pm = pm
         pm._apply_placements(self.program.plan)
-        self.fn = compile_graph(self.program.gm, self._inputs(mb), pm.config.codegen)
+        self.fn = compile_graph(self.program.gm, self._inputs(mb), pm.config.codegen,
+                                pm.config.comm_reorder)
 
     def user_inputs(self, mb) -> list:
         return _capture.user_tensors(self.captured, *mb)
@@ -386,7 +387,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                 precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
                 schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
-                bucket_mb: float = 25.0, scatter_gather: bool = True, plan: str | None = None,
+                bucket_mb: float = 25.0, scatter_gather: bool = True, comm_reorder: bool = False, plan: str | None = None,
                 cluster=None, global_batch: int | None = None, example_inputs=None,
                 example_kwargs: dict | None = None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
@@ -406,7 +407,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          recompute=recompute, schedule=schedule, codegen=codegen,
-                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather).validate()
+                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather, comm_reorder=comm_reorder).validate()
     if plan is not None:
         from .planner.auto import parallelize_auto
         return parallelize_auto(model, cfg, plan, cluster, global_batch, example_inputs,

@@ -27,6 +27,9 @@ class ParallelConfig:
     schedule: Optional[str] = None     # None: "interleaved" when virtual_stages > 1, else "1f1b"
     scatter_gather: bool = True        # pp boundaries replicated over tp travel as 1/t slices
     codegen: str = "inductor"
+    # Inductor's compute/communication reordering of the collectives (codegen/inductor_options
+    # .py); PTDP_COMM_REORDER=0/1 overrides it. Helps where collectives run asynchronously
+    comm_reorder: bool = False
     loss_fn: Optional[Callable] = None
     seed: int = 0
     bucket_mb: float = 25.0
@@ -45,6 +48,12 @@ class ParallelConfig:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         if self.codegen not in CODEGENS:
             raise ConfigError(f"codegen={self.codegen!r}: choose one of {CODEGENS}")
+        if not isinstance(self.comm_reorder, bool):
+            raise ConfigError(f"comm_reorder={self.comm_reorder!r}: must be True or False")
+        if self.comm_reorder and self.codegen != "inductor":
+            raise ConfigError(f"comm_reorder=True reorders Inductor's schedule; codegen="
+                              f"{self.codegen!r} runs the graph as traced: use "
+                              "codegen='inductor' or comm_reorder=False")
         if self.schedule is None:
             object.__setattr__(self, "schedule",
                                "interleaved" if self.virtual_stages > 1 else "1f1b")

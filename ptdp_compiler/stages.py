@@ -87,7 +87,7 @@ class PipelineProgram:
                     example.append(self._value(key, users))
             out_meta = [] if k == p * v - 1 else [
                 _boundary_meta(o, cfg.tp, sg) for o in out_node.args[0]]
-            fn = compile_graph(ch.gm, example, cfg.codegen)
+            fn = compile_graph(ch.gm, example, cfg.codegen, cfg.comm_reorder)
             self.stages[k] = Stage(k, fn, inputs, in_meta, out_meta, self.chunk_params[k])
         tp_size, pp_size = cfg.tp, cfg.pp
         base = coords.dp_rank * pp_size * tp_size + coords.tp_rank   # same dp and tp coords

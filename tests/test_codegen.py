@@ -180,3 +180,65 @@ def test_inspect_writes_every_ranks_graphs_diffs_drawing_and_kernels(tmp_path):
     # forward and backward output code of the two distinct regions (embedding, layer)
     assert len(kernels) >= 2 and any("def call(" in k.read_text() for k in kernels)
     assert not (tmp_path / "rank1" / "kernels").exists()
+
+
+# ---- Inductor's compute/communication reordering (comm_reorder=True) ---------------------------
+def test_comm_reorder_is_in_the_inductor_cache_key_and_keeps_the_cache_usable():
+    """On and off must never share compiled code, and the reorder pass object must pickle
+    (an unpicklable one makes Inductor bypass its cache for every reordered graph)."""
+    import torch._inductor.config as iconf
+    from torch._inductor.codecache import FxGraphCachePickler
+    from ptdp_compiler.codegen.inductor_options import reorder_compile_kwargs
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+
+    def config_key(patches):   # the config part of Inductor's FX graph / AOTAutograd key
+        with iconf.patch(patches):
+            return FxGraphCachePickler(gm).get_key(iconf.save_config_portable(
+                ignore_private_configs=False, readonly_values=True))
+    assert reorder_compile_kwargs(False) == {}
+    on = reorder_compile_kwargs(True)
+    assert config_key({}) != config_key(on["config_patches"])
+    assert config_key(on["config_patches"]) == config_key(reorder_compile_kwargs(True)[
+        "config_patches"]), "the key must be stable across compiles, or nothing is reused"
+    with pytest.raises(ptdp.ConfigError, match="codegen='inductor'"):
+        ptdp.parallelize(build("gpt"), codegen="aot_eager", comm_reorder=True)
+    with pytest.raises(ptdp.ConfigError, match="comm_reorder"):
+        ptdp.parallelize(build("gpt"), comm_reorder="yes")
+
+
+def _reorder_job(steps):
+    import torch._functorch.config as fconf
+    import torch._inductor.config as iconf
+    from models import parallel_sgd
+    from ptdp_compiler.codegen import inductor_options
+    before = len(inductor_options.reorder_report)
+    # caches off: a graph loaded from a cache is not re-scheduled, so it is not re-reported
+    with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False):
+        pm = ptdp.parallelize(build("gpt"), tp=2, sequence_parallel=True, codegen="inductor",
+                              comm_reorder=True)
+        losses, grads = parallel_sgd(pm, *batch("gpt", 4), steps, 0.1)
+    return losses, grads, inductor_options.reorder_report[before:]
+
+
+@pytest.mark.timeout(400)
+def test_comm_reorder_tp2_sp_matches_single_device_and_reports_moves(world):
+    from models import reference_sgd
+    steps = 2
+    ref_losses, ref_grads = reference_sgd(build("gpt"), *batch("gpt", 4), steps, 0.1)
+    for rank, (losses, grads, report) in enumerate(world(2, _reorder_job, steps, timeout=360)):
+        for s in range(steps):
+            assert_close_tensor(f"rank {rank} step {s} loss", losses[s], ref_losses[s])
+            for n in ref_grads[s]:
+                assert_close_tensor(f"rank {rank} step {s} grad {n}", grads[s][n],
+                                    ref_grads[s][n])
+        assert report, "Inductor scheduled graphs with collectives but reported nothing"
+        assert {e["graph"] for e in report} == {"forward", "backward"}
+        rows = [c for e in report for c in e["collectives"]]
+        ops = {c["op"] for c in rows}
+        assert any("all_gather" in o for o in ops) and any("reduce_scatter" in o for o in ops), ops
+        moved = [c for c in rows if c["moved"]]
+        assert any("all_gather" in c["op"] or "reduce_scatter" in c["op"] for c in moved), rows
+        # the point of moving them: more compute between a collective and its wait
+        assert any(c["overlap"][1] > c["overlap"][0] for c in moved), rows
+        assert all(e["moved"] == [c["op"] for c in e["collectives"] if c["moved"]]
+                   for e in report)
