@@ -125,7 +125,7 @@ def _counted(pm) -> CountingGroup:
     return group
 
 
-def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS):
+def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS, sp_regather=True):
     """On every rank: per-kind tp bytes of one step, for 1 and 2 decoder layers."""
     from examples.models.gpt import GPT, GPTConfig
     steps = []
@@ -133,7 +133,8 @@ def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=v, block_size=s, n_layer=layers, n_head=heads,
                               n_embd=h))
-        pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, codegen="aot_eager")
+        pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, sp_regather=sp_regather,
+                              codegen="aot_eager")
         group = _counted(pm)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, v, (b, s), generator=g)

@@ -22,7 +22,8 @@ all-gather (t-1)·n_local, reduce-scatter (t-1)/t·n, send n), the difference of
 two losses, and — where ptdp is slower — the top ops of one profiled step per side.
 
     python benchmarks/vs_torch_native.py [--models gpt,llama] [--configs tp2,pp2_1f1b]
-        [--steps 5] [--codegen aot_eager|inductor] [--json PATH]
+        [--steps 5] [--repeats 3] [--size hidden,seq,batch,layers]
+        [--codegen inductor|aot_eager] [--json PATH]
 
 A ptdp configuration this version refuses (ConfigError) is reported as "pending".
 """
@@ -50,11 +51,18 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import ptdp_compiler as ptdp  # noqa: E402
 
 LOSS_PARALLEL_PP = True   # vocab-parallel loss on the last stage too (as with pp=1)
-VOCAB, SEQ, BATCH, LAYERS, HIDDEN, HEADS = 256, 32, 8, 4, 64, 4
+# model and batch size: "hidden,seq,batch,layers" (read from the environment, so the
+# spawned rank processes see what main() was asked for)
+SIZE_ENV = "PTDP_VS_NATIVE_SIZE"
+DEFAULT_SIZE = "256,128,8,8"
+HIDDEN, SEQ, BATCH, LAYERS = (int(x) for x in os.environ.get(SIZE_ENV, DEFAULT_SIZE).split(","))
+VOCAB, HEADS = 1024, 4
 
 CONFIGS = {   # name -> ptdp.parallelize keywords (the native side reads the same numbers)
     "tp2": dict(tp=2),
-    "tp2_sp": dict(tp=2, sequence_parallel=True),
+    # native DTensor plans keep each all-gathered linear input for backward; ptdp's default
+    # re-gathers it (Megatron's memory-saving choice), sp_regather=False makes the same trade
+    "tp2_sp": dict(tp=2, sequence_parallel=True, sp_regather=False),
     "pp2_1f1b": dict(pp=2, microbatches=4),
     "pp2_v2_interleaved": dict(pp=2, virtual_stages=2, microbatches=4),
     "tp2_pp2": dict(tp=2, pp=2, microbatches=4),
@@ -384,6 +392,16 @@ class NativeRunner:
         for m in self.modules:
             m.zero_grad(set_to_none=True)
 
+    def finish_grads(self):
+        """Make every gradient what an optimizer needs, as ptdp's step leaves them: DTensor
+        leaves the gradient of a replicated parameter used on sequence shards (norm weights
+        under SequenceParallel) as a Partial sum, reduced only when something reads it."""
+        for m in self.modules:
+            for p in m.parameters():
+                g = p.grad
+                if hasattr(g, "redistribute") and g.placements != p.placements:
+                    p.grad = g.redistribute(g.device_mesh, p.placements)
+
     def step(self, ids, tgt):
         from torch.distributed.tensor.parallel import loss_parallel
         import contextlib
@@ -397,6 +415,7 @@ class NativeRunner:
                 else:
                     loss = self.model(input_ids=ids, labels=tgt, use_cache=False).loss
                 loss.backward()
+            self.finish_grads()
             return loss.detach().float().mean().item() if not hasattr(loss, "full_tensor") \
                 else loss.full_tensor().item()
         losses = []
@@ -408,17 +427,19 @@ class NativeRunner:
                 self.schedule.step(target=tgt, losses=losses)
             else:
                 self.schedule.step()
+        self.finish_grads()
         if len(self.tied) == 1:     # this rank holds one of the two tied copies
             p = self.tied[0]
-            if hasattr(p.grad, "redistribute") and p.grad.placements != p.placements:
-                # DTensor leaves a vocab-sharded embedding's gradient replicated
-                p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
             g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             dist.all_reduce(g, group=self.pp_group)
+        loss = torch.zeros((), dtype=torch.float64)
         if losses:
             ls = [l.full_tensor() if hasattr(l, "full_tensor") else l for l in losses]
-            return torch.stack([l.detach().float() for l in ls]).mean().item()
-        return None
+            loss += torch.stack([l.detach().double() for l in ls]).mean()
+        # the step's loss on every rank, as ptdp's train_step returns it (one scalar
+        # all-reduce over the pipeline ranks on both sides)
+        dist.all_reduce(loss, group=self.pp_group)
+        return loss.item()
 
 
 # ---- one configuration, run on every rank -----------------------------------------------
@@ -499,23 +520,36 @@ def _merge(rank_rows: list) -> dict:
     return row
 
 
-def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900) -> list:
+def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
+        repeats=1) -> list:
+    """One row per (config, model): each repeat is a fresh pair of programs measured in the
+    same world; the row keeps the repeat with the median ratio and lists every ratio."""
     rows = []
     for cfg_name in configs:
         kw = CONFIGS[cfg_name]
         world = kw.get("tp", 1) * kw.get("pp", 1)
         with ptdp.LocalWorld(world) as w:
             for model_name in models:
-                try:
-                    row = _merge(w.run(job, model_name, cfg_name, steps, warmup, codegen,
-                                       timeout=timeout))
-                except ptdp.RankError as e:
-                    row = {"model": model_name, "config": cfg_name, "error": str(e)[:400]}
-                    rows.append(row)
+                runs = []
+                for _ in range(repeats):
+                    try:
+                        runs.append(_merge(w.run(job, model_name, cfg_name, steps, warmup,
+                                                 codegen, timeout=timeout)))
+                    except ptdp.RankError as e:
+                        runs = [{"model": model_name, "config": cfg_name,
+                                 "error": str(e)[:400]}]
+                        break
+                if "error" in runs[0]:
+                    rows.append(runs[0])
                     continue
+                for row in runs:
+                    row["ratio"] = (row["native_s"] / row["ptdp_s"]) if row.get("ptdp_s") \
+                        else None
+                ratios = [r["ratio"] for r in runs if r["ratio"] is not None]
+                row = sorted(runs, key=lambda r: r["ratio"] or 0.0)[len(runs) // 2]
+                row["ratios"] = ratios
                 pl, nl = row.get("ptdp_loss"), row.get("native_loss")
                 row["loss_diff"] = abs(pl - nl) if pl is not None and nl is not None else None
-                row["ratio"] = (row["native_s"] / row["ptdp_s"]) if row.get("ptdp_s") else None
                 row["status"] = "pending" if "ptdp_pending" in row else "measured"
                 row["native_model_lines"] = native_model_edits(model_name, kw)
                 row["ptdp_model_lines"] = 0
@@ -549,13 +583,18 @@ def print_table(rows):
             print("  native: " + "; ".join(r["native_top_ops"]))
 
 
-NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model; native: eager DTensor "
+NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model (tp2_sp with "
+        "sp_regather=False: it keeps the all-gathered linear inputs for backward, as the native "
+        "DTensor plan does, instead of Megatron's re-gather); native: eager DTensor "
         "parallelize_module (+ SequenceParallel, loss_parallel) and torch.distributed.pipelining "
-        "(static-shape PipelineStage, Schedule1F1B / ScheduleInterleaved1F1B). GPT 4 layers "
-        "h=64 s=32 batch 8, Llama 4 layers h=64 GQA 4/2 heads; microbatches 4 with pp; step = "
-        "forward+backward, median of {steps} after {warmup} warm-up, slowest rank; ratio = "
-        "native_s / ptdp_s; bytes = sent per step summed over ranks (ring model, same counter "
-        "both sides); *_model_lines = model source lines the side needed changed.")
+        "(static-shape PipelineStage, Schedule1F1B / ScheduleInterleaved1F1B). GPT {layers} layers "
+        "h={hidden} s={seq} batch {batch}, Llama the same with GQA 4/2 heads, vocab {vocab}; "
+        "microbatches 4 with pp; step = forward+backward with every gradient final (native: "
+        "Partial DTensor gradients redistributed, tied embedding summed over pp; both return the "
+        "loss on every rank), median of {steps} after {warmup} warm-up, slowest rank; "
+        "ratio = native_s / ptdp_s, the row is the median-ratio repeat of {repeats} (ratios lists "
+        "all); bytes = sent per step summed over ranks (ring model, same counter both sides); "
+        "*_model_lines = model source lines the side needed changed.")
 
 
 def main(argv=None):
@@ -564,18 +603,33 @@ def main(argv=None):
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--codegen", default="aot_eager", choices=("aot_eager", "inductor"))
+    ap.add_argument("--codegen", default="inductor", choices=("aot_eager", "inductor"),
+                    help="ptdp's code generator (its default: inductor)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh program pairs per row; the row reports the median ratio")
+    ap.add_argument("--size", default=None, help='"hidden,seq,batch,layers" '
+                    f"(default {DEFAULT_SIZE}; also the {SIZE_ENV} environment variable)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    rows = run(a.models.split(","), a.configs.split(","), a.steps, a.warmup, a.codegen)
+    if a.size:   # the rank processes read the size from the environment when they import us
+        os.environ[SIZE_ENV] = a.size
+        global HIDDEN, SEQ, BATCH, LAYERS
+        HIDDEN, SEQ, BATCH, LAYERS = (int(x) for x in a.size.split(","))
+    rows = run(a.models.split(","), a.configs.split(","), a.steps, a.warmup, a.codegen,
+               repeats=a.repeats)
     print_table(rows)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump({"benchmark": "vs_torch_native", "device": "cpu (gloo)",
                        "torch": torch.__version__,
-                       "command": "python benchmarks/vs_torch_native.py --json " + a.json,
-                       "note": NOTE.format(codegen=a.codegen, steps=a.steps, warmup=a.warmup),
+                       "command": "python benchmarks/vs_torch_native.py " + " ".join(
+                           sys.argv[1:] if argv is None else argv),
+                       "size": {"hidden": HIDDEN, "seq": SEQ, "batch": BATCH,
+                                "layers": LAYERS, "vocab": VOCAB},
+                       "note": NOTE.format(codegen=a.codegen, steps=a.steps, warmup=a.warmup,
+                                           repeats=a.repeats, layers=LAYERS, hidden=HIDDEN,
+                                           seq=SEQ, batch=BATCH, vocab=VOCAB),
                        "rows": rows}, f, indent=1)
     return rows
 

@@ -46,7 +46,8 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
         gm = _tensor_parallel(gm, cfg, coords, params, plan)
     # ---- recompute (issue 4): tag nodes save / recompute for the partitioner -------------
     from .recompute import recompute_pass
-    gm, plan.recompute = recompute_pass(gm, cfg.recompute, cfg.sequence_parallel)
+    gm, plan.recompute = recompute_pass(gm, cfg.recompute,
+                                           cfg.sequence_parallel and cfg.sp_regather)
     plan.pass_log.append(("recompute", plan.recompute.summary()))
     # ---- end recompute ---------------------------------------------------------------------
     if cfg.dp > 1:

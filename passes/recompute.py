@@ -21,7 +21,8 @@ Modes (``ParallelConfig.recompute``):
 
 In every mode, values computed only from inputs (masks, position ids) are recomputed,
 and with sequence parallelism the all-gathered input of a column-parallel linear is
-re-gathered in backward rather than stored (Megatron-SP stores the sequence shard).
+re-gathered in backward rather than stored (Megatron-SP stores the sequence shard;
+``sp_regather=False`` stores the gathered tensor instead, as DTensor plans do).
 
 Guarantees afterwards: every compute node has ``node.meta["recompute"]`` (a
 ``CheckpointPolicy``), ``node.meta["ac_graph_id"]`` (its layer + 1, 0 outside layers)
@@ -382,7 +383,7 @@ def _knapsack(per_layer: list, budget: int) -> Optional[list]:
     return min(frontier, key=lambda x: (x[1], x[0]))[2]
 
 
-def recompute_pass(gm: fx.GraphModule, mode, sequence_parallel: bool = False):
+def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False):
     """Tag ``gm`` for ``mode``; returns ``(gm, RecomputeReport)`` (the graph is tagged in
     place; see the module docstring for the guarantees)."""
     budget = None
@@ -405,7 +406,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sequence_parallel: bool = False):
              n.target is aten.scaled_dot_product_attention.default and sdpa_is_fused(n)]
     core_nodes = set().union(*cores) if cores else set()
     regather = set()
-    if sequence_parallel:
+    if sp_regather:
         regather = {n for n in in_layer if _opname(n) == "sp_gather"}
     flops = {n: node_flops(n) for n in gm.graph.nodes}
     report = RecomputeReport(mode_name, [], budget_bytes=budget,

@@ -385,8 +385,8 @@ class ParallelModule:
 
 def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
                 precision: str = "fp32", distributed_optimizer: bool = False,
-                microbatches: int = 1, sequence_parallel: bool = False, recompute="none",
-                schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
+                microbatches: int = 1, sequence_parallel: bool = False, sp_regather: bool = True,
+                recompute="none", schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
                 bucket_mb: float = 25.0, scatter_gather: bool = True, comm_reorder: bool = False, plan: str | None = None,
                 cluster=None, global_batch: int | None = None, example_inputs=None,
                 example_kwargs: dict | None = None):
@@ -406,7 +406,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
-                         recompute=recompute, schedule=schedule, codegen=codegen,
+                         sp_regather=sp_regather, recompute=recompute, schedule=schedule, codegen=codegen,
                          loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather, comm_reorder=comm_reorder).validate()
     if plan is not None:
         from .planner.auto import parallelize_auto

@@ -23,6 +23,11 @@ class ParallelConfig:
     virtual_stages: int = 1
     microbatches: int = 1
     sequence_parallel: bool = False
+    # SP: re-gather a column-parallel linear's input in backward and keep only its sequence
+    # shard (Megatron; Korthikanti's activation formulas), or keep the gathered tensor
+    # (False: what DTensor plans do — (t-1)/t fewer all-gather bytes per such input in
+    # backward, 2sbh(1-1/t) more activation bytes each)
+    sp_regather: bool = True
     recompute: Union[str, dict] = "none"
     schedule: Optional[str] = None     # None: "interleaved" when virtual_stages > 1, else "1f1b"
     scatter_gather: bool = True        # pp boundaries replicated over tp travel as 1/t slices
@@ -69,6 +74,8 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("sequence_parallel=True needs tp > 1 (it splits the tensor-parallel "
                               "all-reduces); set tp >= 2 or sequence_parallel=False")
+        if not isinstance(self.sp_regather, bool):
+            raise ConfigError(f"sp_regather={self.sp_regather!r}: must be True or False")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
         if self.pp > 1:

@@ -357,9 +357,9 @@ def test_dropout_masks_per_rank_on_shards_shared_when_replicated(world, sp):
 
 
 # ---- bytes on the wire per decoder layer vs Megatron's 8·b·s·h·(t−1)/t --------------------------
-def bytes_job(sp):
+def bytes_job(sp, sp_regather=True):
     from benchmarks.tp_comm import job
-    return job(2, sp, b=2, s=16, h=32, v=VOCAB, heads=4)
+    return job(2, sp, b=2, s=16, h=32, v=VOCAB, heads=4, sp_regather=sp_regather)
 
 
 @pytest.mark.parametrize("sp", [False, True])
@@ -373,3 +373,24 @@ def test_tp_bytes_per_layer_match_megatron_formula(world, sp):
     # (6·h per layer) are the only other per-layer traffic
     assert row["regather_bytes"] == (2 * b * s * h * (t - 1) / t * 4 if sp else 0), row
     assert row["param_grad_bytes"] == (2 * (t - 1) / t * 6 * h * 4 if sp else 0), row
+
+
+def test_sp_without_regather_keeps_gathered_inputs_and_matches_single_device(world):
+    """sp_regather=False (DTensor's trade): no backward re-gather bytes, same numbers."""
+    row = world(2, bytes_job, True, False, timeout=300)[0]
+    b, s, h, t = 2, 16, 32, 2
+    assert row["measured_bytes"] == row["formula_bytes"] == 8 * b * s * h * (t - 1) / t * 4, row
+    assert row["regather_bytes"] == 0, row
+    ref_losses, ref_grads = _reference("gpt", 4)
+    res = world(2, regather_parity_job, timeout=300)
+    for losses, grads in res:
+        for step in range(STEPS):
+            assert_close_tensor(f"step {step} loss", losses[step], ref_losses[step])
+            for n in ref_grads[step]:
+                assert_close_tensor(f"step {step} grad {n}", grads[step][n], ref_grads[step][n])
+
+
+def regather_parity_job():
+    pm = ptdp.parallelize(_build("gpt"), tp=2, sequence_parallel=True, sp_regather=False,
+                          codegen="aot_eager")
+    return parallel_sgd(pm, *_batch("gpt", 4), STEPS, LR)
