@@ -315,6 +315,11 @@ class ParallelModule:
                 (self.config.pp > 1 and getattr(self, "_stage_names", None) is None):
             return
         dev = self.coords.device
+        if getattr(self, "_pending_init", None) is not None:
+            # pm.init_weights(builder, seed): replay the builder, keep only this rank's shards
+            from .runtime.meta_init import materialize
+            materialize(self, dev, [n for n, p in self._params.items() if p.is_meta])
+            return
         if not hasattr(self, "_uninitialized"):
             self._uninitialized = set()
         # new Parameter objects (a meta tensor's data cannot be swapped for a real one); the
@@ -331,7 +336,17 @@ class ParallelModule:
                 if buf.is_meta:
                     raise ConfigError(f"buffer {name!r} of the meta-built model has no value; "
                                       "build buffers on a real device (only parameters may be "
-                                      "on meta)")
+                                      "on meta), or call pm.init_weights(builder, seed) before "
+                                      "the first train_step / compile")
+
+    def init_weights(self, builder, seed: int):
+        """Give a meta-built model's shards the numbers ``torch.manual_seed(seed); builder()``
+        draws on one CPU device: ``builder`` (e.g. ``lambda: GPT(cfg)``) is replayed keeping
+        only this rank's shards, about one full parameter in memory at a time
+        (runtime/meta_init.py). Called before the layout is fixed (first compile), it is
+        applied then; afterwards, at once. ``pm.init_report`` says what the replay cost."""
+        from .runtime.meta_init import request
+        return request(self, builder, seed)
 
     def _make_buckets(self):
         """Gradient buckets for the current parameters: fp32 main grads for bf16/fp16,
