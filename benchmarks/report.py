@@ -42,10 +42,17 @@ KNOWN = {
     "reliability": ("Reliability", "failure handling: named errors, no hangs", []),
     "vs_torch_native": ("CPU ratio vs PyTorch's native stack (DTensor TP + pipelining)",
                         "seconds per step (median, after warm-up), native / ptdp (> 1: ptdp "
-                        "faster); bytes sent per step, all ranks; model lines changed",
+                        "faster; the median of the runs in ratio_runs); bytes sent per step, all ranks; model lines changed",
                         ["model", "config", "status", "ptdp_s", "native_s", "ratio",
-                         "ptdp_bytes", "native_bytes", "loss_diff", "native_model_lines",
+                         "ratio_runs", "ptdp_bytes", "native_bytes", "loss_diff", "native_model_lines",
                          "ptdp_model_lines"]),
+    "comm_reorder": ("Inductor comm/compute reordering (comm_reorder=True)",
+                     "tp=2 + SP step time with reordering off / on in one run (speedup_on > 1: "
+                     "reordering faster), which collectives moved (fwd/bwd: op×count) and the "
+                     "compute nodes between each collective and its wait, off → on. On CPU "
+                     "gloo there is little to hide; it is meant for async NCCL on GPUs",
+                     ["config", "width", "step_ms_off", "step_ms_on", "speedup_on", "moved",
+                      "collectives", "overlap_nodes_off", "overlap_nodes_on", "moved_ops"]),
     "gpu_throughput": ("GPU throughput / MFU", "measured on a GPU when one is available", []),
 }
 
