@@ -14,7 +14,7 @@ on a GPU stream. On CPU with gloo each rank computes on one thread and the colle
 gloo's thread, sharing the machine's cores, so expect ≈ 1.0 here; the GPU numbers come
 from running this file on a device (tp=2 needs two GPUs: NCCL gives each rank its own).
 
-    python benchmarks/comm_reorder.py [--json out.json] [--widths 128,512] [--steps 10]
+    python benchmarks/comm_reorder.py [--json out.json] [--widths 128,512] [--steps 20]
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def main(argv=None):
     ap.add_argument("--widths", default="128,512")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args(argv)
     rows, device = [], "cpu"
     world = ptdp.LocalWorld(2, timeout_s=600)
