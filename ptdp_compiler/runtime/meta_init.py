@@ -369,19 +369,25 @@ def replay_init(builder: Callable, seed: int, full_shapes: dict, take: Callable,
 # ---- the ParallelModule side --------------------------------------------------------------
 def request(pm, builder: Callable, seed: int):
     """``pm.init_weights``: check the builder now (pass 1, on meta); replay it once this
-    rank's layout is fixed (``_materialize_meta``), or at once if it already is."""
+    rank's layout is fixed (``_materialize_meta``), or at once if it already is (a model
+    built on a real device, or materialized: its shards are overwritten in place)."""
     if not callable(builder):
         raise ConfigError(f"init_weights(builder, seed): builder must be a function returning "
                           f"the model (e.g. lambda: GPT(cfg)); got {type(builder).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"init_weights(builder, seed): seed must be an int; got {seed!r}")
-    if not any(p.is_meta for p in pm.module.parameters()):
-        raise ConfigError("init_weights is for a model built on the meta device (with "
-                          "torch.device('meta'): ...); this model already has its weights")
     slots = plan_replay(builder, pm._full_shapes)
-    pm._pending_init = (builder, seed, slots)
     if any(p.is_meta for p in pm._params.values()):
-        return None                       # applied when the layout is fixed
+        pm._pending_init = (builder, seed, slots)
+        return None                       # meta-built: applied when the layout is fixed
+    if not pm._layout_final():
+        # a model built on a real device has no hook at layout time: its shards are
+        # re-drawn in place, which needs the layout
+        raise ConfigError("init_weights on a model built on a real device re-draws its "
+                          "shards in place and needs the tp/pp layout: call "
+                          "pm.compile(batch) (or train_step) first, or build the model on "
+                          "the meta device")
+    pm._pending_init = (builder, seed, slots)
     return _apply(pm, pm._params.keys(), lambda name, local: _write_into(pm, name, local))
 
 
@@ -448,7 +454,7 @@ def _put_shard(full: torch.Tensor, piece: torch.Tensor, pl, t: int, r: int):
     if pl is None:
         full.copy_(piece)
         return
-    from ..plan import PaddedShard
+    from ..passes.sharding import PaddedShard
     work = full
     if isinstance(pl, PaddedShard):
         pad = [0, 0] * (full.dim() - pl.dim - 1) + [0, pl.padded - full.shape[pl.dim]]
