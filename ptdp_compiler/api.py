@@ -306,7 +306,8 @@ class ParallelModule:
 
     def _materialize_meta(self):
         """A model built on the meta device: once this rank's layout is fixed (tp shards and
-        pp stage known), give its own parameters real storage, filled with NaN until
+        pp stage known), give its own parameters real storage: this rank's shards of the
+        single-device init after ``pm.init_weights(builder, seed)``, else NaN until
         ``ptdp.load_hf`` / ``pm.load`` write them (the gradient buckets
         and the compiled program need real tensors; the full model is never allocated)."""
         if not any(p.is_meta for p in self._params.values()):
