@@ -192,6 +192,43 @@ def in_torchrun() -> bool:
         and "PTDP_LOCAL_WORLD" not in os.environ)
 
 
+TOKEN_KEY = "ptdp/process_group_token"
+
+
+def init_torchrun_world(backend: str, timeout: float):
+    """Join the torchrun world, in a store namespace no earlier worker group has used.
+
+    torchrun's agent hosts one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE``)
+    and, in torch 2.13, keeps it across ``--max-restarts`` restarts; the default env://
+    init writes its keys (gloo's listening addresses, ``default_pg/0//cpu//0/<rank>``)
+    under the same names in every attempt. A restarted rank that reads its peer's key
+    before the peer rewrites it gets the dead worker's address and hangs connecting to
+    it (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` cannot name the attempt:
+    each node's agent counts only its own failures. So rank 0 draws a fresh token, the
+    others wait for it, the group is built under ``ptdp/<token>/``, and once every rank
+    has joined, rank 0 deletes the token: the next worker group finds no token until its
+    own rank 0 writes one.
+    """
+    to = timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # rank 0 hosts a new store in every attempt: nothing stale can be read
+        dist.init_process_group(backend, timeout=to)
+        return
+    import uuid
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size, is_master=False, timeout=to)
+    if rank == 0:
+        store.set(TOKEN_KEY, uuid.uuid4().hex)
+    store.wait([TOKEN_KEY], to)
+    token = store.get(TOKEN_KEY).decode()
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ptdp/{token}/", store),
+                            rank=rank, world_size=world_size, timeout=to)
+    dist.barrier()  # every rank has read the token
+    if rank == 0:
+        store.delete_key(TOKEN_KEY)
+
+
 def launch(fn, *args, world_size: int, timeout: float = DEFAULT_TIMEOUT_S,
            backend: str | None = None, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results.
@@ -202,8 +239,7 @@ def launch(fn, *args, world_size: int, timeout: float = DEFAULT_TIMEOUT_S,
     """
     if dist.is_initialized() or in_torchrun():
         if not dist.is_initialized():
-            dist.init_process_group(backend or _default_backend(),
-                                    timeout=timedelta(seconds=timeout))
+            init_torchrun_world(backend or _default_backend(), timeout)
         if dist.get_world_size() != world_size:
             from ..errors import WorldSizeError
             raise WorldSizeError(f"launch(world_size={world_size}) inside a world of "
