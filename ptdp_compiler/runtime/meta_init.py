@@ -59,6 +59,15 @@ from ..errors import ConfigError
 
 _META = torch.device("meta")
 _CPU = torch.device("cpu")
+_aten = torch.ops.aten
+# in-place ops that write every element of their first argument without reading it: on a
+# retired parameter they need no rehydration (no shard written back, nothing poisoned)
+_OVERWRITES = {_aten.normal_, _aten.uniform_, _aten.fill_, _aten.zero_, _aten.random_,
+               _aten.exponential_, _aten.geometric_, _aten.cauchy_, _aten.log_normal_,
+               _aten.bernoulli_}
+# factories whose result holds no values (single-device code must overwrite them)
+_UNINITIALIZED = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.new_empty,
+                  _aten.new_empty_strided}
 
 
 @dataclasses.dataclass
@@ -91,6 +100,7 @@ class _ParamSlot:
     meta_base: Optional[torch.Tensor] = None   # 1-D meta tensor on the parameter's storage
     shard: Optional[torch.Tensor] = None       # this rank's piece once retired (if held)
     retired: bool = False
+    garbage: bool = False    # made by an empty-like factory and not touched since: no values
 
 
 class _Replay(TorchDispatchMode):
@@ -137,18 +147,22 @@ class _Replay(TorchDispatchMode):
                 del self._other_refs[ptr]
 
     # ---- the live slot ------------------------------------------------------------------
-    def _scratch(self, idx: int) -> torch.Tensor:
-        """The real full storage of parameter ``idx`` (rehydrated if it was retired)."""
+    def _scratch(self, idx: int, overwritten: bool = False) -> torch.Tensor:
+        """The real full storage of parameter ``idx`` (rehydrated if it was retired;
+        ``overwritten``: the op writes all of it without reading, so values need not be)."""
         with self._own_ops():
-            return self._scratch_inner(idx)
+            return self._scratch_inner(idx, overwritten)
 
-    def _scratch_inner(self, idx: int) -> torch.Tensor:
+    def _scratch_inner(self, idx: int, overwritten: bool) -> torch.Tensor:
         base = self.live.get(idx)
         if base is not None:
             return base
         slot = self.params[idx]
         mb = slot.meta_base
         base = torch.empty(mb.shape, dtype=mb.dtype, device=_CPU)
+        if overwritten or slot.garbage:
+            self._hold(idx, base)
+            return base
         if base.is_floating_point() or base.is_complex():
             base.fill_(float("nan"))   # elements this rank does not hold: poison, detected later
         else:
@@ -187,6 +201,8 @@ class _Replay(TorchDispatchMode):
         self.scratch_numel -= base.numel()
         slot = self.params[idx]
         slot.retired = True
+        if slot.garbage:           # never written: nothing to keep (as on one device)
+            return
         shard = self.take(slot.name, self._param_view(idx, base))
         if shard is not None:
             if idx in self.poisoned and (shard.is_floating_point() or shard.is_complex()) \
@@ -227,11 +243,20 @@ class _Replay(TorchDispatchMode):
                     touched.append(idx)
         # the live slot holds one parameter: retire it unless this op touches it again
         self.retire_all(keep=touched)
+        overwritten = None
+        if func.overloadpacket in _OVERWRITES and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta and sum(isinstance(a, torch.Tensor) and a.is_meta
+                                            for a in leaves) == 1:
+            a = args[0]
+            if a.storage_offset() == 0 and a.is_contiguous() and \
+                    a.numel() * a.element_size() == a.untyped_storage().nbytes():
+                overwritten = self.by_meta_key[_storage_key(a)]
         real_of = {}       # id(real view handed to the op) → the meta tensor it stands for
 
         def to_real(a):
             if isinstance(a, torch.Tensor) and a.is_meta:
-                r = self._scratch(self.by_meta_key[_storage_key(a)]).as_strided(
+                idx = self.by_meta_key[_storage_key(a)]
+                r = self._scratch(idx, overwritten=idx == overwritten).as_strided(
                     a.shape, a.stride(), a.storage_offset())
                 real_of[id(r)] = a
                 return r
@@ -244,6 +269,8 @@ class _Replay(TorchDispatchMode):
         real_in = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((rargs, rkwargs))
                    if isinstance(t, torch.Tensor)}
         out = func(*rargs, **rkwargs)
+        for idx in touched:
+            self.params[idx].garbage = False
 
         def back(o):
             if not isinstance(o, torch.Tensor):
@@ -269,6 +296,7 @@ class _Replay(TorchDispatchMode):
             self.retire_all(keep=[idx])
             m = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=_META)
             slot.meta_base = _flat_base(m)
+            slot.garbage = func.overloadpacket in _UNINITIALIZED
             self.by_meta_key[_storage_key(m)] = idx
             self._hold(idx, _flat_base(o))
             param_of_ptr[ptr] = idx
@@ -357,6 +385,11 @@ def replay_init(builder: Callable, seed: int, full_shapes: dict, take: Callable,
                               f"order the second time (parameter {n!r}); the builder must be "
                               "deterministic")
     shards = {s.name: s.shard for s in slots.values() if s.shard is not None}
+    for s in slots.values():   # never initialised by builder(): uninitialised, as on one device
+        if s.garbage:
+            piece = take(s.name, torch.empty(s.shape, dtype=s.meta_base.dtype))
+            if piece is not None:
+                shards[s.name] = piece
     buffers = {n: b for n, b in model.named_buffers() if not b.is_meta}
     sizes = [int(torch.Size(s.shape).numel()) for s in slots.values()]
     report = InitReport(seconds=time.perf_counter() - t0, params=len(slots), held=len(shards),
