@@ -77,6 +77,11 @@ def memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def restart_count() -> int:
+    """How many times torchrun (--max-restarts) has restarted this worker group."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def train(args) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)  # every rank builds the same model
@@ -120,8 +125,9 @@ def train(args) -> dict:
             t_start, compile_s = time.perf_counter(), time.perf_counter() - t0
         else:
             tokens += x.numel()
-        if args.fail_at_step == step and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            os._exit(17)  # fault injection (reliability benchmark): this rank dies once
+        if args.fail_at_step == step and restart_count() == 0 and rank == world - 1:
+            os._exit(17)  # fault injection: the last rank dies, once; the others block in
+            # their next p2p/collective until torchrun stops them
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
             pm.save(args.ckpt_dir, extra={"next_step": step + 1})
         if bar is not None:
@@ -138,7 +144,8 @@ def train(args) -> dict:
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "first_step": first,
             "mfu": flops_per_step * (len(losses) - 1) / elapsed / (peak * world)
             if elapsed > 0 else 0.0, "peak_memory_mb": memory_mb(), "skipped_steps": skipped,
-            "first_step_s": compile_s, "explain": pm.explain() if rank == 0 else ""}
+            "first_step_s": compile_s, "restart_count": restart_count(),
+            "explain": pm.explain() if rank == 0 else ""}
 
 
 def main():
@@ -160,7 +167,11 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="per-device peak for MFU (default: measured matmul rate)")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a hang fails")
+    # fault injection (reliability benchmark, tests): the last rank exits after this step in
+    # torchrun's first attempt; in a restarted attempt ranks > 0 start --restart-skew
+    # seconds late, the start-up skew that exposed stale store keys (runtime/launch.py)
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--restart-skew", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -171,6 +182,8 @@ def main():
     p.add_argument("--json", help="write the run's numbers here")
     args = p.parse_args()
     world = args.dp * args.tp * args.pp
+    if restart_count() > 0 and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(args.restart_skew)
     results = ptdp.launch(train, args, world_size=world, timeout=args.timeout)
     r0 = results[0]
     if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun: rank 0 reports
