@@ -28,13 +28,32 @@ How the replay keeps memory to about one full parameter:
    scratch tensor, the *live slot*, only while ops touch it. When an op touches another
    parameter, the slot is retired: this rank's shard of it (per the plan's placement,
    and only if its pipeline stage holds it) is copied out and the scratch freed. An op
-   on a retired parameter (e.g. ``apply(_init_weights)`` re-drawing it) gets a fresh
-   scratch holding this rank's shard and NaN elsewhere, so random ops still draw at full
-   size and elementwise ops (scale, clamp, zero a row) stay exact on the shard; an op
-   that mixes in other elements of an already retired parameter would carry NaN into
-   the shard, which is detected and refused (``ConfigError``) instead of being wrong.
-   Every other tensor (buffers such as RoPE frequencies, temporaries) is computed for
+   on a retired parameter gets a fresh full-size scratch: an op that overwrites all of
+   it without reading (``apply(_init_weights)``'s ``normal_`` re-drawing a Kaiming-
+   initialised weight, ``fill_``, ``zero_``) needs nothing more; any other op gets this
+   rank's shard written back and NaN elsewhere, so elementwise ops (scale, clamp, zero a
+   row) stay exact on the shard, and an op that mixes in other elements of an already
+   retired parameter carries NaN into the shard, which is detected and refused
+   (``ConfigError``) instead of being wrong. Every other tensor (buffers such as RoPE
+   frequencies, temporaries, a weight built and then discarded by tying) is computed for
    real, as on one device; buffers are handed back whole (they are not sharded).
+
+Cost, measured on this CPU: a 42M-parameter GPT (vocab 32000, 8 layers, h=512) replays
+in 2.1 s against 0.6-0.9 s for the plain build, with 16.4M elements (its largest
+parameter) of scratch at most. A model built on a real device can be re-drawn the same
+way once its layout is fixed (its shards are overwritten in place).
+
+Alternatives set aside: calling each module's ``reset_parameters`` on its shard draws
+other numbers (the stream position and the draw count differ); snapshotting the RNG
+state per op and re-running each parameter's own ops later breaks on ops that link
+tensors (copies, tying) and on the order of draws; building the full model on one rank
+and scattering it needs the memory this exists to avoid.
+
+Limits: ``builder`` must be deterministic (checked: the second pass must create the
+parameters in the first pass's order) and each parameter must own its storage (tied
+weights share one Parameter; a parameter viewing a larger tensor is refused).
+Temporaries the constructor itself makes at full size (``torch.randn(n) * 0.02``: the
+randn and the product) exist at once as they would on one device.
 
 Ops are intercepted at the ATen level (``TorchDispatchMode``), below every Python init
 helper, so ``nn.init``, ``Tensor.normal_``, ``torch.randn(...) * s``, row views
@@ -99,7 +118,6 @@ class _ParamSlot:
     stride: tuple
     meta_base: Optional[torch.Tensor] = None   # 1-D meta tensor on the parameter's storage
     shard: Optional[torch.Tensor] = None       # this rank's piece once retired (if held)
-    retired: bool = False
     garbage: bool = False    # made by an empty-like factory and not touched since: no values
 
 
@@ -123,12 +141,11 @@ class _Replay(TorchDispatchMode):
         self.other_numel = self.peak_other = 0
         self.rehydrated = 0
         self.internal = False
+        self._other_refs: dict = {}     # data_ptr → [live tensor objects, bytes]
 
     # ---- bookkeeping of real non-parameter tensors (for the memory report) -------------
     def _track_other(self, t: torch.Tensor):
         ptr, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-        if not hasattr(self, "_other_refs"):
-            self._other_refs = {}
         count = self._other_refs.get(ptr)
         if count is None:
             self._other_refs[ptr] = [1, n]
@@ -200,7 +217,6 @@ class _Replay(TorchDispatchMode):
         base = self.live.pop(idx)
         self.scratch_numel -= base.numel()
         slot = self.params[idx]
-        slot.retired = True
         if slot.garbage:           # never written: nothing to keep (as on one device)
             return
         shard = self.take(slot.name, self._param_view(idx, base))
@@ -332,8 +348,8 @@ def plan_replay(builder: Callable, full_shapes: dict) -> dict:
     mode = _Replay()
     # no ``torch.device("meta")`` context: builders may skip their init under one (Hugging
     # Face's init_weights does), and pass 2 must take the same path; the mode itself makes
-    # every factory produce meta tensors
-    with mode:
+    # every factory produce meta tensors. fork_rng: a builder that seeds leaves no trace
+    with torch.random.fork_rng(devices=[]), mode:
         model = _call_builder(builder)
     got = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if got != {n: tuple(s) for n, s in full_shapes.items()}:
@@ -372,6 +388,7 @@ def replay_init(builder: Callable, seed: int, full_shapes: dict, take: Callable,
     full-size tensor. Returns ({name: piece}, {buffer name: tensor}, InitReport)."""
     t0 = time.perf_counter()
     slots = slots if slots is not None else plan_replay(builder, full_shapes)
+    slots = {i: _ParamSlot(s.name, s.shape, s.stride) for i, s in slots.items()}  # fresh state
     mode = _Replay(params=slots, take=take, put=put)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
