@@ -61,7 +61,14 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
                                     **reorder.get("config_patches", {})}
         if "decompositions" in reorder:
             kwargs["decompositions"] = reorder["decompositions"]
-        fn = compile_fx(gm, example_inputs, **kwargs)
+        # compile_fx outside Dynamo has no ShapeEnv, and without one Inductor bypasses its
+        # FX-graph and AOTAutograd caches ("No shape env"); a tracing context with its own
+        # (static) ShapeEnv makes compiled chunks cacheable across runs
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+            fn = compile_fx(gm, example_inputs, **kwargs)
     elif codegen == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._functorch.aot_autograd import aot_module_simplified
