@@ -148,7 +148,7 @@ def train(args) -> dict:
             "explain": pm.explain() if rank == 0 else ""}
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--tp", type=int, default=2)
@@ -180,7 +180,11 @@ def main():
     p.add_argument("--codegen", default="inductor", choices=["inductor", "aot_eager"])
     p.add_argument("--explain", action="store_true", help="print what the compiler did")
     p.add_argument("--json", help="write the run's numbers here")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     world = args.dp * args.tp * args.pp
     if restart_count() > 0 and int(os.environ.get("RANK", "0")) > 0:
         time.sleep(args.restart_skew)

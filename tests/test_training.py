@@ -510,3 +510,47 @@ def test_init_weights_misuse_is_refused_and_tp1_applies_at_once():
     want = builder()
     for n, t in pm.full_state_dict().items():
         assert torch.equal(t, want.get_parameter(n)), n
+
+
+# ---- torchrun --max-restarts: an in-place restart resumes from the last checkpoint -------
+TINY_TRAIN_GPT = ["--dp", "1", "--tp", "1", "--pp", "2", "--microbatches", "2", "--steps", "8",
+                  "--batch", "4", "--seq", "16", "--layers", "2", "--width", "32",
+                  "--codegen", "aot_eager", "--peak-tflops", "1"]
+
+
+def _train_gpt_losses_job(argv):
+    from examples.train_gpt import parse_args, train
+    return train(parse_args(argv))["losses"]
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None,
+                    reason="torchrun is not installed")
+def test_torchrun_max_restarts_resumes_from_last_checkpoint(world, tmp_path):
+    """The last of 2 torchrun ranks (pp=2) dies after step 5; torchrun restarts both in place,
+    rank 1 two seconds late: the skew that made the restarted gloo group read the dead
+    attempt's addresses from torchrun's shared store (runtime/launch.py). They must resume
+    from the step-3 checkpoint with the losses of an uninterrupted run (1e-6)."""
+    import json
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rank0.json"
+    cmd = [shutil.which("torchrun"), "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           os.path.join(root, "examples", "train_gpt.py"), *TINY_TRAIN_GPT,
+           "--ckpt-dir", str(tmp_path / "ckpt"), "--ckpt-every", "3", "--resume",
+           "--fail-at-step", "5", "--restart-skew", "2", "--timeout", "30", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # torchrun and its workers: nothing left behind
+        proc.communicate()
+        pytest.fail("torchrun --max-restarts=1 did not finish within 150 s (a hang)")
+    assert proc.returncode == 0, err[-3000:]
+    got = json.loads(out.read_text())
+    assert got["restart_count"] == 1, "the run must have been restarted by torchrun"
+    assert got["first_step"] == 3, "resumed from the last checkpoint (saved after step 3)"
+    want = world(2, _train_gpt_losses_job, TINY_TRAIN_GPT, timeout=120)[0]
+    assert len(want) == 8 and len(got["losses"]) == 5
+    for step, (a, b) in enumerate(zip(got["losses"], want[3:]), start=3):
+        assert abs(a - b) <= 1e-6 * abs(b), (step, a, b)
