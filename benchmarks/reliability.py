@@ -167,11 +167,14 @@ def torchrun_cmd(exe: str, ckpt: str, out: str, steps: int, restarts: int, extra
 
 def run_torchrun(cmd: list, out: str, limit: float = 150):
     """(exit code, stderr tail, rank 0's JSON or None); a run past ``limit`` is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        code, err = p.returncode, p.stderr
+        _, err = proc.communicate(timeout=limit)
+        code = proc.returncode
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        proc.communicate()
         code, err = 124, f"timed out after {limit:.0f} s"
     res = json.load(open(out)) if os.path.exists(out) else None
     return code, (err or "").strip()[-300:], res
