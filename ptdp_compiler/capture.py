@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError
+from .errors import CaptureError, ConfigError
 
 
 class LossModule(nn.Module):
@@ -158,8 +158,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
             u += 1
         else:
             raise CaptureError(f"unsupported graph input kind {spec.kind.name} for '{spec.target}'")
+    constants = dict(ep.constants)
     if real_device is not None:
         _retarget_meta_device(gm, real_device)
+        _give_meta_constants_values(constants, sig, model, real_device)
     gm.recompile()
     tensor_phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(tensor_phs) != len(inputs):
@@ -170,7 +172,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
         ph.meta["ptdp_input_kind"], ph.meta["ptdp_input_name"] = kind, name
     return Captured(
         gm=gm, inputs=inputs, user_leaf_index=user_leaf_index, in_spec=in_spec,
-        constants=dict(ep.constants),
+        constants=constants,
         example_user_inputs=[flat_user[i] for i in user_leaf_index], param_names=param_names)
 
 
@@ -178,8 +180,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
 # A model built under ``with torch.device("meta")`` has no weights to trace with, and
 # torch.export refuses to mix its meta parameters with real inputs. Nothing the graph
 # computes depends on values, so it is captured with the inputs moved to meta too; the
-# device literals the trace then recorded (``arange(..., device=meta)``) are the inputs'
-# device, and are rewritten to it.
+# device literals the trace then recorded (``arange(..., device=meta)``, also inside
+# higher-order-op subgraphs) are the inputs' device, and are rewritten to it; constants
+# the trace lifted are re-made there when empty, refused by name otherwise.
 def _meta_capture_device(model: nn.Module, call) -> Optional[torch.device]:
     """The inputs' device when ``model`` has meta parameters and real inputs, else None."""
     if not any(p.is_meta for p in model.parameters()):
@@ -196,11 +199,53 @@ def _to_meta(call):
 
 
 def _retarget_meta_device(gm: fx.GraphModule, device: torch.device):
+    """Every ``device=meta`` literal becomes ``device``, in the graph and in the subgraphs
+    of its higher-order ops (autocast / set_grad_enabled regions are ``submod_*``
+    GraphModules called by ``wrap_with_*`` nodes: RoPE's frequency computation is one)."""
     def fix(a):
         return device if isinstance(a, torch.device) and a.type == "meta" else a
-    for node in gm.graph.nodes:
-        node.args = tuple(fix(a) for a in node.args)
-        node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            node.args = pytree.tree_map(fix, node.args)
+            node.kwargs = pytree.tree_map(fix, node.kwargs)
+        if sub is not gm:
+            sub.recompile()
+
+
+def _give_meta_constants_values(constants: dict, sig, model: nn.Module,
+                                device: torch.device):
+    """Tensors the trace lifted as constants were made on meta too (a forward's
+    ``torch.tensor([], device=x.device)``: Hugging Face's KV cache starts from one), so
+    they have no values. An empty one needs none: it is re-made on ``device``. One with
+    elements cannot be recovered (its data never reached meta) and is refused by name.
+    Non-persistent buffers are also listed as constants but are read from the module at
+    call time (``pm.init_weights`` gives them the builder's values), so they are left."""
+    for spec in sig.input_specs:
+        if spec.kind != InputKind.CONSTANT_TENSOR:
+            continue
+        t = constants.get(spec.target)
+        if not isinstance(t, torch.Tensor) or not t.is_meta:
+            continue
+        if t.numel() == 0:
+            constants[spec.target] = torch.empty(t.shape, dtype=t.dtype, device=device)
+            continue
+        path = spec.target.removeprefix("model.")
+        owner, _, leaf = path.rpartition(".")
+        try:
+            is_attr = isinstance(getattr(model.get_submodule(owner), leaf, None), torch.Tensor)
+        except AttributeError:
+            is_attr = False
+        how = (f"it is a plain tensor attribute of the meta-built module {owner or 'model'!r}: "
+               "register it in __init__ with register_buffer(name, t, persistent=False) so "
+               "pm.init_weights(builder, seed) gives it its value" if is_attr else
+               "the forward makes it from literal data on the inputs' device (e.g. "
+               "torch.tensor([...], device=x.device)): make it with a factory the graph "
+               "records (torch.full / torch.arange(..., device=x.device)) or as a buffer")
+        raise ConfigError(
+            f"tensor constant {path!r} {tuple(t.shape)} of the meta-built model was captured on "
+            f"meta without values; {how}, or build the model on a real device")
 
 
 def user_tensors(cap: Captured, args, kwargs, target=None) -> list:

@@ -433,11 +433,10 @@ def _init_weights_job(name, built_on):
     return pm.full_state_dict(), float(loss), pm.init_report, still_meta, held
 
 
-# Llama is re-drawn on a model built on cpu: a meta-built Llama is not capturable yet
-# (capture.py keeps device=meta inside the RoPE higher-order op's subgraph, and tensors
-# lifted as constants - its non-persistent inv_freq buffers, forward-made scalars - stay
-# meta, without values); the replay and the tp=2, pp=2 shards are the same code either way
-@pytest.mark.parametrize("name,built_on", [("gpt", "meta"), ("llama", "cpu")])
+# a meta-built Hugging Face Llama: capture retargets device=meta inside the RoPE higher-order
+# op's subgraph and re-makes the KV cache's empty lifted constants on cpu; its non-persistent
+# RoPE buffers get the builder's values. Built on cpu: shards re-drawn in place after compile
+@pytest.mark.parametrize("name,built_on", [("gpt", "meta"), ("llama", "meta"), ("gpt", "cpu")])
 def test_meta_built_model_draws_single_device_init_numbers(world, name, built_on):
     from tests.models import reference_sgd
     torch.manual_seed(INIT_SEED)
