@@ -177,6 +177,7 @@ class ParallelModule:
         key = _signature(mb)
         prog = self._programs.get(key)
         if prog is None:
+            self._check_meta_buffers()
             if self.config.pp > 1:
                 from .stages import PipelineProgram
                 prog = self._programs[key] = PipelineProgram(self, mb)
@@ -333,12 +334,18 @@ class ParallelModule:
                                                                       device=dev)
                     self._params[n] = nn.Parameter(real, requires_grad=p.requires_grad)
                     self._uninitialized.add(n)
-            for name, buf in self.module.named_buffers():
-                if buf.is_meta:
-                    raise ConfigError(f"buffer {name!r} of the meta-built model has no value; "
-                                      "build buffers on a real device (only parameters may be "
-                                      "on meta), or call pm.init_weights(builder, seed) before "
-                                      "the first train_step / compile")
+
+    def _check_meta_buffers(self):
+        """Before a first compile (not in __init__, where there is no pm yet to call
+        init_weights on): a meta buffer left without a value is refused by name."""
+        if getattr(self, "_pending_init", None) is not None:
+            return
+        for name, buf in self.module.named_buffers():
+            if buf.is_meta:
+                raise ConfigError(f"buffer {name!r} of the meta-built model has no value; "
+                                  "build buffers on a real device (only parameters may be "
+                                  "on meta), or call pm.init_weights(builder, seed) before "
+                                  "the first train_step / compile")
 
     def init_weights(self, builder, seed: int):
         """Give a meta-built model's shards the numbers ``torch.manual_seed(seed); builder()``

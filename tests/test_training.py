@@ -553,3 +553,23 @@ def test_torchrun_max_restarts_resumes_from_last_checkpoint(world, tmp_path):
     assert len(want) == 8 and len(got["losses"]) == 5
     for step, (a, b) in enumerate(zip(got["losses"], want[3:]), start=3):
         assert abs(a - b) <= 1e-6 * abs(b), (step, a, b)
+
+
+def test_meta_built_model_with_meta_buffers_single_device_layout_takes_init_weights():
+    """tp=pp=1: parallelize() must not refuse a meta model's buffers before init_weights
+    can be called; the first step then has the single-device loss."""
+    with torch.device("meta"):
+        meta = build("llama")
+    pm = ptdp.parallelize(meta, codegen="aot_eager")
+    args, kwargs = batch("llama", 4)
+    with pytest.raises(ptdp.ConfigError, match="init_weights"):
+        ptdp.parallelize(build_meta_llama(), codegen="aot_eager").train_step(*args, **kwargs)
+    pm.init_weights(lambda: build("llama"), 0)
+    want = build("llama")(*args, **kwargs)
+    want = want.loss if hasattr(want, "loss") else want
+    assert_close_tensor("first loss", pm.train_step(*args, **kwargs), want.detach(), rtol=1e-6)
+
+
+def build_meta_llama():
+    with torch.device("meta"):
+        return build("llama")
