@@ -547,7 +547,7 @@ def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
                         else None
                 ratios = [r["ratio"] for r in runs if r["ratio"] is not None]
                 row = sorted(runs, key=lambda r: r["ratio"] or 0.0)[len(runs) // 2]
-                row["ratios"] = ratios
+                row["ratio_runs"] = " / ".join(f"{x:.2f}" for x in ratios)
                 pl, nl = row.get("ptdp_loss"), row.get("native_loss")
                 row["loss_diff"] = abs(pl - nl) if pl is not None and nl is not None else None
                 row["status"] = "pending" if "ptdp_pending" in row else "measured"
@@ -592,8 +592,8 @@ NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model (tp2_sp wi
         "microbatches 4 with pp; step = forward+backward with every gradient final (native: "
         "Partial DTensor gradients redistributed, tied embedding summed over pp; both return the "
         "loss on every rank), median of {steps} after {warmup} warm-up, slowest rank; "
-        "ratio = native_s / ptdp_s, the row is the median-ratio repeat of {repeats} (ratios lists "
-        "all); bytes = sent per step summed over ranks (ring model, same counter both sides); "
+        "ratio = native_s / ptdp_s, the row is the median-ratio repeat of {repeats} (ratio_runs "
+        "lists all); bytes = sent per step summed over ranks (ring model, same counter both sides); "
         "*_model_lines = model source lines the side needed changed.")
 
 
