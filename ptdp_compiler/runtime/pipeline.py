@@ -8,8 +8,9 @@ send/recv groups per pipeline rank; this module only executes it:
   kept until the matching BACKWARD (the last chunk keeps its weighted loss instead).
 - BACKWARD (c, mb): autograd from the kept outputs with the received output gradients
   (the last chunk: from its weighted loss); the inputs' gradients are what is sent back.
-- a communication group: one ``batch_isend_irecv`` holding every send and recv of the
-  group, waited for with a timeout. Buffers are allocated from shapes known from the
+- a communication group: one ``batch_isend_irecv`` posting every send and recv of the
+  group; a receive is waited for (with a timeout) just before the compute that reads it,
+  a send at the end of the step. Buffers are allocated from shapes known from the
   graph (``Stage.in_meta`` / ``out_meta``) — there is no shape handshake.
 
 Scatter/gather (Narayanan et al. 2021 §4.1): a boundary tensor that is replicated over
@@ -72,6 +73,15 @@ class PipelineComm:
     bytes_sent: int = 0
 
 
+@dataclasses.dataclass
+class _PendingRecv:
+    """Receives posted by a communication group, waited for when first needed."""
+    group: tuple
+    works: list
+    bufs: list
+    metas: list
+
+
 class PipelineRun:
     """The state of one training step on one pipeline rank."""
 
@@ -92,9 +102,8 @@ class PipelineRun:
         self.pending_sends: list = []  # (work, group, buffer) waited for at the end
 
     # ---- compute ------------------------------------------------------------------------
-    def forward(self, c: int, mb: int):
+    def forward(self, c: int, mb: int, received: list):
         st = self.stages[c]
-        received = self.inbox.pop(("act", c - 1, mb), []) if c > 0 else []
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in received]
         args = [self.graph_value(mb, ref) if kind == "graph" else leaves[ref]
                 for kind, ref in st.inputs]
@@ -115,14 +124,10 @@ class PipelineRun:
             self.saved[(c, mb)] = (leaves, outs)
             self.outbox[("act", c, mb)] = [o.detach() for o in outs]
 
-    def backward(self, c: int, mb: int):
+    def backward(self, c: int, mb: int, grads: list):
         leaves, outs = self.saved.pop((c, mb))
         if mb == self.sched.m - 1:
             self.on_last_backward(c)
-        if c == self.nc - 1:
-            grads = [None]
-        else:
-            grads = self.inbox.pop(("grad", c + 1, mb))
         pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -168,25 +173,40 @@ class PipelineRun:
                 gathers.append((key, bufs, metas, a))
         try:
             works = dist.batch_isend_irecv(ops) if ops else []
-            # only the receives gate the next compute; a send is waited for at the end of
-            # the step (its buffer stays alive until then), so no rank idles on a peer
-            # that has not yet posted its matching receive
-            for op, w in zip(ops, works):
-                if op.op is dist.isend:
-                    self.pending_sends.append((w, group, op.tensor))
-                else:
-                    self._wait(w)
         except (RuntimeError, TimeoutError) as e:
             raise PipelinePeerError(self._timeout_message(group, e)) from e
+        # nothing is waited for here: a send at the end of the step (its buffer stays alive
+        # until then), a receive just before the compute that reads it (``_take``), so no
+        # rank idles on a peer while it still has other work in the schedule
+        recv_works = {}
+        for op, w in zip(ops, works):
+            if op.op is dist.isend:
+                self.pending_sends.append((w, group, op.tensor))
+            else:
+                recv_works.setdefault(id(op.tensor), w)
         for key, bufs, metas, a in gathers:
-            tensors = []
-            for buf, meta in zip(bufs, metas):
-                if meta.scatter:
-                    parts = [torch.empty_like(buf) for _ in range(cm.tp)]
-                    dist.all_gather(parts, buf, group=cm.tp_group)
-                    buf = torch.cat(parts)
-                tensors.append(buf.view(meta.shape))
-            self.inbox[key] = tensors
+            self.inbox[key] = _PendingRecv(group, [recv_works[id(b)] for b in bufs], bufs, metas)
+
+    def _take(self, key) -> list:
+        """The tensors received under ``key``: wait for their receives (timed as a comm
+        event, so waiting never counts as compute) and all-gather scattered slices over tp."""
+        pending = self.inbox.pop(key)
+        cm = self.comm
+        t0 = time.time()
+        try:
+            for w in pending.works:
+                self._wait(w)
+        except (RuntimeError, TimeoutError) as e:
+            raise PipelinePeerError(self._timeout_message(pending.group, e)) from e
+        tensors = []
+        for buf, meta in zip(pending.bufs, pending.metas):
+            if meta.scatter:
+                parts = [torch.empty_like(buf) for _ in range(cm.tp)]
+                dist.all_gather(parts, buf, group=cm.tp_group)
+                buf = torch.cat(parts)
+            tensors.append(buf.view(meta.shape))
+        self.events.append(("comm", key[1], key[2], t0, time.time(), pending.group))
+        return tensors
 
     def _wait(self, w):
         if w.wait(timedelta(seconds=self.comm.timeout_s)) is False:
@@ -211,12 +231,17 @@ class PipelineRun:
     def run(self):
         for step in self.sched.steps[self.comm.pp_rank]:
             a = step[0]
-            t0 = time.time()
             if a.kind == FORWARD:
-                self.forward(a.chunk, a.mb)
+                received = self._take(("act", a.chunk - 1, a.mb)) if a.chunk > 0 else []
+                t0 = time.time()
+                self.forward(a.chunk, a.mb, received)
             elif a.kind == BACKWARD:
-                self.backward(a.chunk, a.mb)
+                grads = self._take(("grad", a.chunk + 1, a.mb)) \
+                    if a.chunk < self.nc - 1 else [None]
+                t0 = time.time()
+                self.backward(a.chunk, a.mb, grads)
             else:
+                t0 = time.time()
                 self.communicate(step)
             kind = a.kind if a.is_compute else "comm"
             # the step itself, formatted only when a timeline is drawn (event_detail)
