@@ -17,7 +17,8 @@ A step is forward + backward of one global batch (no optimizer: both sides would
 the same torch.optim code). Reported per configuration: median seconds per step after
 warm-up (the slowest rank's time), the ratio native/ptdp (> 1: ptdp faster), bytes
 sent per step summed over ranks (one TorchDispatchMode counts every c10d / functional
-collective and p2p op for both sides with the ring model: all-reduce 2(t-1)/t·n,
+collective and p2p op for both sides, including those DTensor issues inside its own op
+dispatch, with the ring model: all-reduce 2(t-1)/t·n,
 all-gather (t-1)·n_local, reduce-scatter (t-1)/t·n, send n), the difference of the
 two losses, and — where ptdp is slower — the top ops of one profiled step per side.
 
@@ -46,7 +47,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import (TorchDispatchMode,  # noqa: E402
+                                          is_traceable_wrapper_subclass)
 
 import ptdp_compiler as ptdp  # noqa: E402
 
@@ -163,6 +165,11 @@ class CommBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(is_traceable_wrapper_subclass(t) for t in _tensors((args, kwargs))):
+            # a DTensor op: let DTensor run it with this mode still active, so the
+            # collectives it issues inside its own dispatch (loss_parallel's statistics,
+            # redistributions inside an op's sharding strategy) are counted too
+            return NotImplemented
         ns, name = func.namespace, func._opname
         if ns in ("c10d", "_c10d_functional") and name in _RING:
             first = next(_tensors(args), None)
