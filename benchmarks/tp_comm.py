@@ -27,7 +27,8 @@ must be 1.00. The wrapper also records whether a collective ran in forward or ba
   all-gather bytes − forward reduce-scatter bytes;
 - ``param_grad_bytes``: the per-layer growth of the one bucketed all-reduce that sums the
   gradients of the replicated parameters acting on the sequence shard under SP (two
-  LayerNorms' weights and biases, two row-parallel biases: 6·h per layer);
+  LayerNorms' weights and biases: 4·h per layer; the row-parallel biases need none, their
+  gradient is summed from the all-gathered output gradient, ``ptdp::sp_scatter_bias``);
 - ``outside_layers_bytes``: everything else in the step — the vocab-parallel embedding's
   all-reduce / reduce-scatter, the LM head's input gather, the vocab-parallel
   cross-entropy's max / sum-exp / target-logit all-reduces, the position embedding's

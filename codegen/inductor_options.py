@@ -193,4 +193,6 @@ def _ptdp_collective_decompositions() -> dict:
             torch.ops.ptdp.sp_gather.default:
                 lambda x, d, o, gn, t: C._all_gather(x, d, o, t, gn),
             torch.ops.ptdp.sp_scatter.default:
-                lambda x, d, o, gn, t: C._reduce_scatter(x, d, o, t, gn)}
+                lambda x, d, o, gn, t: C._reduce_scatter(x, d, o, t, gn),
+            torch.ops.ptdp.sp_scatter_bias.default:
+                lambda x, b, d, o, gn, t: C._reduce_scatter(x, d, o, t, gn) + b}

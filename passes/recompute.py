@@ -254,7 +254,8 @@ class RecomputeReport:
 
 
 # ptdp's own custom ops that are deterministic (collectives): safe to run again in backward
-_SAFE_CUSTOM = {"tp_f", "tp_g", "sp_gather", "sp_scatter", "all_reduce_max"}
+_SAFE_CUSTOM = {"tp_f", "tp_g", "sp_gather", "sp_scatter", "sp_scatter_bias",
+                "all_reduce_max"}
 
 
 def replayable(n: fx.Node) -> bool:

@@ -10,8 +10,11 @@ residual stream as sharded along the sequence instead of replicated:
 - norms, dropout and residual adds run on the local sequence shard (they are
   pointwise in the sequence); replicated operands with a sequence axis (position
   embeddings, token-type embeddings) are sliced to the rank's part;
-- parameters used on the sequence shard (norm weights and biases, row-parallel
-  biases, replicated linears such as an MLM transform) see only their shard's
+- a row-parallel linear's bias joins its reduce-scatter (``ptdp::sp_scatter_bias``):
+  the backward all-gathers the output gradient anyway, and its row sum is the full bias
+  gradient on every rank, so the bias needs no gradient all-reduce (Megatron sums it);
+- parameters used on the sequence shard (norm weights and biases, other biases,
+  replicated linears such as an MLM transform) see only their shard's
   gradient: they are wrapped in f so their gradients are summed over tp — one
   ``ptdp::tp_f_bucket`` for all of them, whose backward is a single all-reduce.
 

@@ -657,6 +657,16 @@ class Rewriter:
             mm = self.emit(aten.linear.default if lin.w_out_dim == 0 else
                            (aten.mm.default if node.target is not aten.matmul.default
                             else aten.matmul.default), (x, W), pl=None, like=node)
+            if self.sp and b is not None and self.pl.get(b) is None and \
+                    tuple(_val(lin.bias).shape) == tuple(_val(node).shape[-1:]):
+                # the bias joins the reduce-scatter: its gradient comes from the gathered
+                # output gradient, so it needs no f (collectives.sp_scatter_bias)
+                seq = self.seq_placement(tuple(_val(node).shape), node)
+                out = self.emit(ptdp_ops.sp_scatter_bias.default,
+                                (mm, b, seq.dim, seq.outer, self.gn, self.t), pl=seq, like=node)
+                self.collectives.append(("reduce_scatter", out, f"after {node.name} (+ bias)",
+                                         node))
+                return out
             out = self.reduce_partial(mm, node, node)
             if b is not None:
                 outp = self.pl[out]

@@ -6,6 +6,8 @@
   row-parallel matmul (its partial sums become the full result).
 - ``sp_gather``  (``ptdp::sp_gather``): all-gather forward along ``dim``,
   reduce-scatter backward — sequence parallelism, before a column-parallel linear.
+- ``sp_scatter_bias``: the same with a row-parallel bias added to the shard; the bias
+  gradient is the sum of the all-gathered output gradient (no all-reduce for it).
 - ``sp_scatter`` (``ptdp::sp_scatter``): reduce-scatter forward, all-gather backward —
   sequence parallelism, after a row-parallel linear.
 - ``tp_f_bucket`` (``ptdp::tp_f_bucket``): f for a list of parameters at once — identity
@@ -187,6 +189,37 @@ sp_gather.register_autograd(_gather_backward, setup_context=_setup_sp)
 sp_scatter.register_autograd(_scatter_backward, setup_context=_setup_sp)
 
 
+# A row-parallel linear's bias under SP. Added after the reduce-scatter, the bias acts on
+# the sequence shard and its gradient (the shard's sum) would need an all-reduce over tp,
+# as Megatron does. But the backward of the reduce-scatter all-gathers the output gradient
+# anyway: its sum over every row is the full bias gradient, the same on each rank, so the
+# fused op returns it directly and the bias needs no f (no bytes for it in the bucket).
+@torch.library.custom_op("ptdp::sp_scatter_bias", mutates_args=())
+def sp_scatter_bias(x: torch.Tensor, bias: torch.Tensor, dim: int, outer: int,
+                    group_name: str, t: int) -> torch.Tensor:
+    return _reduce_scatter(x, dim, outer, t, group_name) + bias
+
+
+@sp_scatter_bias.register_fake
+def _(x, bias, dim, outer, group_name, t):
+    return x.new_empty(_scaled_shape(x, dim, 1.0 / t), dtype=torch.promote_types(x.dtype,
+                                                                                 bias.dtype))
+
+
+def _setup_sp_bias(ctx, inputs, output):
+    ctx.dim, ctx.outer, ctx.group_name, ctx.t = inputs[2], inputs[3], inputs[4], inputs[5]
+    ctx.bias_shape, ctx.bias_dtype = inputs[1].shape, inputs[1].dtype
+
+
+def _scatter_bias_backward(ctx, grad):
+    full = sp_gather(grad, ctx.dim, ctx.outer, ctx.group_name, ctx.t)
+    return (full, full.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype),
+            None, None, None, None)
+
+
+sp_scatter_bias.register_autograd(_scatter_bias_backward, setup_context=_setup_sp_bias)
+
+
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------
 @torch.library.custom_op("ptdp::all_reduce_max", mutates_args=())
 def all_reduce_max(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
@@ -205,6 +238,8 @@ TP_COLLECTIVES = {
     torch.ops.ptdp.tp_f_bucket.default: "f over a parameter bucket (one all-reduce bwd)",
     torch.ops.ptdp.sp_gather.default: "all-gather (fwd) / reduce-scatter (bwd)",
     torch.ops.ptdp.sp_scatter.default: "reduce-scatter (fwd) / all-gather (bwd)",
+    torch.ops.ptdp.sp_scatter_bias.default: "reduce-scatter + bias (fwd) / all-gather, the "
+                                            "bias gradient from the gathered rows (bwd)",
     torch.ops.ptdp.all_reduce_max.default: "all-reduce max (no grad)",
 }
 
@@ -215,5 +250,6 @@ FORWARD_KIND = {
     torch.ops.ptdp.tp_f_bucket.default: None,
     torch.ops.ptdp.sp_gather.default: "all_gather",
     torch.ops.ptdp.sp_scatter.default: "reduce_scatter",
+    torch.ops.ptdp.sp_scatter_bias.default: "reduce_scatter",
     torch.ops.ptdp.all_reduce_max.default: "all_reduce",
 }

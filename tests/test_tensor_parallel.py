@@ -177,8 +177,9 @@ def test_collectives_per_decoder_layer(world, sp):
         assert layer == {"all_reduce": 2, "f": 2}, layer
     else:
         # forward: 2 all-gathers + 2 reduce-scatters (backward: their mirror, by autograd);
-        # the tp-partial gradients of the 2 norms' weights and biases and the 2 row-parallel
-        # biases (they act on the sequence shard) join the layer's one gradient bucket
+        # the tp-partial gradients of the 2 norms' weights and biases (they act on the
+        # sequence shard) join the layer's one gradient bucket; the 2 row-parallel biases
+        # ride on their reduce-scatter (gradient from the gathered rows, no all-reduce)
         assert layer.get("all_gather") == 2 and layer.get("reduce_scatter") == 2, layer
         assert layer.get("all_reduce", 0) == 0 and layer.get("f", 0) == 0, layer
         assert layer.get("f_bucket", 0) == 1, layer
@@ -196,11 +197,12 @@ def bucket_job():
 
 def test_sp_norm_gradients_one_bucket_per_layer(world):
     """Under SP every replicated parameter acting on the sequence shard (per layer: 2 norms'
-    weight + bias, 2 row-parallel biases; plus the final norm's) has its gradient summed
-    over tp by ONE all-reduce per layer (parity: test_parity[gpt-2-1-True]). Per layer, not
-    per model: a bucket must not tie two pipeline stages or two compiled regions together."""
+    weight + bias; plus the final norm's) has its gradient summed over tp by ONE all-reduce
+    per layer (parity: test_parity[gpt-2-1-True]). Per layer, not per model: a bucket must
+    not tie two pipeline stages or two compiled regions together. Row-parallel biases are
+    not in it: their gradient is the sum of the gathered output gradient."""
     sizes, reduced = world(2, bucket_job, timeout=300)[0]
-    assert sizes == [6, 6, 2] and sum(sizes) == len(reduced), (sizes, reduced)
+    assert sizes == [4, 4, 2] and sum(sizes) == len(reduced), (sizes, reduced)
 
 
 # ---- named errors -----------------------------------------------------------------------------
@@ -370,9 +372,9 @@ def test_tp_bytes_per_layer_match_megatron_formula(world, sp):
     b, s, h, t = 2, 16, 32, 2
     assert row["measured_bytes"] == row["formula_bytes"] == 8 * b * s * h * (t - 1) / t * 4, row
     # SP: the column inputs re-gathered in backward and the norm/bias gradient bucket
-    # (6·h per layer) are the only other per-layer traffic
+    # (4·h per layer: two norms' weights and biases) are the only other per-layer traffic
     assert row["regather_bytes"] == (2 * b * s * h * (t - 1) / t * 4 if sp else 0), row
-    assert row["param_grad_bytes"] == (2 * (t - 1) / t * 6 * h * 4 if sp else 0), row
+    assert row["param_grad_bytes"] == (2 * (t - 1) / t * 4 * h * 4 if sp else 0), row
 
 
 def test_sp_without_regather_keeps_gathered_inputs_and_matches_single_device(world):
