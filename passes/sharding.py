@@ -81,19 +81,30 @@ def view_rule(in_shape, pl: Shard, out_shape, t: int) -> Optional[Shard]:
     return None
 
 
+def pad_to_shard(full: torch.Tensor, pl: Shard) -> torch.Tensor:
+    """``full`` grown to the padded size a ``PaddedShard`` splits (itself otherwise)."""
+    if not isinstance(pl, PaddedShard):
+        return full
+    pad = [0, 0] * (full.dim() - pl.dim - 1) + [0, pl.padded - full.shape[pl.dim]]
+    return torch.nn.functional.pad(full, pad)
+
+
+def shard_view(full: torch.Tensor, pl: Shard, t: int, r: int) -> torch.Tensor:
+    """Rank ``r``'s piece of a contiguous, already padded ``full`` as a view shaped
+    ``[.., outer, n/(outer·t), ..]`` (``outer`` blocks, each split t ways)."""
+    shape = list(full.shape)
+    d, o = pl.dim, pl.outer
+    return full.view(shape[:d] + [o, t, shape[d] // (o * t)] + shape[d + 1:]).select(d + 1, r)
+
+
 def shard_tensor(full: torch.Tensor, pl: Optional[Shard], t: int, r: int) -> torch.Tensor:
     """This rank's piece of a full tensor (a copy)."""
     if pl is None:
         return full.detach().clone()
-    if isinstance(pl, PaddedShard):
-        pad = [0, 0] * (full.dim() - pl.dim - 1) + [0, pl.padded - full.shape[pl.dim]]
-        full = torch.nn.functional.pad(full.detach(), pad)
+    full = pad_to_shard(full.detach(), pl).contiguous()
     shape = list(full.shape)
-    d, o = pl.dim, pl.outer
-    v = full.detach().reshape(shape[:d] + [o, t, shape[d] // (o * t)] + shape[d + 1:])
-    piece = v.select(d + 1, r)
-    shape[d] //= t
-    return piece.reshape(shape).clone()
+    shape[pl.dim] //= t
+    return shard_view(full, pl, t, r).reshape(shape).clone()
 
 
 def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:

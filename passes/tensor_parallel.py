@@ -179,13 +179,19 @@ class Rewriter:
             self.collectives.append(("all_gather", n, f"before {node.name}", node))
         return self._gather[v]
 
-    def reduce_partial(self, v, old, node):
-        """Partial sums of ``old``'s full shape -> g, or reduce-scatter along the sequence."""
+    def reduce_partial(self, v, old, node, bias=None):
+        """Partial sums of ``old``'s full shape -> g, or reduce-scatter along the sequence.
+        ``bias`` (SP only): a replicated bias added to the shard by the reduce-scatter op,
+        which takes its gradient from the gathered output gradient (no f needed)."""
         if self.sp:
             seq = self.seq_placement(tuple(_val(old).shape), node)
-            n = self.emit(ptdp_ops.sp_scatter.default, (v, seq.dim, seq.outer, self.gn, self.t),
-                          pl=seq, like=node)
-            self.collectives.append(("reduce_scatter", n, f"after {node.name}", node))
+            if bias is None:
+                op, args = ptdp_ops.sp_scatter.default, (v,)
+            else:
+                op, args = ptdp_ops.sp_scatter_bias.default, (v, bias)
+            n = self.emit(op, (*args, seq.dim, seq.outer, self.gn, self.t), pl=seq, like=node)
+            self.collectives.append(("reduce_scatter", n, f"after {node.name}" +
+                                     (" (+ bias)" if bias is not None else ""), node))
         else:
             n = self.emit(ptdp_ops.tp_g.default, (v, self.gn, self.t, "act"), pl=None, like=node)
             self.collectives.append(("all_reduce", n, f"after {node.name}", node))
@@ -661,12 +667,7 @@ class Rewriter:
                     tuple(_val(lin.bias).shape) == tuple(_val(node).shape[-1:]):
                 # the bias joins the reduce-scatter: its gradient comes from the gathered
                 # output gradient, so it needs no f (collectives.sp_scatter_bias)
-                seq = self.seq_placement(tuple(_val(node).shape), node)
-                out = self.emit(ptdp_ops.sp_scatter_bias.default,
-                                (mm, b, seq.dim, seq.outer, self.gn, self.t), pl=seq, like=node)
-                self.collectives.append(("reduce_scatter", out, f"after {node.name} (+ bias)",
-                                         node))
-                return out
+                return self.reduce_partial(mm, node, node, bias=b)
             out = self.reduce_partial(mm, node, node)
             if b is not None:
                 outp = self.pl[out]
@@ -800,8 +801,8 @@ def tensor_parallel(gm: fx.GraphModule, an: _an.Analysis, t: int, rank: int, gro
 def _buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
     """{parameter: key}: parameters read by the same layer (the element of a layer
     container their first reader belongs to, from nn_module_stack) share a bucket; outside
-    the layers, those of one module (e.g. the final norm's weight and bias) do. Per layer, so regional compilation sees identical layers and no bucket
-    spans two pipeline stages."""
+    the layers, those of one module (e.g. the final norm's weight and bias) do. Per layer,
+    so regional compilation sees identical layers and no bucket spans two pipeline stages."""
     from .pipeline_split import _layer_key
     wanted = set(names)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -409,9 +409,10 @@ class ParallelModule:
 def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
                 precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, sp_regather: bool = True,
-                recompute="none", schedule: str | None = None, codegen: str = "inductor", loss_fn=None, seed: int = 0,
-                bucket_mb: float = 25.0, scatter_gather: bool = True, comm_reorder: bool = False, plan: str | None = None,
-                cluster=None, global_batch: int | None = None, example_inputs=None,
+                recompute="none", schedule: str | None = None, codegen: str = "inductor",
+                loss_fn=None, seed: int = 0, bucket_mb: float = 25.0, scatter_gather: bool = True,
+                comm_reorder: bool = False, plan: str | None = None, cluster=None,
+                global_batch: int | None = None, example_inputs=None,
                 example_kwargs: dict | None = None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
@@ -429,8 +430,9 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
-                         sp_regather=sp_regather, recompute=recompute, schedule=schedule, codegen=codegen,
-                         loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb, scatter_gather=scatter_gather, comm_reorder=comm_reorder).validate()
+                         sp_regather=sp_regather, recompute=recompute, schedule=schedule,
+                         codegen=codegen, loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb,
+                         scatter_gather=scatter_gather, comm_reorder=comm_reorder).validate()
     if plan is not None:
         from .planner.auto import parallelize_auto
         return parallelize_auto(model, cfg, plan, cluster, global_batch, example_inputs,

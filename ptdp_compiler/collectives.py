@@ -6,10 +6,10 @@
   row-parallel matmul (its partial sums become the full result).
 - ``sp_gather``  (``ptdp::sp_gather``): all-gather forward along ``dim``,
   reduce-scatter backward — sequence parallelism, before a column-parallel linear.
-- ``sp_scatter_bias``: the same with a row-parallel bias added to the shard; the bias
-  gradient is the sum of the all-gathered output gradient (no all-reduce for it).
 - ``sp_scatter`` (``ptdp::sp_scatter``): reduce-scatter forward, all-gather backward —
   sequence parallelism, after a row-parallel linear.
+- ``sp_scatter_bias``: the same with a row-parallel bias added to the shard; the bias
+  gradient is the sum of the all-gathered output gradient (no all-reduce for it).
 - ``tp_f_bucket`` (``ptdp::tp_f_bucket``): f for a list of parameters at once — identity
   forward, ONE all-reduce of their flattened gradients backward (sequence parallelism's
   norm weights and biases, which see only their sequence shard's gradient).

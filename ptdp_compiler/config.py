@@ -51,10 +51,12 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
+        for name in ("sp_regather", "comm_reorder", "distributed_optimizer"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"{name}={v!r}: must be True or False")
         if self.codegen not in CODEGENS:
             raise ConfigError(f"codegen={self.codegen!r}: choose one of {CODEGENS}")
-        if not isinstance(self.comm_reorder, bool):
-            raise ConfigError(f"comm_reorder={self.comm_reorder!r}: must be True or False")
         if self.comm_reorder and self.codegen != "inductor":
             raise ConfigError(f"comm_reorder=True reorders Inductor's schedule; codegen="
                               f"{self.codegen!r} runs the graph as traced: use "
@@ -74,8 +76,6 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("sequence_parallel=True needs tp > 1 (it splits the tensor-parallel "
                               "all-reduces); set tp >= 2 or sequence_parallel=False")
-        if not isinstance(self.sp_regather, bool):
-            raise ConfigError(f"sp_regather={self.sp_regather!r}: must be True or False")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
         if self.pp > 1:
@@ -83,9 +83,6 @@ class ParallelConfig:
             check_schedule_args(self.schedule, self.pp, self.virtual_stages, self.microbatches)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
-        if not isinstance(self.distributed_optimizer, bool):
-            raise ConfigError(f"distributed_optimizer={self.distributed_optimizer!r}: "
-                              "must be True or False")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target)")
         self._refuse_unimplemented()

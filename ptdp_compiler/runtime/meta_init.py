@@ -462,8 +462,7 @@ def _apply(pm, held, write) -> InitReport:
     def take(name, full):
         if name not in held:
             return None
-        pl = placements.get(name) if t > 1 else None
-        return shard_tensor(full, pl, t, r) if pl is not None else full.detach().clone()
+        return shard_tensor(full, placements.get(name) if t > 1 else None, t, r)
 
     def put(name, full, piece):
         pl = placements.get(name) if t > 1 else None
@@ -504,14 +503,9 @@ def _put_shard(full: torch.Tensor, piece: torch.Tensor, pl, t: int, r: int):
     if pl is None:
         full.copy_(piece)
         return
-    from ..passes.sharding import PaddedShard
-    work = full
-    if isinstance(pl, PaddedShard):
-        pad = [0, 0] * (full.dim() - pl.dim - 1) + [0, pl.padded - full.shape[pl.dim]]
-        work = torch.nn.functional.pad(full, pad)
-    shape = list(work.shape)
-    d, o = pl.dim, pl.outer
-    v = work.view(shape[:d] + [o, t, shape[d] // (o * t)] + shape[d + 1:])
-    v.select(d + 1, r).copy_(piece.reshape(shape[:d] + [o, shape[d] // (o * t)] + shape[d + 1:]))
+    from ..passes.sharding import pad_to_shard, shard_view
+    work = pad_to_shard(full, pl)
+    view = shard_view(work, pl, t, r)
+    view.copy_(piece.reshape(view.shape))
     if work is not full:
         full.copy_(work.narrow(pl.dim, 0, full.shape[pl.dim]))

@@ -164,13 +164,13 @@ class PipelineRun:
                     cm.bytes_sent += buf.numel() * buf.element_size()
                     ops.append(dist.P2POp(dist.isend, buf, peer, tag=a.tag * MAX_BOUNDARY_TENSORS + i))
             else:
-                bufs = []
+                bufs, first = [], len(ops)
                 for i, meta in enumerate(metas):
                     n = meta.numel // cm.tp if meta.scatter else meta.numel
                     buf = torch.empty(n, dtype=meta.dtype)
                     ops.append(dist.P2POp(dist.irecv, buf, peer, tag=a.tag * MAX_BOUNDARY_TENSORS + i))
                     bufs.append(buf)
-                gathers.append((key, bufs, metas, a))
+                gathers.append((key, bufs, metas, first))
         try:
             works = dist.batch_isend_irecv(ops) if ops else []
         except (RuntimeError, TimeoutError) as e:
@@ -178,14 +178,10 @@ class PipelineRun:
         # nothing is waited for here: a send at the end of the step (its buffer stays alive
         # until then), a receive just before the compute that reads it (``_take``), so no
         # rank idles on a peer while it still has other work in the schedule
-        recv_works = {}
-        for op, w in zip(ops, works):
-            if op.op is dist.isend:
-                self.pending_sends.append((w, group, op.tensor))
-            else:
-                recv_works.setdefault(id(op.tensor), w)
-        for key, bufs, metas, a in gathers:
-            self.inbox[key] = _PendingRecv(group, [recv_works[id(b)] for b in bufs], bufs, metas)
+        self.pending_sends += [(w, group, op.tensor) for op, w in zip(ops, works)
+                               if op.op is dist.isend]
+        for key, bufs, metas, first in gathers:
+            self.inbox[key] = _PendingRecv(group, works[first:first + len(bufs)], bufs, metas)
 
     def _take(self, key) -> list:
         """The tensors received under ``key``: wait for their receives (timed as a comm
@@ -193,11 +189,8 @@ class PipelineRun:
         pending = self.inbox.pop(key)
         cm = self.comm
         t0 = time.time()
-        try:
-            for w in pending.works:
-                self._wait(w)
-        except (RuntimeError, TimeoutError) as e:
-            raise PipelinePeerError(self._timeout_message(pending.group, e)) from e
+        for w in pending.works:
+            self._wait(w, pending.group)
         tensors = []
         for buf, meta in zip(pending.bufs, pending.metas):
             if meta.scatter:
@@ -208,16 +201,17 @@ class PipelineRun:
         self.events.append(("comm", key[1], key[2], t0, time.time(), pending.group))
         return tensors
 
-    def _wait(self, w):
-        if w.wait(timedelta(seconds=self.comm.timeout_s)) is False:
-            raise TimeoutError("wait returned False")
+    def _wait(self, w, group: tuple):
+        """Wait for one p2p of ``group``; a failure or timeout names the peer."""
+        try:
+            if w.wait(timedelta(seconds=self.comm.timeout_s)) is False:
+                raise TimeoutError("wait returned False")
+        except (RuntimeError, TimeoutError) as e:
+            raise PipelinePeerError(self._timeout_message(group, e)) from e
 
     def _drain_sends(self):
         for w, group, _ in self.pending_sends:
-            try:
-                self._wait(w)
-            except (RuntimeError, TimeoutError) as e:
-                raise PipelinePeerError(self._timeout_message(group, e)) from e
+            self._wait(w, group)
         self.pending_sends = []
 
     def _timeout_message(self, group, err) -> str:
