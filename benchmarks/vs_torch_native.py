@@ -592,7 +592,10 @@ def print_table(rows):
 
 NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model (tp2_sp with "
         "sp_regather=False: it keeps the all-gathered linear inputs for backward, as the native "
-        "DTensor plan does, instead of Megatron's re-gather); native: eager DTensor "
+        "DTensor plan does, instead of Megatron's re-gather; pp rows with ptdp's default "
+        "split_backward=True: each chunk sends its input gradient before computing weight "
+        "gradients, which fill the schedule's waits — the native schedules compute the whole "
+        "backward before sending); native: eager DTensor "
         "parallelize_module (+ SequenceParallel, loss_parallel) and torch.distributed.pipelining "
         "(static-shape PipelineStage, Schedule1F1B / ScheduleInterleaved1F1B). GPT {layers} layers "
         "h={hidden} s={seq} batch {batch}, Llama the same with GQA 4/2 heads, vocab {vocab}; "

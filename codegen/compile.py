@@ -30,26 +30,39 @@ CODEGENS = ("inductor", "aot_eager")
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor",
-                  comm_reorder: bool = False):
+                  comm_reorder: bool = False, split_backward: bool = False):
     """Return ``fn(*inputs) -> list[Tensor]`` computing ``gm`` with autograd support.
 
     Identical layers are compiled once and their code reused (``regional.py``;
-    ``PTDP_REGIONAL=0`` compiles the whole graph as one)."""
+    ``PTDP_REGIONAL=0`` compiles the whole graph as one). ``split_backward`` compiles
+    each backward as input-gradient and weight-gradient halves so a pipeline can send
+    input gradients before computing weight gradients (``split_backward.py``)."""
     from .regional import compile_regional, regional_enabled
     from .inductor_options import apply_inductor_options, comm_reorder_enabled
     apply_inductor_options()
     compile_one = functools.partial(compile_whole_graph,
-                                    comm_reorder=comm_reorder_enabled(comm_reorder))
+                                    comm_reorder=comm_reorder_enabled(comm_reorder),
+                                    split_backward=split_backward)
     if regional_enabled():
         return compile_regional(gm, example_inputs, codegen, compile_one)
     return compile_one(gm, example_inputs, codegen)
 
 
 def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor",
-                        comm_reorder: bool = False):
+                        comm_reorder: bool = False, split_backward: bool = False):
     """``compile_graph`` without regions: one AOTAutograd trace of the whole graph."""
     from .partition import aot_partition_kwargs   # min-cut honouring recompute tags
+    from . import split_backward as sb
     t0 = time.perf_counter()
+    n_inputs = len(gm.graph.find_nodes(op="placeholder"))
+    weights = sb.weight_input_positions(gm) if split_backward else []
+
+    def split_of(bw):
+        # AOTAutograd's backward returns one gradient per flat forward input; inputs it
+        # lifted from the module (none for ptdp's graphs) would come first
+        off = len(next(iter(bw.graph.find_nodes(op="output"))).args[0]) - n_inputs
+        return sb.split_backward_graph(bw, {off + i for i in weights}) if off >= 0 else None
+
     if codegen == "inductor":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         from torch._inductor.compile_fx import compile_fx
@@ -67,7 +80,17 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
-        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        import contextlib
+        if weights:
+            kwargs["inner_compile"] = functools.partial(_inner_compile_split, split_of)
+        # a split backward is two compiled graphs, which AOTAutograd's cache cannot store
+        # (each half is still in Inductor's FX-graph cache); and no backward input may be
+        # "donated" (its buffer reused by Inductor for temporaries): D would overwrite
+        # saved activations that W reads after it
+        no_aot_cache = torch._functorch.config.patch(enable_autograd_cache=False,
+                                                     donated_buffer=False) \
+            if weights else contextlib.nullcontext()
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))), no_aot_cache:
             fn = compile_fx(gm, example_inputs, **kwargs)
     elif codegen == "aot_eager":
         from functorch.compile import make_boxed_func
@@ -76,11 +99,43 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         def nop(g, _inputs):
             return make_boxed_func(g.forward)
 
-        fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=nop,
+        def bw_nop(g, _inputs):
+            sg = split_of(g) if weights else None
+            if sg is None:
+                return make_boxed_func(g.forward)
+            return sb.SplitBackward(sg, sb.boxed_fx(sg.d_gm), sb.boxed_fx(sg.w_gm))
+
+        fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=bw_nop,
                                    **aot_partition_kwargs(gm, codegen))
     else:
         raise ValueError(f"unknown codegen {codegen!r}; choose one of {CODEGENS}")
     compile_stats["compiles"] += 1
     compile_stats[f"compiles_{codegen}"] += 1
     compile_stats["seconds"] += time.perf_counter() - t0
-    return fn
+    return _tracked(fn) if weights else fn
+
+
+def _tracked(fn):
+    """``fn`` whose backward node tells ``SplitBackward`` which parameters it feeds."""
+    from .split_backward import track_backward_node
+
+    def run(*args):
+        outs = fn(*args)
+        if torch.is_grad_enabled():
+            track_backward_node(outs)
+        return outs
+    return run
+
+
+def _inner_compile_split(split_of, gm: fx.GraphModule, example_inputs, **kwargs):
+    """Inductor's ``inner_compile`` that compiles a backward graph as its D and W halves."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    from . import split_backward as sb
+    sg = split_of(gm) if kwargs.get("is_backward") else None
+    if sg is None:
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+    kw = {**kwargs, "static_input_idxs": []}
+    d_fn = compile_fx_inner(sg.d_gm, list(example_inputs), **kw)
+    w_fn = compile_fx_inner(sg.w_gm, sb.example_inputs_of(sg.w_gm, list(example_inputs),
+                                                         sg.w_input_index), **kw)
+    return sb.SplitBackwardCode(sg, d_fn, w_fn)

@@ -411,7 +411,8 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                 microbatches: int = 1, sequence_parallel: bool = False, sp_regather: bool = True,
                 recompute="none", schedule: str | None = None, codegen: str = "inductor",
                 loss_fn=None, seed: int = 0, bucket_mb: float = 25.0, scatter_gather: bool = True,
-                comm_reorder: bool = False, plan: str | None = None, cluster=None,
+                comm_reorder: bool = False, split_backward: bool = True,
+                plan: str | None = None, cluster=None,
                 global_batch: int | None = None, example_inputs=None,
                 example_kwargs: dict | None = None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
@@ -432,7 +433,8 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          sp_regather=sp_regather, recompute=recompute, schedule=schedule,
                          codegen=codegen, loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb,
-                         scatter_gather=scatter_gather, comm_reorder=comm_reorder).validate()
+                         scatter_gather=scatter_gather, comm_reorder=comm_reorder,
+                         split_backward=split_backward).validate()
     if plan is not None:
         from .planner.auto import parallelize_auto
         return parallelize_auto(model, cfg, plan, cluster, global_batch, example_inputs,

@@ -35,6 +35,9 @@ class ParallelConfig:
     # Inductor's compute/communication reordering of the collectives (codegen/inductor_options
     # .py); PTDP_COMM_REORDER=0/1 overrides it. Helps where collectives run asynchronously
     comm_reorder: bool = False
+    # pipeline: a chunk's backward computes and sends its input gradient first and its
+    # weight gradients after the send (codegen/split_backward.py); False: one backward
+    split_backward: bool = True
     loss_fn: Optional[Callable] = None
     seed: int = 0
     bucket_mb: float = 25.0
@@ -51,7 +54,7 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-        for name in ("sp_regather", "comm_reorder", "distributed_optimizer"):
+        for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be True or False")

@@ -87,7 +87,9 @@ class PipelineProgram:
                     example.append(self._value(key, users))
             out_meta = [] if k == p * v - 1 else [
                 _boundary_meta(o, cfg.tp, sg) for o in out_node.args[0]]
-            fn = compile_graph(ch.gm, example, cfg.codegen, cfg.comm_reorder)
+            # chunk 0 sends no input gradient: nothing to gain from splitting its backward
+            fn = compile_graph(ch.gm, example, cfg.codegen, cfg.comm_reorder,
+                               split_backward=cfg.split_backward and k > 0)
             self.stages[k] = Stage(k, fn, inputs, in_meta, out_meta, self.chunk_params[k])
         tp_size, pp_size = cfg.tp, cfg.pp
         base = coords.dp_rank * pp_size * tp_size + coords.tp_rank   # same dp and tp coords
@@ -163,7 +165,8 @@ class PipelineProgram:
                     buckets.set_reduced_grad(p, g)
 
     # ---- one step ------------------------------------------------------------------------
-    def run(self, microbatches, weights, rng, step, on_last_backward, loss_scale=1.0):
+    def run(self, microbatches, weights, rng, step, on_last_backward, loss_scale=1.0,
+            not_final=None):
         cache: dict = {}
 
         def graph_value(i, key):
@@ -172,7 +175,8 @@ class PipelineProgram:
             return self._value(key, cache[i])
 
         run = PipelineRun(self.schedule, self.stages, self.comm, graph_value, weights, rng,
-                          step, on_last_backward, loss_scale)
+                          step, on_last_backward, loss_scale,
+                          split_backward=self._pm.config.split_backward, not_final=not_final)
         loss_sum = run.run()
         self.events = run.events
         return loss_sum

@@ -12,7 +12,7 @@ import os
 
 import torch.distributed as dist
 
-from .runtime.pipeline import event_detail, peak_inflight
+from .runtime.pipeline import WEIGHT_GRAD, event_detail, peak_inflight
 from .runtime.schedules import BACKWARD, FORWARD
 
 
@@ -43,7 +43,8 @@ def measure(pipe: list) -> dict:
     t1 = max(e[4] for e in evs)
     per_rank = []
     for r in pipe:
-        busy = sum(e[4] - e[3] for e in r["events"] if e[0] in (FORWARD, BACKWARD))
+        busy = sum(e[4] - e[3] for e in r["events"]
+                   if e[0] in (FORWARD, BACKWARD, WEIGHT_GRAD))
         per_rank.append((t1 - t0 - busy) / busy if busy else float("nan"))
     return {"bubble": sum(per_rank) / len(per_rank), "bubble_per_rank": per_rank,
             "peak_inflight": [peak_inflight(r["events"]) for r in pipe],
@@ -58,7 +59,8 @@ def chrome_trace(tl: dict) -> dict:
         out.append({"name": "process_name", "ph": "M", "pid": pid,
                     "args": {"name": f"rank {pid} (dp={r['dp']} pp={r['pp']} tp={r['tp']})"}})
         for kind, chunk, mb, s, e, detail in r["events"]:
-            name = f"{kind}{chunk}.{mb}" if kind in (FORWARD, BACKWARD) else "p2p"
+            name = f"{kind}{chunk}.{mb}" if kind in (FORWARD, BACKWARD, WEIGHT_GRAD) \
+                else "p2p"
             out.append({"name": name, "ph": "X", "pid": pid, "tid": 0 if name != "p2p" else 1,
                         "ts": (s - t0) * 1e6, "dur": max(e - s, 0.0) * 1e6,
                         "cat": kind, "args": {"chunk": chunk, "microbatch": mb,
@@ -78,19 +80,20 @@ def draw(tl: dict, path: str):
     for r in pipe:
         y = len(pipe) - 1 - r["pp"]
         for kind, chunk, mb, s, e, _ in r["events"]:
-            if kind not in (FORWARD, BACKWARD):
+            if kind not in (FORWARD, BACKWARD, WEIGHT_GRAD):
                 continue
             color = cmap(mb % 10)
             ax.broken_barh([((s - t0) * 1e3, (e - s) * 1e3)], (y + 0.1, 0.8),
                            facecolors=color, alpha=0.45 if kind == FORWARD else 0.95,
-                           edgecolor="black", linewidth=0.3)
+                           edgecolor="black", linewidth=0.3,
+                           hatch="//" if kind == WEIGHT_GRAD else None)
             if nc > 1 and (e - s) * 1e3 > 0:
                 ax.text((s + e - 2 * t0) * 5e2, y + 0.5, f"{mb}" + (f"/{chunk}" if tl["v"] > 1
                                                                    else ""),
                         ha="center", va="center", fontsize=6)
     ax.set_yticks([len(pipe) - 1 - r["pp"] + 0.5 for r in pipe])
     ax.set_yticklabels([f"stage {r['pp']}" for r in pipe])
-    ax.set_xlabel("ms (light: forward, dark: backward; label microbatch[/chunk]; colour per microbatch)")
+    ax.set_xlabel("ms (light: forward, dark: backward, hatched: deferred weight gradients; label microbatch[/chunk]; colour per microbatch)")
     bub = tl.get("bubble")
     ax.set_title(f"{tl['schedule']} p={tl['p']} v={tl['v']} m={tl['m']}" +
                  (f" — measured bubble {bub:.3f}, formula (p-1)/(v·m) = "

@@ -265,3 +265,34 @@ def inductor_job(cfg):
                                      compile_stats["compiles_inductor"]))
     assert compiles[0] > 0 and compiles[-1] == compiles[0], f"recompiled: {compiles}"
     return losses, grads
+
+
+def _split_backward_job(split):
+    pm = ptdp.parallelize(_model("gpt", 4), pp=2, microbatches=4, codegen="aot_eager",
+                          split_backward=split)
+    args, kwargs = batch("gpt", GB)
+    losses, grads = parallel_sgd(pm, args, kwargs, 2, LR)
+    return losses, grads, pm.timeline()
+
+
+def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_number(world):
+    """The last stage's backward sends its input gradient, then computes weight gradients
+    (events ``W``), at most one backward's worth late; results equal the unsplit backward."""
+    from ptdp_compiler.runtime.pipeline import WEIGHT_GRAD
+    from ptdp_compiler.runtime.schedules import SEND_GRAD
+    split, unsplit = world(2, _split_backward_job, True, timeout=300), \
+        world(2, _split_backward_job, False, timeout=300)
+    for (l1, g1, _), (l2, g2, _) in zip(split, unsplit):
+        for s in range(2):
+            assert_close_tensor(f"step {s} loss", l1[s], l2[s], rtol=1e-6)
+            for k in g2[s]:
+                assert_close_tensor(f"step {s} grad {k}", g1[s][k], g2[s][k], rtol=1e-6)
+    first, last = split[0][2]["pipeline"]
+    assert not [e for e in first["events"] if e[0] == WEIGHT_GRAD]   # chunk 0 sends nothing
+    ws = [e for e in last["events"] if e[0] == WEIGHT_GRAD]
+    assert sorted(e[2] for e in ws) == [0, 1, 2, 3]
+    for _, c, mb, start, _, _ in ws:
+        sent = [e for e in last["events"] if e[0] == "comm" and not isinstance(e[5], str)
+                and any(a.kind == SEND_GRAD and (a.chunk, a.mb) == (c, mb) for a in e[5])]
+        assert sent and sent[0][4] <= start, f"W{c}.{mb} ran before its input gradient was sent"
+    assert [e[0] for e in unsplit[1][2]["pipeline"][1]["events"]].count(WEIGHT_GRAD) == 0

@@ -3,7 +3,8 @@ import pytest
 
 from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.runtime.schedules import (SCHEDULE_NAMES, build_schedule, bubble_fraction,
-                                             expected_peak_inflight, play, validate)
+                                             expected_peak_inflight, play, validate,
+                                             weight_grad_slots)
 
 
 def _configs():
@@ -63,3 +64,36 @@ def test_sends_and_recvs_pair_with_unique_tags():
     recvs = {(a.peer, r, a.tag) for r, st in enumerate(s.steps) for g in st for a in g
              if a.kind.startswith("RECV")}
     assert sends == recvs and len(sends) == 2 * 8 * (4 * 2 - 1)
+
+
+@pytest.mark.parametrize("name,p,v,m", [("1f1b", 2, 1, 4), ("1f1b", 4, 1, 8),
+                                        ("interleaved", 2, 2, 4), ("interleaved", 4, 2, 8),
+                                        ("gpipe", 2, 1, 4)])
+def test_weight_grad_slots_follow_their_backward_and_bound_the_queue(name, p, v, m):
+    """A deferred W runs only after its backward, never more than the bound wait past a
+    compute step, and every W is placed (the rest after the last step)."""
+    sched = build_schedule(name, p, v, m)
+    slots = weight_grad_slots(sched, max_pending=1)
+    for r in range(p):
+        order = sched.compute_order(r)
+        assert len(slots[r]) == len(order)
+        queued = 0
+        for n, a in zip(slots[r], order):
+            assert n <= queued, f"rank {r}: W placed before its backward at {a}"
+            queued -= n
+            assert queued <= 1, f"rank {r}: {queued} backwards' W queued at {a}"
+            if a.kind == "B" and a.chunk > 0:
+                queued += 1
+        n_split = sum(1 for a in order if a.kind == "B" and a.chunk > 0)
+        assert sum(slots[r]) <= n_split
+
+
+def test_weight_grad_slots_fill_the_1f1b_bubble_of_the_last_stage():
+    """1F1B, p=2, m=4: the last stage's W of microbatch k runs while it waits for the
+    activation of microbatch k+2; the last two run at the end, beside stage 0's backward."""
+    sched = build_schedule("1f1b", 2, 1, 4)
+    slots = weight_grad_slots(sched)
+    assert slots[0] == [0] * 8                       # chunk 0 does not split its backward
+    order = [f"{a.kind}{a.mb}" for a in sched.compute_order(1)]
+    assert order == ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]
+    assert slots[1] == [0, 0, 0, 0, 1, 0, 1, 0]      # W0 before F2, W1 before F3

@@ -8,6 +8,8 @@ The loss is already weighted by the global token count, so the reduction is a SU
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -29,6 +31,7 @@ class GradBuckets:
             self._add_bucket(cur)
         self._owner = {p: b for b in self.buckets for p in b["views"]}
         self._final = False
+        self._suspended = False
         self._handles = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
@@ -66,6 +69,17 @@ class GradBuckets:
         if self._final is not True:
             self._final = (self._final or set()) | {p for p in params if p in self._owner}
 
+    @contextlib.contextmanager
+    def not_final(self):
+        """Accumulations inside are not final even after ``mark_final`` (a pipeline's
+        deferred weight gradients of an earlier microbatch, run after the last one's
+        backward began)."""
+        prev, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = prev
+
     def _on_grad(self, p):
         b = self._bucket_of(p)
         view = b["views"][p]
@@ -73,7 +87,7 @@ class GradBuckets:
             # the optimizer (or user) replaced .grad: fold it back into the bucket
             view.copy_(p.grad)
             p.grad = view
-        if not self.reduce:          # a single replica: nothing to launch
+        if not self.reduce or self._suspended:   # nothing to launch (yet)
             return
         if not self._final or (self._final is not True and p not in self._final):
             return

@@ -98,7 +98,8 @@ def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_
 
     # fp16: the backward seed carries the dynamic loss scale (runtime/precision.py)
     loss_sum = prog.run(microbatches, weights, rng, step, on_last_backward,
-                        loss_scale=getattr(buckets, "loss_scale", 1.0))
+                        loss_scale=getattr(buckets, "loss_scale", 1.0),
+                        not_final=buckets.not_final)
     buckets.finish()
     prog.reduce_tied_grads()
     return global_loss(loss_sum, pp_group, dp_group)

@@ -8,6 +8,14 @@ send/recv groups per pipeline rank; this module only executes it:
   kept until the matching BACKWARD (the last chunk keeps its weighted loss instead).
 - BACKWARD (c, mb): autograd from the kept outputs with the received output gradients
   (the last chunk: from its weighted loss); the inputs' gradients are what is sent back.
+  With ``split_backward`` (chunks c > 0) the compiled backward computes only the input
+  gradients and queues the weight gradients (codegen/split_backward.py), so the previous
+  stage gets its gradient without waiting for them. Queued weight gradients run (event
+  kind ``W``), oldest first, where ``schedules.weight_grad_slots`` puts them: where the
+  rank would otherwise wait for its next input in a unit-cost replay of the schedule, or
+  when more than ``MAX_DEFERRED_BACKWARDS`` are queued; all before the step ends. The
+  placement depends only on the schedule, never on timing, so every tensor-parallel rank
+  of a stage runs the same collectives in the same order.
 - a communication group: one ``batch_isend_irecv`` posting every send and recv of the
   group; a receive is waited for (with a timeout) just before the compute that reads it,
   a send at the end of the step. Buffers are allocated from shapes known from the
@@ -23,6 +31,7 @@ them into a Chrome trace and a picture.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -32,11 +41,15 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
-                        Schedule)
+                        Schedule, weight_grad_slots)
 
 MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
+WEIGHT_GRAD = "W"           # event kind: deferred weight gradients of a backward
+MAX_DEFERRED_BACKWARDS = 1  # backwards whose weight gradients may wait past a compute step
+                            # (each holds its saved activations until its W runs)
 
 
 @dataclasses.dataclass
@@ -87,7 +100,8 @@ class PipelineRun:
 
     def __init__(self, sched: Schedule, stages: dict, comm: PipelineComm,
                  graph_value: Callable, weights: list, rng, step: int,
-                 on_last_backward: Callable[[int], None], loss_scale: float = 1.0):
+                 on_last_backward: Callable[[int], None], loss_scale: float = 1.0,
+                 split_backward: bool = False, not_final: Optional[Callable] = None):
         self.sched, self.stages, self.comm = sched, stages, comm
         self.graph_value = graph_value      # (mb, (kind, name)) -> tensor
         self.weights, self.rng, self.step = weights, rng, step
@@ -100,6 +114,14 @@ class PipelineRun:
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.events: list = []     # (kind, chunk, mb, start, end, detail)
         self.pending_sends: list = []  # (work, group, buffer) waited for at the end
+        self.split_backward = split_backward
+        # context in which gradient accumulation does not count as final for data-parallel
+        # buckets: deferred weight gradients of a microbatch before the last can run after
+        # the last microbatch's backward marked its chunk's parameters final
+        self.not_final = not_final or contextlib.nullcontext
+        self.weight_grads: list = []   # (chunk, mb, DeferredWeightGrads) not yet computed
+        self.w_slots = weight_grad_slots(sched, MAX_DEFERRED_BACKWARDS)[comm.pp_rank] \
+            if split_backward else None
 
     # ---- compute ------------------------------------------------------------------------
     def forward(self, c: int, mb: int, received: list):
@@ -129,11 +151,25 @@ class PipelineRun:
         if mb == self.sched.m - 1:
             self.on_last_backward(c)
         pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-        if pairs:
+        if pairs and self.split_backward and c > 0:
+            with defer_weight_grads() as queue:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            self.weight_grads.append((c, mb, queue))
+        elif pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if c > 0:
             self.outbox[("grad", c, mb)] = [
                 x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+
+    def run_weight_grads(self, keep: int = 0):
+        """Compute queued weight gradients, oldest backward first, until at most ``keep``
+        backwards' remain queued."""
+        while len(self.weight_grads) > keep:
+            c, mb, queue = self.weight_grads.pop(0)
+            t0 = time.time()
+            with self.not_final() if mb < self.sched.m - 1 else contextlib.nullcontext():
+                queue.run()
+            self.events.append((WEIGHT_GRAD, c, mb, t0, time.time(), ""))
 
     # ---- communication ------------------------------------------------------------------
     def _meta_for(self, a) -> list:
@@ -223,8 +259,12 @@ class PipelineRun:
 
     # ---- the step -----------------------------------------------------------------------
     def run(self):
+        k = 0       # compute steps so far
         for step in self.sched.steps[self.comm.pp_rank]:
             a = step[0]
+            if a.is_compute and self.w_slots:   # deferred weight gradients due here
+                self.run_weight_grads(keep=max(len(self.weight_grads) - self.w_slots[k], 0))
+                k += 1
             if a.kind == FORWARD:
                 received = self._take(("act", a.chunk - 1, a.mb)) if a.chunk > 0 else []
                 t0 = time.time()
@@ -241,6 +281,7 @@ class PipelineRun:
             # the step itself, formatted only when a timeline is drawn (event_detail)
             self.events.append((kind, a.chunk, a.mb, t0, time.time(),
                                 "" if a.is_compute else step))
+        self.run_weight_grads()
         t0 = time.time()
         self._drain_sends()
         self.events.append(("comm", -1, -1, t0, time.time(), "wait for outstanding sends"))

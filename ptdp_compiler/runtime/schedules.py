@@ -281,6 +281,67 @@ def build_schedule(name: str, p: int, v: int = 1, m: int = 1) -> Schedule:
 
 
 # ------------------------------------------------------------------------------------------
+# deferred weight gradients (split backward)
+# ------------------------------------------------------------------------------------------
+def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0,
+                      cost_d: float = 1.0, cost_w: float = 1.0) -> list:
+    """Where each rank runs the weight gradients of its split backward passes.
+
+    With a split backward, BACKWARD (c, mb) of a chunk c > 0 computes only the input
+    gradient (D) and leaves its weight gradients (W) queued. This replays the compute
+    orders with unit costs (F, D, W; chunk 0's backward is D + W in one) and runs a
+    queued W, oldest first, whenever a rank would otherwise wait for its next input, or
+    when more than ``max_pending`` backwards' W are queued — the zero-bubble idea of
+    filling pipeline bubbles with weight gradients (Qi et al. 2023), decided from the
+    schedule alone so every tensor-parallel rank of a stage agrees.
+
+    Returns, per rank, one count per compute step of ``sched.compute_order(rank)``: how
+    many queued W to run before that step; the rest run after the last step.
+    """
+    p, nc = sched.p, sched.num_chunks
+    orders = [sched.compute_order(r) for r in range(p)]
+    ptr, clock = [0] * p, [0.0] * p
+    pending = [0] * p
+    slots = [[0] * len(o) for o in orders]
+    end: dict = {}     # (kind, chunk, mb) -> end time (BACKWARD: when D is done)
+    left = sum(len(o) for o in orders)
+    while left:
+        # the rank that is furthest behind moves next (global time order)
+        r = min((q for q in range(p) if ptr[q] < len(orders[q])), key=lambda q: clock[q])
+        a = orders[r][ptr[r]]
+        if a.kind == FORWARD:
+            deps = [(FORWARD, a.chunk - 1, a.mb)] if a.chunk > 0 else []
+        else:
+            deps = [(FORWARD, a.chunk, a.mb)] + \
+                ([(BACKWARD, a.chunk + 1, a.mb)] if a.chunk < nc - 1 else [])
+        known = all(d in end for d in deps)
+        ready = max([end[d] for d in deps], default=0.0) if known else float("inf")
+        if pending[r] and (ready > clock[r] or pending[r] > max_pending):
+            pending[r] -= 1                  # fill the wait (or bound memory) with one W
+            slots[r][ptr[r]] += 1
+            clock[r] += cost_w
+            continue
+        if not known:                        # nothing to do: wait for the slower ranks
+            others = [clock[q] for q in range(p) if q != r and ptr[q] < len(orders[q])]
+            if not others or min(others) > clock[r] + 1e9:
+                raise DeadlockError(f"{sched.name}: cannot place weight gradients")
+            clock[r] = max(clock[r], min(others)) + 1e-9
+            continue
+        start = max(clock[r], ready)
+        if a.kind == FORWARD:
+            clock[r] = start + cost_f
+        elif a.chunk > 0:
+            clock[r] = start + cost_d
+            pending[r] += 1
+        else:
+            clock[r] = start + cost_d + cost_w
+        end[(a.kind, a.chunk, a.mb)] = clock[r]
+        ptr[r] += 1
+        left -= 1
+    return slots
+
+
+# ------------------------------------------------------------------------------------------
 # playing a schedule (shared by the validator and the planner's simulator)
 # ------------------------------------------------------------------------------------------
 class DeadlockError(RuntimeError):
@@ -500,5 +561,5 @@ def stage_counts(sched: Schedule) -> list:
 
 __all__ = ["Action", "Schedule", "build_schedule", "validate", "play", "PlayResult", "Event",
            "DeadlockError", "ScheduleError", "expected_peak_inflight", "interleaved_warmup",
-           "bubble_fraction", "compute_orders", "check_schedule_args", "FORWARD", "BACKWARD",
+           "bubble_fraction", "compute_orders", "check_schedule_args", "weight_grad_slots", "FORWARD", "BACKWARD",
            "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD", "SCHEDULE_NAMES", "make_tag"]
