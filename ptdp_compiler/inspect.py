@@ -25,6 +25,13 @@ def explain(pm) -> str:
     lines.append(f"  data-parallel gradient buckets: {pm._buckets.num_buckets} "
                  f"({_fmt_bytes(pm._buckets.nbytes)}), reduced with SUM of "
                  "loss-weighted gradients, overlapped with backward")
+    if c.pp > 1:
+        from .codegen.split_backward import split_stats
+        lines.append(
+            "  split backward: " + (
+                "on — chunks after the first send input gradients before computing weight "
+                f"gradients (this process so far: {split_stats['deferred']} deferred, "
+                f"{split_stats['inline']} run inline)" if c.split_backward else "off"))
     if not pm._programs:
         lines.append("  (no step run yet: capture and compile happen on the first train_step)")
         return "\n".join(lines)

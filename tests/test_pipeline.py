@@ -272,7 +272,7 @@ def _split_backward_job(split):
                           split_backward=split)
     args, kwargs = batch("gpt", GB)
     losses, grads = parallel_sgd(pm, args, kwargs, 2, LR)
-    return losses, grads, pm.timeline()
+    return losses, grads, pm.timeline(), pm.explain()
 
 
 def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_number(world):
@@ -282,7 +282,7 @@ def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_num
     from ptdp_compiler.runtime.schedules import SEND_GRAD
     split, unsplit = world(2, _split_backward_job, True, timeout=300), \
         world(2, _split_backward_job, False, timeout=300)
-    for (l1, g1, _), (l2, g2, _) in zip(split, unsplit):
+    for (l1, g1, _, _), (l2, g2, _, _) in zip(split, unsplit):
         for s in range(2):
             assert_close_tensor(f"step {s} loss", l1[s], l2[s], rtol=1e-6)
             for k in g2[s]:
@@ -296,3 +296,5 @@ def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_num
                 and any(a.kind == SEND_GRAD and (a.chunk, a.mb) == (c, mb) for a in e[5])]
         assert sent and sent[0][4] <= start, f"W{c}.{mb} ran before its input gradient was sent"
     assert [e[0] for e in unsplit[1][2]["pipeline"][1]["events"]].count(WEIGHT_GRAD) == 0
+    assert "split backward: on" in split[1][3] and " 0 deferred" not in split[1][3]
+    assert "split backward: off" in unsplit[1][3]
