@@ -68,7 +68,8 @@ def test_sends_and_recvs_pair_with_unique_tags():
 
 @pytest.mark.parametrize("name,p,v,m", [("1f1b", 2, 1, 4), ("1f1b", 4, 1, 8),
                                         ("interleaved", 2, 2, 4), ("interleaved", 4, 2, 8),
-                                        ("gpipe", 2, 1, 4)])
+                                        ("gpipe", 2, 1, 4), ("gpipe", 4, 1, 8),
+                                        ("interleaved", 8, 4, 64)])
 def test_weight_grad_slots_follow_their_backward_and_bound_the_queue(name, p, v, m):
     """A deferred W runs only after its backward, never more than the bound wait past a
     compute step, and every W is placed (the rest after the last step)."""

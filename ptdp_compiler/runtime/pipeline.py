@@ -120,8 +120,7 @@ class PipelineRun:
         # the last microbatch's backward marked its chunk's parameters final
         self.not_final = not_final or contextlib.nullcontext
         self.weight_grads: list = []   # (chunk, mb, DeferredWeightGrads) not yet computed
-        self.w_slots = weight_grad_slots(sched, MAX_DEFERRED_BACKWARDS)[comm.pp_rank] \
-            if split_backward else None
+        self.w_slots = _weight_grad_slots(sched)[comm.pp_rank] if split_backward else None
 
     # ---- compute ------------------------------------------------------------------------
     def forward(self, c: int, mb: int, received: list):
@@ -287,6 +286,15 @@ class PipelineRun:
         self.events.append(("comm", -1, -1, t0, time.time(), "wait for outstanding sends"))
         assert not self.saved, f"activations left after the step: {list(self.saved)}"
         return self.loss_sum
+
+
+def _weight_grad_slots(sched: Schedule) -> list:
+    """``weight_grad_slots`` of ``sched``, computed once per schedule object."""
+    cached = sched.__dict__.get("_weight_grad_slots")
+    if cached is None:
+        cached = sched.__dict__["_weight_grad_slots"] = weight_grad_slots(
+            sched, MAX_DEFERRED_BACKWARDS)
+    return cached
 
 
 def event_detail(detail) -> str:

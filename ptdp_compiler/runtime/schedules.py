@@ -304,30 +304,36 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
     pending = [0] * p
     slots = [[0] * len(o) for o in orders]
     end: dict = {}     # (kind, chunk, mb) -> end time (BACKWARD: when D is done)
-    left = sum(len(o) for o in orders)
-    while left:
-        # the rank that is furthest behind moves next (global time order)
-        r = min((q for q in range(p) if ptr[q] < len(orders[q])), key=lambda q: clock[q])
+
+    def next_event(r):
+        """(start time, is_w) of rank r's next event, or None while it can only wait."""
         a = orders[r][ptr[r]]
         if a.kind == FORWARD:
             deps = [(FORWARD, a.chunk - 1, a.mb)] if a.chunk > 0 else []
         else:
             deps = [(FORWARD, a.chunk, a.mb)] + \
                 ([(BACKWARD, a.chunk + 1, a.mb)] if a.chunk < nc - 1 else [])
-        known = all(d in end for d in deps)
-        ready = max([end[d] for d in deps], default=0.0) if known else float("inf")
+        ready = max([end[d] for d in deps], default=0.0) \
+            if all(d in end for d in deps) else float("inf")
         if pending[r] and (ready > clock[r] or pending[r] > max_pending):
-            pending[r] -= 1                  # fill the wait (or bound memory) with one W
+            return clock[r], True            # fill the wait (or bound memory) with one W
+        if ready == float("inf"):
+            return None
+        return max(clock[r], ready), False
+
+    # discrete events in global time order (ties: lower rank first)
+    while any(ptr[r] < len(orders[r]) for r in range(p)):
+        events = [(ev[0], r, ev[1]) for r in range(p) if ptr[r] < len(orders[r])
+                  for ev in [next_event(r)] if ev is not None]
+        if not events:
+            raise DeadlockError(f"{sched.name}: cannot place weight gradients")
+        start, r, is_w = min(events)
+        if is_w:
+            pending[r] -= 1
             slots[r][ptr[r]] += 1
-            clock[r] += cost_w
+            clock[r] = start + cost_w
             continue
-        if not known:                        # nothing to do: wait for the slower ranks
-            others = [clock[q] for q in range(p) if q != r and ptr[q] < len(orders[q])]
-            if not others or min(others) > clock[r] + 1e9:
-                raise DeadlockError(f"{sched.name}: cannot place weight gradients")
-            clock[r] = max(clock[r], min(others)) + 1e-9
-            continue
-        start = max(clock[r], ready)
+        a = orders[r][ptr[r]]
         if a.kind == FORWARD:
             clock[r] = start + cost_f
         elif a.chunk > 0:
@@ -337,7 +343,6 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
             clock[r] = start + cost_d + cost_w
         end[(a.kind, a.chunk, a.mb)] = clock[r]
         ptr[r] += 1
-        left -= 1
     return slots
 
 
