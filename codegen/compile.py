@@ -17,6 +17,7 @@ counts compiles, which tests use to prove there is no recompile per step).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import time
@@ -80,7 +81,6 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
-        import contextlib
         if weights:
             kwargs["inner_compile"] = functools.partial(_inner_compile_split, split_of)
         # a split backward is two compiled graphs, which AOTAutograd's cache cannot store
@@ -136,6 +136,5 @@ def _inner_compile_split(split_of, gm: fx.GraphModule, example_inputs, **kwargs)
         return compile_fx_inner(gm, example_inputs, **kwargs)
     kw = {**kwargs, "static_input_idxs": []}
     d_fn = compile_fx_inner(sg.d_gm, list(example_inputs), **kw)
-    w_fn = compile_fx_inner(sg.w_gm, sb.example_inputs_of(sg.w_gm, list(example_inputs),
-                                                         sg.w_input_index), **kw)
+    w_fn = compile_fx_inner(sg.w_gm, sb.w_example_inputs(sg, list(example_inputs)), **kw)
     return sb.SplitBackwardCode(sg, d_fn, w_fn)

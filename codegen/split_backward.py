@@ -41,13 +41,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import operator
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 
-# per process: backward calls that deferred W / ran W inline / were not split at all
+from ptdp_compiler.passes.analyze import ancestors
+
+# per process: split backward calls that deferred W / ran W inline
 split_stats = collections.Counter()
 
 
@@ -59,24 +60,12 @@ class SplitGraphs:
     d_out_index: list           # original output index of each of D's gradient outputs
     w_out_index: list           # original output index of each of W's outputs
     w_input_index: list         # backward inputs W reads, by position
-    n_stash: int
 
 
 def weight_input_positions(gm: fx.GraphModule) -> list:
     """Positions of ``gm``'s placeholders that are parameters (their gradients are W's)."""
     return [i for i, ph in enumerate(gm.graph.find_nodes(op="placeholder"))
             if ph.meta.get("ptdp_input_kind") == "param"]
-
-
-def _ancestors(roots: list) -> set:
-    seen, todo = set(), [r for r in roots if isinstance(r, fx.Node)]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return seen
 
 
 def split_backward_graph(bw: fx.GraphModule, weight_outputs: set) -> Optional[SplitGraphs]:
@@ -91,8 +80,8 @@ def split_backward_graph(bw: fx.GraphModule, weight_outputs: set) -> Optional[Sp
     w_idx = [i for i, o in enumerate(outs) if isinstance(o, fx.Node) and i in weight_outputs]
     if not d_idx or not w_idx:
         return None
-    d_nodes = _ancestors([outs[i] for i in d_idx])
-    w_nodes = _ancestors([outs[i] for i in w_idx]) - d_nodes
+    d_nodes = ancestors([outs[i] for i in d_idx])
+    w_nodes = ancestors([outs[i] for i in w_idx]) - d_nodes
     if not any(n.op == "call_function" for n in w_nodes):
         return None            # every weight gradient is a by-product of D: nothing to defer
     # W reads: backward inputs (placeholders) and D's values (the stash)
@@ -136,22 +125,14 @@ def split_backward_graph(bw: fx.GraphModule, weight_outputs: set) -> Optional[Sp
     d_gm, w_gm = fx.GraphModule(bw, dg), fx.GraphModule(bw, wg)
     d_gm.graph.lint()
     w_gm.graph.lint()
-    return SplitGraphs(d_gm, w_gm, len(outs), d_idx, w_idx, [phs.index(p) for p in w_inputs],
-                       len(stash))
+    return SplitGraphs(d_gm, w_gm, len(outs), d_idx, w_idx, [phs.index(p) for p in w_inputs])
 
 
-def example_inputs_of(gm: fx.GraphModule, given: Optional[list] = None, index=None) -> list:
-    """Compile-time example inputs of a split half: the backward's own (by position) where
-    it has them, else the placeholder's fake value."""
-    out = []
-    for j, ph in enumerate(gm.graph.find_nodes(op="placeholder")):
-        if given is not None and index is not None and j < len(index):
-            out.append(given[index[j]])
-        elif given is not None and index is None:
-            out.append(given[j])
-        else:
-            out.append(ph.meta.get("val"))
-    return out
+def w_example_inputs(sg: SplitGraphs, bw_inputs: list) -> list:
+    """Compile-time example inputs of W: the backward's own for the backward inputs it
+    reads, the fake values of D's outputs for the stash."""
+    stash = list(sg.w_gm.graph.find_nodes(op="placeholder"))[len(sg.w_input_index):]
+    return [bw_inputs[i] for i in sg.w_input_index] + [ph.meta.get("val") for ph in stash]
 
 
 # ---- run time ------------------------------------------------------------------------------
@@ -184,16 +165,11 @@ class DeferredWeightGrads:
 
     def run(self):
         """Compute every queued weight gradient and accumulate it into ``param.grad``."""
-        while self.jobs:
-            self.run_one()
-
-    def run_one(self):
-        """Compute the oldest queued job (one compiled region's weight gradients)."""
-        w_fn, w_args, params = self.jobs.pop(0)
-        grads = w_fn(w_args)
-        for p, g in zip(params, grads):
-            if g is not None:
-                _accumulate(p, g)
+        jobs, self.jobs = self.jobs, []
+        for w_fn, w_args, params in jobs:
+            for p, g in zip(params, w_fn(w_args)):
+                if g is not None:
+                    _accumulate(p, g)
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor):
@@ -321,9 +297,6 @@ except ImportError:  # pragma: no cover
 
 class SplitBackwardCode(SplitBackward, _OutputCode):
     """``SplitBackward`` over two Inductor-compiled halves, returned from ``inner_compile``."""
-
-    def __init__(self, sg: SplitGraphs, d_fn, w_fn):
-        SplitBackward.__init__(self, sg, d_fn, w_fn)
 
     def post_compile(self, example_inputs, constants, graph_kwargs) -> None:
         pass    # each half was post-compiled by compile_fx_inner

@@ -157,6 +157,17 @@ def _reaches_loss_only(lin: Linear) -> Optional[fx.Node]:
     return loss
 
 
+def ancestors(roots) -> set:
+    """Every node the values ``roots`` are computed from, ``roots`` included."""
+    seen, stack = set(), [r for r in roots if isinstance(r, fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _from_user_inputs(n: fx.Node) -> bool:
     stack, seen = [n], set()
     while stack:

@@ -86,13 +86,8 @@ def find_loss_weight(gm: fx.GraphModule) -> LossWeight:
 def _count_graph(gm: fx.GraphModule, target: fx.Node, ignore_index: int) -> Optional[fx.GraphModule]:
     """Copy the cone of ``target`` (it must depend on user inputs only) into
     ``(*user inputs) -> (target != ignore_index).sum()``."""
-    cone, stack = set(), [target]
-    while stack:
-        n = stack.pop()
-        if n in cone:
-            continue
-        cone.add(n)
-        stack.extend(n.all_input_nodes)
+    from .analyze import ancestors
+    cone = ancestors([target])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     g = fx.Graph()
     env = {}

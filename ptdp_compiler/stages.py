@@ -16,7 +16,7 @@ from .codegen import compile_graph
 from .errors import InputShapeError
 from .passes import pipeline_split, run_passes
 from .runtime.pipeline import BoundaryMeta, PipelineComm, PipelineRun, Stage
-from .runtime.schedules import build_schedule
+from .runtime.schedules import build_schedule, sends_input_grad
 
 
 def _boundary_meta(node, tp: int, scatter_gather: bool) -> BoundaryMeta:
@@ -87,9 +87,10 @@ class PipelineProgram:
                     example.append(self._value(key, users))
             out_meta = [] if k == p * v - 1 else [
                 _boundary_meta(o, cfg.tp, sg) for o in out_node.args[0]]
-            # chunk 0 sends no input gradient: nothing to gain from splitting its backward
+            # a chunk that sends no input gradient (chunk 0) gains nothing from a split
             fn = compile_graph(ch.gm, example, cfg.codegen, cfg.comm_reorder,
-                               split_backward=cfg.split_backward and k > 0)
+                               split_backward=cfg.split_backward
+                               and sends_input_grad(self.schedule, k))
             self.stages[k] = Stage(k, fn, inputs, in_meta, out_meta, self.chunk_params[k])
         tp_size, pp_size = cfg.tp, cfg.pp
         base = coords.dp_rank * pp_size * tp_size + coords.tp_rank   # same dp and tp coords

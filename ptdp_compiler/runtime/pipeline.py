@@ -8,7 +8,8 @@ send/recv groups per pipeline rank; this module only executes it:
   kept until the matching BACKWARD (the last chunk keeps its weighted loss instead).
 - BACKWARD (c, mb): autograd from the kept outputs with the received output gradients
   (the last chunk: from its weighted loss); the inputs' gradients are what is sent back.
-  With ``split_backward`` (chunks c > 0) the compiled backward computes only the input
+  With ``split_backward`` (chunks that send an input gradient to another rank:
+  ``schedules.sends_input_grad``) the compiled backward computes only the input
   gradients and queues the weight gradients (codegen/split_backward.py), so the previous
   stage gets its gradient without waiting for them. Queued weight gradients run (event
   kind ``W``), oldest first, where ``schedules.weight_grad_slots`` puts them: where the
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
-                        Schedule, weight_grad_slots)
+                        Schedule, sends_input_grad, weight_grad_slots)
 
 MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
 WEIGHT_GRAD = "W"           # event kind: deferred weight gradients of a backward
@@ -150,7 +151,7 @@ class PipelineRun:
         if mb == self.sched.m - 1:
             self.on_last_backward(c)
         pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-        if pairs and self.split_backward and c > 0:
+        if pairs and self.split_backward and sends_input_grad(self.sched, c):
             with defer_weight_grads() as queue:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             self.weight_grads.append((c, mb, queue))

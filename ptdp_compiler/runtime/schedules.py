@@ -283,13 +283,19 @@ def build_schedule(name: str, p: int, v: int = 1, m: int = 1) -> Schedule:
 # ------------------------------------------------------------------------------------------
 # deferred weight gradients (split backward)
 # ------------------------------------------------------------------------------------------
+def sends_input_grad(sched: Schedule, chunk: int) -> bool:
+    """Whether ``chunk``'s backward sends its input gradient to another pipeline rank: the
+    chunks whose backward is split (their weight gradients wait, the send does not)."""
+    return bool(_outputs_to_peers(BACKWARD, chunk, 0, sched.p, sched.num_chunks))
+
+
 def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0,
                       cost_d: float = 1.0, cost_w: float = 1.0) -> list:
     """Where each rank runs the weight gradients of its split backward passes.
 
-    With a split backward, BACKWARD (c, mb) of a chunk c > 0 computes only the input
-    gradient (D) and leaves its weight gradients (W) queued. This replays the compute
-    orders with unit costs (F, D, W; chunk 0's backward is D + W in one) and runs a
+    With a split backward, BACKWARD (c, mb) of a chunk that ``sends_input_grad`` computes
+    only the input gradient (D) and leaves its weight gradients (W) queued. This replays
+    the compute orders with unit costs (F, D, W; an unsplit backward is D + W) and runs a
     queued W, oldest first, whenever a rank would otherwise wait for its next input, or
     when more than ``max_pending`` backwards' W are queued — the zero-bubble idea of
     filling pipeline bubbles with weight gradients (Qi et al. 2023), decided from the
@@ -336,7 +342,7 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
         a = orders[r][ptr[r]]
         if a.kind == FORWARD:
             clock[r] = start + cost_f
-        elif a.chunk > 0:
+        elif sends_input_grad(sched, a.chunk):
             clock[r] = start + cost_d
             pending[r] += 1
         else:
@@ -566,5 +572,6 @@ def stage_counts(sched: Schedule) -> list:
 
 __all__ = ["Action", "Schedule", "build_schedule", "validate", "play", "PlayResult", "Event",
            "DeadlockError", "ScheduleError", "expected_peak_inflight", "interleaved_warmup",
-           "bubble_fraction", "compute_orders", "check_schedule_args", "weight_grad_slots", "FORWARD", "BACKWARD",
+           "bubble_fraction", "compute_orders", "check_schedule_args", "weight_grad_slots",
+           "sends_input_grad", "FORWARD", "BACKWARD",
            "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD", "SCHEDULE_NAMES", "make_tag"]
