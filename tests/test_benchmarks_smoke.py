@@ -46,3 +46,20 @@ def test_report_refuses_readme_without_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
         report.main(["--readme", str(readme), "--results", str(tmp_path)])
+
+
+def test_gpu_throughput_smoke_run_on_cpu_matches_eager_loss(tmp_path):
+    """The GPU benchmark's own code path (same script, tiny sizes, CPU), so a GPU session
+    spends its minutes measuring rather than debugging; ptdp's loss must equal eager's."""
+    from benchmarks import gpu_throughput
+    out = tmp_path / "g.json"
+    rc = gpu_throughput.main(["--device", "cpu", "--hidden", "64", "--heads", "4", "--seq", "32",
+                              "--layers", "2", "--vocab", "128", "--codegen", "aot_eager",
+                              "--modes", "eager,ptdp,ptdp:none", "--warmup", "1", "--iters", "1",
+                              "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and [r["mode"] for r in rows] == ["eager", "ptdp", "ptdp:none"]
+    assert all(r["loss_ok"] for r in rows[1:]) and rows[0]["loss"] > 0
+    assert all(r["step_ms"] > 0 and r["mfu"] is None for r in rows)   # no peak known for a CPU
+    assert gpu_throughput.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_throughput.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
 from ..errors import InputShapeError
+from .mesh import comm_device
 
 
 def split_microbatches(args, kwargs, target, m: int) -> list:
@@ -39,7 +40,7 @@ def split_microbatches(args, kwargs, target, m: int) -> list:
 
 
 def global_weights(counts: list[float], dp_group) -> tuple[list[float], float]:
-    total = torch.tensor([sum(counts)], dtype=torch.float64)
+    total = torch.tensor([sum(counts)], dtype=torch.float64, device=comm_device())
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     t = float(total.item())
@@ -54,7 +55,7 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
     """
     weights = microbatch_weights(programs, microbatches, dp_group)
     buckets.start_step()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=_loss_device(programs[0]))
     for i, (prog, mb) in enumerate(zip(programs, microbatches)):
         if i == len(microbatches) - 1:
             buckets.last_microbatch()
@@ -62,7 +63,7 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
             loss = prog(mb)
         # fp16: the backward seed carries the dynamic loss scale (runtime/precision.py)
         (loss * (weights[i] * getattr(buckets, "loss_scale", 1.0))).backward()
-        loss_sum += loss.detach().double() * weights[i]
+        loss_sum += loss.detach().double().to(loss_sum.device) * weights[i]
     buckets.finish()
     return global_loss(loss_sum, dp_group)
 
@@ -78,8 +79,18 @@ def global_loss(loss_sum, *groups):
     """This rank's weighted loss summed over ``groups`` (those that exist), as float32."""
     for g in groups:
         if g is not None and dist.get_world_size(g) > 1:
+            loss_sum = loss_sum.to(comm_device())
             dist.all_reduce(loss_sum, group=g)
     return loss_sum.to(torch.float32)
+
+
+def _loss_device(prog) -> torch.device:
+    """The device the loss is computed on (that of the parameters), so accumulating it
+    never copies to the host (a GPU sync) between microbatches."""
+    params = getattr(getattr(prog, "_pm", None), "_params", None)
+    for p in (params or {}).values():
+        return p.device
+    return comm_device()
 
 
 def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_group):

@@ -31,9 +31,15 @@ class Coords:
 
     @property
     def device(self) -> torch.device:
-        if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return comm_device()
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to the default process group's collectives must live: this
+    rank's GPU under NCCL, else the CPU (gloo, or no process group at all)."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def coords_for_rank(rank: int, dp: int, pp: int, tp: int) -> tuple[int, int, int]:

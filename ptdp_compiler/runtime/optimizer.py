@@ -182,8 +182,11 @@ class ParallelOptimizer:
             for g in grads:
                 g.mul_(inv)
         counted = pm.coords.dp_rank == 0 or self.distributed
-        sq = torch.zeros((), dtype=torch.float64)
-        bad = torch.zeros((), dtype=torch.float64)
+        # on the gradients' device: summing there needs no host sync per tensor, and under
+        # NCCL the all-reduce below needs a GPU tensor anyway
+        dev = grads[0].device if grads else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        bad = torch.zeros((), dtype=torch.float64, device=dev)
         for pc, g in zip(self.pieces, grads):
             if counted and pc.lp.is_owner:
                 sq += g.double().pow(2).sum()
@@ -235,11 +238,11 @@ class ParallelOptimizer:
             params = list(b["offsets"])
             dtype = params[0].dtype
             s = b["buffer"].numel() // d
-            send = torch.zeros(s, dtype=dtype)
+            send = torch.zeros(s, dtype=dtype, device=b["buffer"].device)
             for pc in by_bucket.get(id(b), (None, []))[1]:
                 send[pc.shard_off:pc.shard_off + pc.hi - pc.lo] = pc.master
             if d > 1:
-                full = torch.empty(s * d, dtype=dtype)
+                full = torch.empty(s * d, dtype=dtype, device=b["buffer"].device)
                 _all_gather(full, send, pm._dp_group)
             else:
                 full = send

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
+from .mesh import comm_device
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
                         Schedule, sends_input_grad, weight_grad_slots)
 
@@ -86,6 +87,11 @@ class PipelineComm:
     timeout_s: float
     bytes_sent: int = 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where p2p buffers live: the GPU under NCCL, the CPU under gloo."""
+        return comm_device()
+
 
 @dataclasses.dataclass
 class _PendingRecv:
@@ -112,7 +118,7 @@ class PipelineRun:
         self.inbox: dict = {}      # ("act"/"grad", producing chunk, mb) -> list[Tensor]
         self.outbox: dict = {}     # same key -> list[Tensor] to send
         self.saved: dict = {}      # (chunk, mb) -> (input leaves, outputs or weighted loss)
-        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=comm.device)
         self.events: list = []     # (kind, chunk, mb, start, end, detail)
         self.pending_sends: list = []  # (work, group, buffer) waited for at the end
         self.split_backward = split_backward
@@ -134,7 +140,7 @@ class PipelineRun:
             outs = st.fn(*args)
         if c == self.nc - 1:
             loss = outs[0] * self.weights[mb]
-            self.loss_sum += loss.detach().double()
+            self.loss_sum += loss.detach().double().to(self.loss_sum.device)
             # fp16: the backward seed (not the reported loss) carries the dynamic loss scale;
             # one multiply by weight·scale, as the scale alone (2^16) is not a finite fp16
             # gradient
@@ -203,7 +209,7 @@ class PipelineRun:
                 bufs, first = [], len(ops)
                 for i, meta in enumerate(metas):
                     n = meta.numel // cm.tp if meta.scatter else meta.numel
-                    buf = torch.empty(n, dtype=meta.dtype)
+                    buf = torch.empty(n, dtype=meta.dtype, device=cm.device)
                     ops.append(dist.P2POp(dist.irecv, buf, peer, tag=a.tag * MAX_BOUNDARY_TENSORS + i))
                     bufs.append(buf)
                 gathers.append((key, bufs, metas, first))
