@@ -296,5 +296,14 @@ def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_num
                 and any(a.kind == SEND_GRAD and (a.chunk, a.mb) == (c, mb) for a in e[5])]
         assert sent and sent[0][4] <= start, f"W{c}.{mb} ran before its input gradient was sent"
     assert [e[0] for e in unsplit[1][2]["pipeline"][1]["events"]].count(WEIGHT_GRAD) == 0
+    # the planner's simulator plays the very order the runtime ran, W included
+    from ptdp_compiler.runtime.schedules import build_schedule, play
+    played = play(build_schedule("1f1b", 2, 1, 4), weight_grad_cost=lambda c: 0.5).events
+    compute = ("F", "B", WEIGHT_GRAD)
+    for r, tl in enumerate(split[0][2]["pipeline"]):
+        ran = [e[:3] for e in tl["events"] if e[0] in compute]
+        sim = [(a.kind, a.chunk, a.mb) for e in played if e.rank == r
+               for a in e.actions[:1] if a.kind in compute]
+        assert ran == sim, f"rank {r}: runtime ran {ran}, the simulator plays {sim}"
     assert "split backward: on" in split[1][3] and " 0 deferred" not in split[1][3]
     assert "split backward: off" in unsplit[1][3]

@@ -4,7 +4,7 @@ import pytest
 from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.runtime.schedules import (SCHEDULE_NAMES, build_schedule, bubble_fraction,
                                              expected_peak_inflight, play, validate,
-                                             weight_grad_slots)
+                                             sends_input_grad, weight_grad_slots)
 
 
 def _configs():
@@ -98,3 +98,25 @@ def test_weight_grad_slots_fill_the_1f1b_bubble_of_the_last_stage():
     order = [f"{a.kind}{a.mb}" for a in sched.compute_order(1)]
     assert order == ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3"]
     assert slots[1] == [0, 0, 0, 0, 1, 0, 1, 0]      # W0 before F2, W1 before F3
+
+
+@pytest.mark.parametrize("name,p,v,m", [("1f1b", 4, 1, 8), ("interleaved", 4, 2, 8),
+                                        ("gpipe", 2, 1, 4)])
+def test_play_of_the_split_backward_keeps_the_work_and_shortens_the_step(name, p, v, m):
+    """With weight gradients deferred, every rank does the same work (busy time), each
+    split backward's W runs once and after its D, and the step gets shorter."""
+    sched = build_schedule(name, p, v, m)
+
+    def cost(a):
+        return 1.0 if a.kind == "F" else 2.0
+    whole = play(sched, cost)
+    split = play(sched, cost, weight_grad_cost=lambda c: 1.0)
+    assert split.busy == whole.busy
+    assert split.makespan < whole.makespan
+    for r in range(p):
+        evs = [e for e in split.events if e.rank == r]
+        d_end = {(a.chunk, a.mb): e.end for e in evs for a in e.actions[:1] if a.kind == "B"}
+        ws = [(a.chunk, a.mb, e.start) for e in evs for a in e.actions[:1] if a.kind == "W"]
+        split_b = [k for k in d_end if sends_input_grad(sched, k[0])]
+        assert sorted((c, mb) for c, mb, _ in ws) == sorted(split_b)
+        assert all(start >= d_end[(c, mb)] for c, mb, start in ws)

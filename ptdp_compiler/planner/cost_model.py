@@ -509,6 +509,8 @@ class CostOptions:
     scatter_gather: bool = True     # Narayanan et al. 2021 §4.1 scatter/gather p2p
     optimizer_bytes_per_param: float = 16.0   # mixed-precision Adam (2+2+4+4+4)
     optimizer_passes: float = 3.0   # HBM passes over optimizer state per step
+    split_backward: bool = True     # the runtime's split backward (weight gradients deferred
+                                    # into pipeline gaps); played by the simulator only
 
 
 def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOptions) -> float:
@@ -547,6 +549,13 @@ def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOpt
 def nodes_time(costs, gpu, b, t, sp, opts, kinds=None) -> float:
     return sum(node_time(c, gpu, b, t, sp, opts) for c in costs
                if kinds is None or c.kind in kinds)
+
+
+def weight_grad_time(costs, gpu, b, t, sp, opts) -> float:
+    """Seconds of the weight gradients in the backward of ``costs``: one GEMM of the
+    forward's FLOPs per GEMM that reads a weight (what the split backward defers)."""
+    return sum(node_time(c, gpu, b, t, sp, opts) for c in costs
+               if c.kind == "gemm" and c.param_elems)
 
 
 BACKWARD_FACTOR = 2.0   # backward = 2x forward (two GEMMs per forward GEMM; 2x memory traffic)

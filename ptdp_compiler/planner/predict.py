@@ -41,6 +41,7 @@ class ChunkCosts:
     bwd: list
     boundary_bytes: list   # bytes sent after chunk k (activation; its gradient is the same size)
     cuts: list         # node names the chunks end at
+    wgrad: list = None  # seconds of bwd that are weight gradients (the split backward's W)
 
 
 def chunk_costs(gm, num_chunks: int, cluster: Cluster, opts: CostOptions = CostOptions(),
@@ -55,26 +56,33 @@ def chunk_costs(gm, num_chunks: int, cluster: Cluster, opts: CostOptions = CostO
     costs = {c.name: c for c in graph_costs(gm)}
     measured = measured or {}
     fwd = [0.0] * num_chunks
+    wgrad = [0.0] * num_chunks
     k = 0
     for n in nodes:
         c = costs.get(n.name)
         if c is not None:
             if n.name in measured:
                 c = dataclasses.replace(c, measured_s=measured[n.name])
-            fwd[k] += node_time(c, cluster.gpu, 1, 1, False, opts)
+            t = node_time(c, cluster.gpu, 1, 1, False, opts)
+            fwd[k] += t
+            # a GEMM with a weight: its weight gradient is one GEMM of the same FLOPs
+            wgrad[k] += t if c.kind == "gemm" and c.param_elems else 0.0
         if k < len(cuts) and n.name == cuts[k]:
             k += 1
     nbytes = []
     for name in cuts:
         v = live_at[name].meta.get("val")
         nbytes.append(float(v.numel() * v.element_size()) if isinstance(v, torch.Tensor) else 0.0)
-    return ChunkCosts(fwd, [BACKWARD_FACTOR * f for f in fwd], nbytes, cuts)
+    return ChunkCosts(fwd, [BACKWARD_FACTOR * f for f in fwd], nbytes, cuts, wgrad)
 
 
 def predict_pipeline(cc: ChunkCosts, cluster: Cluster, schedule: str, p: int, v: int, m: int,
-                     overheads: Overheads = Overheads(), rendezvous: bool = True) -> SimResult:
+                     overheads: Overheads = Overheads(), rendezvous: bool = True,
+                     split_backward: bool = True) -> SimResult:
     """Simulated step (makespan of the schedule) for chunk costs ``cc`` (p·v chunks).
-    ``rendezvous``: sends wait for the peer's recv (gloo TCP and NCCL p2p both do)."""
+    ``rendezvous``: sends wait for the peer's recv (gloo TCP and NCCL p2p both do).
+    ``split_backward``: as the runtime's option of that name (its default), weight
+    gradients of chunks that send an input gradient wait to fill the pipeline's gaps."""
     if len(cc.fwd) != p * v:
         raise ValueError(f"{len(cc.fwd)} chunk costs for p·v = {p * v} chunks")
     link = cluster.intra
@@ -82,7 +90,8 @@ def predict_pipeline(cc: ChunkCosts, cluster: Cluster, schedule: str, p: int, v:
     return simulate_config(
         schedule, p, v, m, lambda ch: cc.fwd[ch] + of, lambda ch: cc.bwd[ch] + ob,
         lambda a: p2p_time(cc.boundary_bytes[a.chunk if a.kind == SEND_ACT else a.chunk - 1],
-                           link) + overheads.comm_s, eager_sends=not rendezvous)
+                           link) + overheads.comm_s, eager_sends=not rendezvous,
+        wgrad_cost=(lambda ch: cc.wgrad[ch]) if split_backward and cc.wgrad else None)
 
 
 __all__ = ["Overheads", "ChunkCosts", "chunk_costs", "predict_pipeline"]

@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from .cluster import Cluster
 from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_bytes_per_layer,
                          all_gather_time, all_reduce_time, model_flops_per_iteration,
-                         nodes_time, p2p_time, param_bytes_per_gpu, tp_allreduces_per_layer)
+                         nodes_time, p2p_time, param_bytes_per_gpu, tp_allreduces_per_layer,
+                         weight_grad_time)
 from .simulator import SimResult, simulate_config
 from ..runtime.schedules import SEND_ACT, expected_peak_inflight
 
@@ -126,6 +127,16 @@ class Evaluator:
             return per_chunk * lb + (pb if ch == 0 else 0.0) + (qb if ch == last else 0.0)
         return fwd, bwd
 
+    def weight_grad_costs(self, c: Candidate):
+        """chunk -> seconds of its backward that are weight gradients (the split
+        backward's deferred part; the embedding's chunk 0 never defers)."""
+        L, g = self.mc.num_layers, (c.b, c.t, c.sp)
+        per_chunk = L // (c.p * c.v)
+        lw = weight_grad_time(self.mc.layers[0], self.gpu, *g, self.o)
+        qw = weight_grad_time(self.mc.post, self.gpu, *g, self.o)
+        last = c.p * c.v - 1
+        return lambda ch: per_chunk * lw + (qw if ch == last else 0.0)
+
     # ---- memory --------------------------------------------------------------------------
     def params_on_rank(self, c: Candidate, rank: int) -> float:
         mc = self.mc
@@ -195,7 +206,9 @@ class Evaluator:
         act = self.act_per_chunk(c)
         static = [param_bytes_per_gpu(self.params_on_rank(c, r), c.d, self.o) for r in range(c.p)]
         return simulate_config(c.schedule, c.p, c.v, c.m, fwd, bwd, lambda a: comm,
-                               act_bytes=lambda ch: act, static_bytes=static, max_m=max_m)
+                               act_bytes=lambda ch: act, static_bytes=static, max_m=max_m,
+                               wgrad_cost=self.weight_grad_costs(c) if self.o.split_backward
+                               else None)
 
     def evaluate(self, c: Candidate, simulate: bool = False) -> Estimate:
         sim = None

@@ -8,8 +8,10 @@ import functools
 import json
 from typing import Callable, Optional, Sequence
 
-from ..runtime.schedules import (BACKWARD, FORWARD, RECV_KINDS, SEND_KINDS, Action, PlayResult,
-                                 Schedule, build_schedule, play)
+from ..runtime.schedules import (BACKWARD, FORWARD, WEIGHT_GRAD, Action, PlayResult, Schedule,
+                                 build_schedule, play)
+
+_COMPUTE = (FORWARD, BACKWARD, WEIGHT_GRAD)
 
 
 @dataclasses.dataclass
@@ -34,8 +36,13 @@ def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callab
              p2p_cost: Callable[[Action], float] = lambda a: 0.0,
              act_bytes: Optional[Callable[[int], float]] = None,
              static_bytes: Optional[Sequence[float]] = None, check: bool = False,
-             eager_sends: bool = True) -> SimResult:
+             eager_sends: bool = True,
+             wgrad_cost: Optional[Callable[[int], float]] = None) -> SimResult:
     """Play ``sched`` with forward/backward cost per chunk and p2p cost per send.
+
+    ``wgrad_cost`` (chunk -> seconds, part of ``bwd_cost``): play the runtime's split
+    backward, whose weight gradients wait in a queue (``schedules.play``); None plays
+    every backward whole (``split_backward=False``).
 
     ``eager_sends=False``: a send completes only once the receiver has posted its recv
     (rendezvous, what gloo's TCP transport does: the payload goes after the receiver's
@@ -46,7 +53,8 @@ def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callab
     def cc(a: Action) -> float:
         return fwd_cost(a.chunk) if a.kind == FORWARD else bwd_cost(a.chunk)
 
-    res = play(sched, cc, p2p_cost, check=check, eager_sends=eager_sends)
+    res = play(sched, cc, p2p_cost, check=check, eager_sends=eager_sends,
+               weight_grad_cost=wgrad_cost)
     busy = max(res.busy) if res.busy else 0.0
     mem = _peak_memory(sched, res, act_bytes, static_bytes)
     return SimResult(sched, res.makespan, busy, (res.makespan - busy) / busy if busy else 0.0,
@@ -77,7 +85,7 @@ def cached_schedule(name: str, p: int, v: int, m: int) -> Schedule:
 
 def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_cost=lambda a: 0.0,
                     act_bytes=None, static_bytes=None, max_m: int = 0,
-                    eager_sends: bool = True) -> SimResult:
+                    eager_sends: bool = True, wgrad_cost=None) -> SimResult:
     """Simulate (name, p, v, m); when m > max_m (> 0) play two shorter pipelines of the same
     shape and extrapolate linearly in m — exact once the schedule has a periodic steady
     state (equal microbatches), and it keeps p=64, m=512 to milliseconds."""
@@ -86,9 +94,9 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         m1 = max(p, ((max_m // 2) // step) * step)
         m2 = m1 + p
         r1 = simulate(cached_schedule(name, p, v, m1), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes, eager_sends=eager_sends)
+                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
         r2 = simulate(cached_schedule(name, p, v, m2), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes, eager_sends=eager_sends)
+                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
         slope = (r2.step_time - r1.step_time) / (m2 - m1)
         busy_slope = (r2.ideal_time - r1.ideal_time) / (m2 - m1)
         T = r2.step_time + slope * (m - m2)
@@ -96,7 +104,7 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         return SimResult(r2.schedule, T, busy, (T - busy) / busy if busy else 0.0,
                          r2.peak_inflight, r2.peak_memory, None, (m1, m2))
     return simulate(cached_schedule(name, p, v, m), fwd_cost, bwd_cost, p2p_cost, act_bytes,
-                    static_bytes, eager_sends=eager_sends)
+                    static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def trace_events(res: SimResult, time_unit: float = 1e6) -> list:
     out = []
     for ev in res.play.events:
         a = ev.actions[0]
-        if a.kind in (FORWARD, BACKWARD):
+        if a.kind in _COMPUTE:
             name, cat = f"{a.kind}{a.chunk}.{a.mb}", "compute"
         else:
             if ev.end <= ev.start:
@@ -128,8 +136,9 @@ def write_chrome_trace(res: SimResult, path: str) -> None:
 
 
 def write_timeline_png(res: SimResult, path: str, title: str = "") -> None:
-    """Ranks as rows, forwards light and backwards dark, microbatch numbers in the boxes
-    (the picture of Figure 4 in Narayanan et al. 2021)."""
+    """Ranks as rows, forwards light and backwards dark, deferred weight gradients
+    hatched, microbatch numbers in the boxes (the picture of Figure 4 in Narayanan et al.
+    2021)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -144,13 +153,14 @@ def write_timeline_png(res: SimResult, path: str, title: str = "") -> None:
     cmap = plt.get_cmap("tab10")
     for ev in res.play.events:
         a = ev.actions[0]
-        if a.kind not in (FORWARD, BACKWARD):
+        if a.kind not in _COMPUTE:
             continue
         j = a.chunk // sched.p
         color = cmap(j % 10)
         alpha = 0.45 if a.kind == FORWARD else 1.0
         ax.barh(sched.p - 1 - ev.rank, ev.end - ev.start, left=ev.start, height=0.8,
-                color=color, alpha=alpha, edgecolor="black", linewidth=0.3)
+                color=color, alpha=alpha, edgecolor="black", linewidth=0.3,
+                hatch="//" if a.kind == WEIGHT_GRAD else None)
         ax.text(ev.start + (ev.end - ev.start) / 2, sched.p - 1 - ev.rank, str(a.mb + 1),
                 ha="center", va="center", fontsize=6)
     ax.set_yticks(range(sched.p))

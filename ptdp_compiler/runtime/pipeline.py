@@ -14,7 +14,7 @@ send/recv groups per pipeline rank; this module only executes it:
   stage gets its gradient without waiting for them. Queued weight gradients run (event
   kind ``W``), oldest first, where ``schedules.weight_grad_slots`` puts them: where the
   rank would otherwise wait for its next input in a unit-cost replay of the schedule, or
-  when more than ``MAX_DEFERRED_BACKWARDS`` are queued; all before the step ends. The
+  when more than ``schedules.MAX_DEFERRED_BACKWARDS`` are queued; all before the step ends. The
   placement depends only on the schedule, never on timing, so every tensor-parallel rank
   of a stage runs the same collectives in the same order.
 - a communication group: one ``batch_isend_irecv`` posting every send and recv of the
@@ -46,12 +46,9 @@ from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
 from .mesh import comm_device
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
-                        Schedule, sends_input_grad, weight_grad_slots)
+                        WEIGHT_GRAD, Schedule, deferred_slots, sends_input_grad)
 
 MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
-WEIGHT_GRAD = "W"           # event kind: deferred weight gradients of a backward
-MAX_DEFERRED_BACKWARDS = 1  # backwards whose weight gradients may wait past a compute step
-                            # (each holds its saved activations until its W runs)
 
 
 @dataclasses.dataclass
@@ -127,7 +124,7 @@ class PipelineRun:
         # the last microbatch's backward marked its chunk's parameters final
         self.not_final = not_final or contextlib.nullcontext
         self.weight_grads: list = []   # (chunk, mb, DeferredWeightGrads) not yet computed
-        self.w_slots = _weight_grad_slots(sched)[comm.pp_rank] if split_backward else None
+        self.w_slots = deferred_slots(sched)[comm.pp_rank] if split_backward else None
 
     # ---- compute ------------------------------------------------------------------------
     def forward(self, c: int, mb: int, received: list):
@@ -295,13 +292,6 @@ class PipelineRun:
         return self.loss_sum
 
 
-def _weight_grad_slots(sched: Schedule) -> list:
-    """``weight_grad_slots`` of ``sched``, computed once per schedule object."""
-    cached = sched.__dict__.get("_weight_grad_slots")
-    if cached is None:
-        cached = sched.__dict__["_weight_grad_slots"] = weight_grad_slots(
-            sched, MAX_DEFERRED_BACKWARDS)
-    return cached
 
 
 def event_detail(detail) -> str:

@@ -39,6 +39,9 @@ from typing import Callable, Optional, Sequence
 from ..errors import ConfigError
 
 FORWARD, BACKWARD = "F", "B"
+WEIGHT_GRAD = "W"           # deferred weight gradients of a split backward (never in steps)
+MAX_DEFERRED_BACKWARDS = 1  # backwards whose weight gradients may wait past a compute step
+                            # (each holds its saved activations until its W runs)
 SEND_ACT, RECV_ACT, SEND_GRAD, RECV_GRAD = "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"
 COMPUTE_KINDS = (FORWARD, BACKWARD)
 SEND_KINDS = (SEND_ACT, SEND_GRAD)
@@ -352,6 +355,43 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
     return slots
 
 
+def deferred_slots(sched: Schedule) -> list:
+    """``weight_grad_slots(sched, MAX_DEFERRED_BACKWARDS)``, computed once per schedule
+    object: the placement the runtime uses and the simulator plays."""
+    cached = sched.__dict__.get("_weight_grad_slots")
+    if cached is None:
+        cached = sched.__dict__["_weight_grad_slots"] = weight_grad_slots(
+            sched, MAX_DEFERRED_BACKWARDS)
+    return cached
+
+
+def weight_grads_by_step(sched: Schedule, rank: int) -> dict:
+    """{step index: [(chunk, mb), …]}: the deferred weight gradients rank ``rank`` runs
+    when it reaches that step, oldest first, as the runtime does. They are due before a
+    compute step; when communication steps precede it, they belong to the last of those,
+    because the runtime only posts a group's p2p and waits for receives when the compute
+    reads them, so the weight gradients run while the inputs are on their way. Index
+    ``len(steps)``: the ones left for after the last step."""
+    steps, slots = sched.steps[rank], deferred_slots(sched)[rank]
+    queue: list = []
+    out: dict = {}
+    k = 0
+    for i, step in enumerate(steps):
+        a = step[0]
+        if not a.is_compute:
+            continue
+        due, queue = queue[:slots[k]], queue[slots[k]:]
+        k += 1
+        at = i - 1 if i > 0 and not steps[i - 1][0].is_compute else i
+        if due:
+            out[at] = due
+        if a.kind == BACKWARD and sends_input_grad(sched, a.chunk):
+            queue.append((a.chunk, a.mb))
+    if queue:
+        out[len(steps)] = queue
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # playing a schedule (shared by the validator and the planner's simulator)
 # ------------------------------------------------------------------------------------------
@@ -386,7 +426,8 @@ class PlayResult:
 
 def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.0,
          comm_cost: Callable[[Action], float] = lambda a: 0.0, check: bool = True,
-         eager_sends: bool = True) -> PlayResult:
+         eager_sends: bool = True,
+         weight_grad_cost: Optional[Callable[[int], float]] = None) -> PlayResult:
     """Play the action lists with rendezvous semantics and return timed events.
 
     A rank runs its steps in order. A compute step starts when the rank reaches it and
@@ -395,6 +436,12 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
     the group completes when all its pairs have. With ``check`` every dependency is
     verified (a forward has its input activation, a backward its own forward and its
     output gradient, a send its tensor) and every send must be matched exactly once.
+
+    ``weight_grad_cost`` (chunk -> seconds) plays the split backward of the runtime's
+    ``split_backward=True``: the BACKWARD of a chunk that ``sends_input_grad`` lasts
+    ``compute_cost(a) - weight_grad_cost(chunk)`` and its weight gradients run as
+    ``WEIGHT_GRAD`` events where ``weight_grads_by_step`` places them — one attached to a
+    communication step starts when the group is posted and overlaps its wait.
     """
     p, nc = sched.p, sched.num_chunks
     steps = sched.steps
@@ -410,6 +457,18 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
     busy = [0.0] * p
     events: list = []
     n_left = sum(len(s) for s in steps)
+    split = weight_grad_cost is not None
+    w_at = [weight_grads_by_step(sched, r) if split else {} for r in range(p)]
+    w_end = [0.0] * p                     # when the weight gradients run at a post end
+
+    def run_weight_grads(r, i, t) -> float:
+        """Play rank r's weight gradients due at step i from time t; returns their end."""
+        for c, mb in w_at[r].get(i, ()):
+            cost = weight_grad_cost(c)
+            events.append(Event(r, i, (Action(WEIGHT_GRAD, c, mb),), t, t + cost))
+            t += cost
+            busy[r] += cost
+        return t
 
     def fail(msg):
         raise ScheduleError(f"{sched.name} p={p} v={sched.v} m={sched.m}: {msg}")
@@ -464,7 +523,10 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                 if step[0].is_compute:
                     a = step[0]
                     run_compute(r, a)
+                    clock[r] = run_weight_grads(r, ptr[r], clock[r])
                     cost = compute_cost(a)
+                    if split and a.kind == BACKWARD and sends_input_grad(sched, a.chunk):
+                        cost -= weight_grad_cost(a.chunk)
                     events.append(Event(r, ptr[r], step, clock[r], clock[r] + cost))
                     clock[r] += cost
                     busy[r] += cost
@@ -474,6 +536,7 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                     continue
                 if posted_at[r] is None:
                     posted_at[r] = clock[r]
+                    w_end[r] = run_weight_grads(r, ptr[r], clock[r])
                     if check:
                         for a in step:
                             if a.kind in SEND_KINDS:
@@ -499,7 +562,7 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                     done_pairs[k] = (arrive, max(arrive, r_post))  # (sender done, receiver done)
                 if not complete:
                     break
-                t_end = max([posted_at[r]] + [done_pairs[pair_key(r, a)][a.kind in RECV_KINDS]
+                t_end = max([posted_at[r], w_end[r]] + [done_pairs[pair_key(r, a)][a.kind in RECV_KINDS]
                                               for a in step])
                 for a in step:
                     if a.kind in RECV_KINDS:
@@ -516,6 +579,8 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                        if ptr[r] < len(steps[r])}
             raise DeadlockError(f"{sched.name} p={p} v={sched.v} m={sched.m} deadlocks; "
                                 f"blocked ranks and their pending groups: {blocked}")
+    for r in range(p):      # weight gradients left for after the last step
+        clock[r] = run_weight_grads(r, len(steps[r]), clock[r])
     if check:
         n_pairs = sum(1 for st in steps for s in st for a in s if a.kind in SEND_KINDS)
         n_recv = sum(1 for st in steps for s in st for a in s if a.kind in RECV_KINDS)
