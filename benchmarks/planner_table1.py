@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from ptdp_compiler.planner import Cluster, gpt_model_cost, plan  # noqa: E402
+from ptdp_compiler.planner.cost_model import CostOptions  # noqa: E402
 from ptdp_compiler.planner.search import Candidate, Evaluator  # noqa: E402
 
 # params_b, heads, hidden, layers, t, p, gpus, batch, published TFLOP/s per GPU
@@ -43,6 +44,8 @@ KORTHIKANTI = [
     ("1T", 160, 25600, 128, 8, 64, 512, 512, 0.563),
 ]
 SEQ, VOCAB = 2048, 51200
+# the published runs' pipeline runtime: whole backward passes, blocking p2p groups
+MEGATRON_2021 = CostOptions(split_backward=False, blocking_sends=True)
 TOLERANCE = 0.15
 
 
@@ -65,7 +68,7 @@ def table1_rows(n_rows=None, do_search=True, log=print):
         t0 = time.time()
         mc = gpt_model_cost(h, a, l, SEQ, VOCAB)
         cl = Cluster.for_gpus(gpus, "A100-80GB")
-        ev = Evaluator(mc, cl, batch)
+        ev = Evaluator(mc, cl, batch, MEGATRON_2021)
         e = published_estimate(ev, t, p, gpus, batch)
         row = {"params_b": params_b, "t": t, "p": p, "gpus": gpus, "batch": batch,
                "published_tflops": pub, "predicted_tflops": round(e.paper_tflops_per_gpu, 1),
@@ -91,7 +94,7 @@ def korthikanti_rows(log=print):
     rows = []
     for name, a, h, l, t, p, gpus, batch, mfu in KORTHIKANTI:
         mc = gpt_model_cost(h, a, l, SEQ, VOCAB)
-        ev = Evaluator(mc, Cluster.for_gpus(gpus, "A100-80GB"), batch)
+        ev = Evaluator(mc, Cluster.for_gpus(gpus, "A100-80GB"), batch, MEGATRON_2021)
         e = ev.evaluate(Candidate(t, p, gpus // (t * p), 1, 1, batch // (gpus // (t * p)), True,
                                   "selective"), simulate=True)
         row = {"model": name, "t": t, "p": p, "gpus": gpus, "batch": batch,

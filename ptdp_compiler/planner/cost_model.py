@@ -509,8 +509,11 @@ class CostOptions:
     scatter_gather: bool = True     # Narayanan et al. 2021 §4.1 scatter/gather p2p
     optimizer_bytes_per_param: float = 16.0   # mixed-precision Adam (2+2+4+4+4)
     optimizer_passes: float = 3.0   # HBM passes over optimizer state per step
-    split_backward: bool = True     # the runtime's split backward (weight gradients deferred
-                                    # into pipeline gaps); played by the simulator only
+    # how the pipeline runtime behaves, played by the simulator (finalists only): ptdp's
+    # defaults; Megatron-LM 2021 (the published Table 1 runs) is split_backward=False,
+    # blocking_sends=True (it waits for each batched p2p group, sends included)
+    split_backward: bool = True     # weight gradients deferred into pipeline gaps
+    blocking_sends: bool = False    # a rank waits for its sends before moving on
 
 
 def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOptions) -> float:

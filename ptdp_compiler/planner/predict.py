@@ -80,7 +80,8 @@ def predict_pipeline(cc: ChunkCosts, cluster: Cluster, schedule: str, p: int, v:
                      overheads: Overheads = Overheads(), rendezvous: bool = True,
                      split_backward: bool = True) -> SimResult:
     """Simulated step (makespan of the schedule) for chunk costs ``cc`` (p·v chunks).
-    ``rendezvous``: sends wait for the peer's recv (gloo TCP and NCCL p2p both do).
+    ``rendezvous``: a transfer starts once the peer has posted its recv (gloo TCP and
+    NCCL p2p both do); as in the executor, a sender never waits for its sends.
     ``split_backward``: as the runtime's option of that name (its default), weight
     gradients of chunks that send an input gradient wait to fill the pipeline's gaps."""
     if len(cc.fwd) != p * v:
@@ -91,7 +92,8 @@ def predict_pipeline(cc: ChunkCosts, cluster: Cluster, schedule: str, p: int, v:
         schedule, p, v, m, lambda ch: cc.fwd[ch] + of, lambda ch: cc.bwd[ch] + ob,
         lambda a: p2p_time(cc.boundary_bytes[a.chunk if a.kind == SEND_ACT else a.chunk - 1],
                            link) + overheads.comm_s, eager_sends=not rendezvous,
-        wgrad_cost=(lambda ch: cc.wgrad[ch]) if split_backward and cc.wgrad else None)
+        wgrad_cost=(lambda ch: cc.wgrad[ch]) if split_backward and cc.wgrad else None,
+        blocking_sends=False)
 
 
 __all__ = ["Overheads", "ChunkCosts", "chunk_costs", "predict_pipeline"]

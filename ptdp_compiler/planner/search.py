@@ -208,7 +208,8 @@ class Evaluator:
         return simulate_config(c.schedule, c.p, c.v, c.m, fwd, bwd, lambda a: comm,
                                act_bytes=lambda ch: act, static_bytes=static, max_m=max_m,
                                wgrad_cost=self.weight_grad_costs(c) if self.o.split_backward
-                               else None)
+                               else None, eager_sends=False,
+                               blocking_sends=self.o.blocking_sends)
 
     def evaluate(self, c: Candidate, simulate: bool = False) -> Estimate:
         sim = None

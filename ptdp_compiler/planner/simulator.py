@@ -37,16 +37,19 @@ def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callab
              act_bytes: Optional[Callable[[int], float]] = None,
              static_bytes: Optional[Sequence[float]] = None, check: bool = False,
              eager_sends: bool = True,
-             wgrad_cost: Optional[Callable[[int], float]] = None) -> SimResult:
+             wgrad_cost: Optional[Callable[[int], float]] = None,
+             blocking_sends: bool = True) -> SimResult:
     """Play ``sched`` with forward/backward cost per chunk and p2p cost per send.
 
     ``wgrad_cost`` (chunk -> seconds, part of ``bwd_cost``): play the runtime's split
     backward, whose weight gradients wait in a queue (``schedules.play``); None plays
     every backward whole (``split_backward=False``).
 
-    ``eager_sends=False``: a send completes only once the receiver has posted its recv
-    (rendezvous, what gloo's TCP transport does: the payload goes after the receiver's
-    ready notice), so a sender blocks until its peer reaches the matching group.
+    ``eager_sends=False``: a transfer starts only once the receiver has posted its recv
+    (rendezvous, what gloo's TCP transport and NCCL p2p do). ``blocking_sends``: the
+    sender waits for its send to complete before moving on; the executor does not (it
+    waits for its sends at the end of the step), so predictions of the runtime pass
+    ``blocking_sends=False``.
 
     Peak memory per rank = static bytes + the largest sum over alive (chunk, microbatch)
     forwards of ``act_bytes(chunk)``."""
@@ -54,7 +57,7 @@ def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callab
         return fwd_cost(a.chunk) if a.kind == FORWARD else bwd_cost(a.chunk)
 
     res = play(sched, cc, p2p_cost, check=check, eager_sends=eager_sends,
-               weight_grad_cost=wgrad_cost)
+               weight_grad_cost=wgrad_cost, blocking_sends=blocking_sends)
     busy = max(res.busy) if res.busy else 0.0
     mem = _peak_memory(sched, res, act_bytes, static_bytes)
     return SimResult(sched, res.makespan, busy, (res.makespan - busy) / busy if busy else 0.0,
@@ -85,7 +88,8 @@ def cached_schedule(name: str, p: int, v: int, m: int) -> Schedule:
 
 def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_cost=lambda a: 0.0,
                     act_bytes=None, static_bytes=None, max_m: int = 0,
-                    eager_sends: bool = True, wgrad_cost=None) -> SimResult:
+                    eager_sends: bool = True, wgrad_cost=None,
+                    blocking_sends: bool = True) -> SimResult:
     """Simulate (name, p, v, m); when m > max_m (> 0) play two shorter pipelines of the same
     shape and extrapolate linearly in m — exact once the schedule has a periodic steady
     state (equal microbatches), and it keeps p=64, m=512 to milliseconds."""
@@ -94,9 +98,11 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         m1 = max(p, ((max_m // 2) // step) * step)
         m2 = m1 + p
         r1 = simulate(cached_schedule(name, p, v, m1), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
+                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost,
+                      blocking_sends=blocking_sends)
         r2 = simulate(cached_schedule(name, p, v, m2), fwd_cost, bwd_cost, p2p_cost,
-                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
+                      act_bytes, static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost,
+                      blocking_sends=blocking_sends)
         slope = (r2.step_time - r1.step_time) / (m2 - m1)
         busy_slope = (r2.ideal_time - r1.ideal_time) / (m2 - m1)
         T = r2.step_time + slope * (m - m2)
@@ -104,7 +110,8 @@ def simulate_config(name: str, p: int, v: int, m: int, fwd_cost, bwd_cost, p2p_c
         return SimResult(r2.schedule, T, busy, (T - busy) / busy if busy else 0.0,
                          r2.peak_inflight, r2.peak_memory, None, (m1, m2))
     return simulate(cached_schedule(name, p, v, m), fwd_cost, bwd_cost, p2p_cost, act_bytes,
-                    static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost)
+                    static_bytes, eager_sends=eager_sends, wgrad_cost=wgrad_cost,
+                    blocking_sends=blocking_sends)
 
 
 # --------------------------------------------------------------------------------------------

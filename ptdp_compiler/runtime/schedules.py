@@ -33,6 +33,7 @@ group completes only when all its ops have), that the result cannot deadlock.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
@@ -316,6 +317,8 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
 
     def next_event(r):
         """(start time, is_w) of rank r's next event, or None while it can only wait."""
+        if ptr[r] >= len(orders[r]):
+            return None
         a = orders[r][ptr[r]]
         if a.kind == FORWARD:
             deps = [(FORWARD, a.chunk - 1, a.mb)] if a.chunk > 0 else []
@@ -330,17 +333,33 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
             return None
         return max(clock[r], ready), False
 
-    # discrete events in global time order (ties: lower rank first)
+    # discrete events in global time order (ties: lower rank first). A rank's next event
+    # changes only when the rank itself moves or when the one action it waits for ends,
+    # so a heap of each rank's current next event (stale entries skipped) replays the
+    # same order as scanning every rank each time, in O(n log n)
+    heap: list = []
+    current: list = [None] * p
+
+    def refresh(r):
+        ev = next_event(r)
+        current[r] = None if ev is None else (ev[0], r, ev[1])
+        if ev is not None:
+            heapq.heappush(heap, current[r])
+
+    for r in range(p):
+        refresh(r)
     while any(ptr[r] < len(orders[r]) for r in range(p)):
-        events = [(ev[0], r, ev[1]) for r in range(p) if ptr[r] < len(orders[r])
-                  for ev in [next_event(r)] if ev is not None]
-        if not events:
+        while heap and heap[0] != current[heap[0][1]]:
+            heapq.heappop(heap)
+        if not heap:
             raise DeadlockError(f"{sched.name}: cannot place weight gradients")
-        start, r, is_w = min(events)
+        start, r, is_w = heapq.heappop(heap)
+        current[r] = None
         if is_w:
             pending[r] -= 1
             slots[r][ptr[r]] += 1
             clock[r] = start + cost_w
+            refresh(r)
             continue
         a = orders[r][ptr[r]]
         if a.kind == FORWARD:
@@ -352,6 +371,11 @@ def weight_grad_slots(sched: Schedule, max_pending: int = 1, cost_f: float = 1.0
             clock[r] = start + cost_d + cost_w
         end[(a.kind, a.chunk, a.mb)] = clock[r]
         ptr[r] += 1
+        refresh(r)
+        # the one rank whose next action may wait for this one
+        nxt = a.chunk + 1 if a.kind == FORWARD else a.chunk - 1
+        if 0 <= nxt < nc and nxt % p != r:
+            refresh(nxt % p)
     return slots
 
 
@@ -427,7 +451,8 @@ class PlayResult:
 def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.0,
          comm_cost: Callable[[Action], float] = lambda a: 0.0, check: bool = True,
          eager_sends: bool = True,
-         weight_grad_cost: Optional[Callable[[int], float]] = None) -> PlayResult:
+         weight_grad_cost: Optional[Callable[[int], float]] = None,
+         blocking_sends: bool = True) -> PlayResult:
     """Play the action lists with rendezvous semantics and return timed events.
 
     A rank runs its steps in order. A compute step starts when the rank reaches it and
@@ -442,6 +467,11 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
     ``compute_cost(a) - weight_grad_cost(chunk)`` and its weight gradients run as
     ``WEIGHT_GRAD`` events where ``weight_grads_by_step`` places them — one attached to a
     communication step starts when the group is posted and overlaps its wait.
+
+    ``blocking_sends=False`` plays what the executor does: a rank posts a group's sends
+    and moves on (it waits for them only at the end of the step), and only its receives
+    hold it — each arrives ``comm_cost`` after both sides have posted (``eager_sends``:
+    after the sender posted). Validation keeps the default, the strictest semantics.
     """
     p, nc = sched.p, sched.num_chunks
     steps = sched.steps
@@ -460,6 +490,7 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
     split = weight_grad_cost is not None
     w_at = [weight_grads_by_step(sched, r) if split else {} for r in range(p)]
     w_end = [0.0] * p                     # when the weight gradients run at a post end
+    sent: dict = {}                       # (src, dst, tag) -> (post time, send action)
 
     def run_weight_grads(r, i, t) -> float:
         """Play rank r's weight gradients due at step i from time t; returns their end."""
@@ -537,6 +568,9 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                 if posted_at[r] is None:
                     posted_at[r] = clock[r]
                     w_end[r] = run_weight_grads(r, ptr[r], clock[r])
+                    for a in step:
+                        if a.kind in SEND_KINDS:
+                            sent[(r, a.peer, a.tag)] = (clock[r], a)
                     if check:
                         for a in step:
                             if a.kind in SEND_KINDS:
@@ -548,6 +582,19 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                 for a in step:
                     k = pair_key(r, a)
                     if k in done_pairs:
+                        continue
+                    if not blocking_sends:
+                        if a.kind in SEND_KINDS:
+                            continue          # the receiver completes the pair
+                        if k not in sent:
+                            complete = False  # the sender has not posted yet
+                            continue
+                        s_post, snd = sent[k]
+                        if check and (snd.chunk != a.chunk or snd.mb != a.mb):
+                            fail(f"tag {a.tag} pairs {a} with {snd}")
+                        arrive = (s_post if eager_sends else max(s_post, posted_at[r])) + \
+                            comm_cost(snd)
+                        done_pairs[k] = (arrive, arrive)
                         continue
                     b = matching(r, a)
                     if b is None:
@@ -562,8 +609,9 @@ def play(sched: Schedule, compute_cost: Callable[[Action], float] = lambda a: 1.
                     done_pairs[k] = (arrive, max(arrive, r_post))  # (sender done, receiver done)
                 if not complete:
                     break
-                t_end = max([posted_at[r], w_end[r]] + [done_pairs[pair_key(r, a)][a.kind in RECV_KINDS]
-                                              for a in step])
+                t_end = max([posted_at[r], w_end[r]] +
+                            [done_pairs[pair_key(r, a)][a.kind in RECV_KINDS] for a in step
+                             if blocking_sends or a.kind in RECV_KINDS])
                 for a in step:
                     if a.kind in RECV_KINDS:
                         what = "act" if a.kind == RECV_ACT else "grad"
