@@ -169,7 +169,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="only the sleepy p=2 pairs")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=9)
     a = ap.parse_args(argv)
     worlds: dict = {}
 
