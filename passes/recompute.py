@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from ptdp_compiler.collectives import TP_COLLECTIVES
 from ptdp_compiler.errors import ConfigError
 
 from .pipeline_split import _input_only, _layer_key, legal_cuts, node_flops
@@ -253,11 +254,6 @@ class RecomputeReport:
         return s
 
 
-# ptdp's own custom ops that are deterministic (collectives): safe to run again in backward
-_SAFE_CUSTOM = {"tp_f", "tp_g", "sp_gather", "sp_scatter", "sp_scatter_bias",
-                "all_reduce_max"}
-
-
 def replayable(n: fx.Node) -> bool:
     """May the partitioner recompute ``n``? ATen ops yes (random ones are replayed from a
     saved RNG state); custom ops only when known deterministic — a custom op may draw
@@ -268,7 +264,8 @@ def replayable(n: fx.Node) -> bool:
         return True
     if torch.Tag.nondeterministic_seeded in t.tags:
         return True
-    return t.namespace == "ptdp" and _opname(n) in _SAFE_CUSTOM
+    # ptdp's own collectives are deterministic: safe to run again in backward
+    return t in TP_COLLECTIVES
 
 
 def _tag(gm, layers, recomputed: set, input_only: set, always: set):
