@@ -13,7 +13,10 @@ number to hold against that paper's, and it overstates work done under selective
 recompute. Peak is the device's dense bf16 figure (``--peak-tflops`` overrides it).
 
 Every mode's first-step loss is reported; ptdp's must equal eager's within bf16
-tolerance, or the row says so (a fast wrong program is not a result).
+tolerance, or the row says so (a fast wrong program is not a result). All modes are set
+up first and then timed in alternating rounds (the median round counts), so a slow spell
+of the machine falls on every mode alike. ``step_gib``: the memory one step needs beyond
+the weights already allocated (activations, gradients, workspace), on CUDA.
 
     python benchmarks/gpu_throughput.py [--layers 4] [--json out.json]
     python benchmarks/gpu_throughput.py --device cpu --hidden 64 --heads 4 --seq 32 \\
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -60,7 +64,7 @@ def build(a, device):
     from examples.models.gpt import GPT, GPTConfig
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=a.vocab, block_size=a.seq, n_layer=a.layers, n_head=a.heads,
-                         n_embd=a.hidden, dropout=0.0)).to(device=device, dtype=torch.bfloat16)
+                         n_embd=a.hidden, dropout=0.0)).to(device=device, dtype=getattr(torch, a.dtype))
 
 
 def _sync(device):
@@ -68,17 +72,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(step, warmup, iters, device) -> tuple[float, float]:
-    """(first step's loss, mean seconds per step after ``warmup`` steps)."""
-    first = float(step())
-    for _ in range(warmup - 1):
-        step()
+def timed(step, iters, device) -> float:
+    """Mean seconds per step over ``iters`` steps."""
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
     _sync(device)
-    return first, (time.perf_counter() - t0) / iters
+    return (time.perf_counter() - t0) / iters
 
 
 def make_step(mode: str, model, a, x, y):
@@ -101,19 +102,25 @@ def make_step(mode: str, model, a, x, y):
     return step
 
 
-def run_mode(mode, a, x, y, device):
+def set_up(mode, a, x, y, device) -> dict:
+    """Build and compile ``mode``'s model; run its warm-up steps (the first one's loss is
+    kept) and measure the memory one step needs beyond what is already allocated."""
     model = build(a, device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    t_compile = time.perf_counter()
+    t0 = time.perf_counter()
     step = make_step(mode, model, a, x, y)
-    loss, t = time_steps(step, max(a.warmup, 1), a.iters, device)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
-    del model, step
+    loss = float(step())
+    for _ in range(a.warmup - 1):
+        step()
+    mem = None
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return loss, t, mem, time.perf_counter() - t_compile
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        mem = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    return {"mode": mode, "step": step, "model": model, "loss": loss, "step_gib": mem,
+            "setup_s": time.perf_counter() - t0, "times": []}
 
 
 def main(argv=None):
@@ -127,9 +134,13 @@ def main(argv=None):
     ap.add_argument("--recompute", default="selective")
     ap.add_argument("--codegen", default="inductor", help="ptdp's codegen (aot_eager: smoke runs)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=10, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timed rounds, modes alternated; a mode's time is its median round")
     ap.add_argument("--modes", default="eager,torch.compile,ptdp")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="the model's dtype (float32: a CPU without fast bf16 GEMMs)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -139,26 +150,36 @@ def main(argv=None):
         return 0
     device = torch.device(a.device)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = a.peak_tflops or peak_tflops(dev)
+    # the table holds 16-bit tensor-core peaks; fp32 has no meaningful MFU without --peak-tflops
+    peak = a.peak_tflops or (peak_tflops(dev) if a.dtype != "float32" else float("nan"))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
     y = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
     flops = model_flops(a.batch, a.seq, a.layers, a.hidden, a.vocab)
     flops96 = paper_flops(a.batch, a.seq, a.layers, a.hidden, a.vocab)
-    name = f"GPT h={a.hidden} a={a.heads} l={a.layers} s={a.seq} b={a.batch} bf16"
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
+    name = f"GPT h={a.hidden} a={a.heads} l={a.layers} s={a.seq} b={a.batch} {short}"
     rows = []
-    print(f"{name} on {dev} (peak {peak:.0f} TFLOP/s bf16), torch {torch.__version__}")
+    print(f"{name} on {dev} (peak {peak:.0f} TFLOP/s {short}), torch {torch.__version__}")
     print(f"{'mode':<16} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>7} {'paper96':>8} {'GiB':>6} "
-          f"{'loss':>9}  vs torch.compile")
-    for mode in a.modes.split(","):
-        loss, t, mem, wall = run_mode(mode, a, x, y, device)
-        tf = flops / t / 1e12
-        rows.append({"model": name, "mode": mode, "tflops": round(tf, 1),
-                     "mfu": round(tf / peak, 4) if peak == peak else None, "tflops_paper": round(flops96 / t / 1e12, 1),
-                     "step_ms": round(t * 1e3, 2), "peak_gib": mem and round(mem, 2),
-                     "loss": round(loss, 5), "setup_s": round(wall, 1), "device": dev})
-        print(f"{mode:<16} {t * 1e3:9.1f} {tf:9.1f} {tf / peak:7.1%} {flops96 / t / 1e12:8.1f} "
-              f"{mem or float('nan'):6.1f} {loss:9.5f}", flush=True)
+          f"{'loss':>9}   (GiB: memory a step needs beyond weights)")
+    # every mode set up first, then timed in alternating rounds, so a slow spell of a
+    # shared machine falls on all of them alike
+    runs = [set_up(mode, a, x, y, device) for mode in a.modes.split(",")]
+    for _ in range(a.rounds):
+        for r in runs:
+            r["times"].append(timed(r["step"], a.iters, device))
+    for r in runs:
+        t = statistics.median(r["times"])
+        tf, mem = flops / t / 1e12, r["step_gib"]
+        rows.append({"model": name, "mode": r["mode"], "tflops": round(tf, 1),
+                     "mfu": round(tf / peak, 4) if peak == peak else None,
+                     "tflops_paper": round(flops96 / t / 1e12, 1),
+                     "step_ms": round(t * 1e3, 2), "step_gib": mem and round(mem, 2),
+                     "loss": round(r["loss"], 5), "setup_s": round(r["setup_s"], 1),
+                     "device": dev})
+        print(f"{r['mode']:<16} {t * 1e3:9.1f} {tf:9.1f} {tf / peak:7.1%} "
+              f"{flops96 / t / 1e12:8.1f} {mem or float('nan'):6.1f} {r['loss']:9.5f}", flush=True)
     base = {r["mode"]: r for r in rows}
     for r in rows:
         if "torch.compile" in base:

@@ -56,6 +56,7 @@ def test_gpu_throughput_smoke_run_on_cpu_matches_eager_loss(tmp_path):
     rc = gpu_throughput.main(["--device", "cpu", "--hidden", "64", "--heads", "4", "--seq", "32",
                               "--layers", "2", "--vocab", "128", "--codegen", "aot_eager",
                               "--modes", "eager,ptdp,ptdp:none", "--warmup", "1", "--iters", "1",
+                              "--rounds", "2", "--dtype", "bfloat16",
                               "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert rc == 0 and [r["mode"] for r in rows] == ["eager", "ptdp", "ptdp:none"]
