@@ -123,6 +123,22 @@ def set_up(mode, a, x, y, device) -> dict:
             "setup_s": time.perf_counter() - t0, "times": []}
 
 
+def profile_modes(runs, out_dir, device):
+    """Two profiled steps per mode; writes the op table sorted by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+    os.makedirs(out_dir, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    for r in runs:
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                r["step"]()
+            _sync(device)
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        with open(os.path.join(out_dir, r["mode"].replace(":", "_") + ".txt"), "w") as f:
+            f.write(table)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
@@ -143,6 +159,9 @@ def main(argv=None):
                     help="the model's dtype (float32: a CPU without fast bf16 GEMMs)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak")
     ap.add_argument("--json")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="also profile two steps of every mode: DIR/<mode>.txt holds the ops "
+                         "by device time (where a slower mode loses its time)")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("gpu_throughput: no CUDA GPU on this machine; nothing measured (run it on an "
@@ -169,6 +188,8 @@ def main(argv=None):
     for _ in range(a.rounds):
         for r in runs:
             r["times"].append(timed(r["step"], a.iters, device))
+    if a.profile:
+        profile_modes(runs, a.profile, device)
     for r in runs:
         t = statistics.median(r["times"])
         tf, mem = flops / t / 1e12, r["step_gib"]

@@ -40,9 +40,12 @@ class LossWeight:
     numel: int = 1
     ignore_index: Optional[int] = None
 
-    def count(self, user_inputs: list) -> float:
+    def count(self, user_inputs: list):
+        """This microbatch's weight count: a float64 tensor on the targets' device for
+        ``target_count`` (never read back to the host, which would stall a GPU every
+        step), else a Python number."""
         if self.kind == "target_count":
-            return float(self.count_graph(*user_inputs))
+            return self.count_graph(*user_inputs).to(torch.float64)
         return float(self.numel)
 
     def describe(self) -> str:

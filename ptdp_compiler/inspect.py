@@ -22,9 +22,13 @@ def explain(pm) -> str:
     lines += ["  " + pm.auto_plan.summary()] if getattr(pm, "auto_plan", None) else []
     nparam = sum(p.numel() for p in pm.parameters())
     lines.append(f"  parameters: {len(pm._params)} tensors, {nparam:,} elements on this rank")
-    lines.append(f"  data-parallel gradient buckets: {pm._buckets.num_buckets} "
-                 f"({_fmt_bytes(pm._buckets.nbytes)}), reduced with SUM of "
-                 "loss-weighted gradients, overlapped with backward")
+    if pm._buckets.num_buckets:
+        lines.append(f"  data-parallel gradient buckets: {pm._buckets.num_buckets} "
+                     f"({_fmt_bytes(pm._buckets.nbytes)}), reduced with SUM of "
+                     "loss-weighted gradients, overlapped with backward")
+    else:
+        lines.append("  data-parallel gradient buckets: none (nothing to reduce: gradients "
+                     "stay where autograd puts them)")
     if c.pp > 1:
         from .codegen.split_backward import split_stats
         lines.append(

@@ -573,3 +573,56 @@ def test_meta_built_model_with_meta_buffers_single_device_layout_takes_init_weig
 def build_meta_llama():
     with torch.device("meta"):
         return build("llama")
+
+
+# ---- gradient buckets: what a step costs in memory traffic ---------------------------------
+def test_without_reduction_gradients_stay_where_autograd_puts_them():
+    """dp = 1, same dtype: no flat buffers, no copies; parameters that got no gradient
+    still end the step with a zero one (as DDP's do)."""
+    from ptdp_compiler.runtime.data_parallel import GradBuckets
+    torch.manual_seed(0)
+    lin, unused = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.ones(2))
+    buckets = GradBuckets(list(lin.parameters()) + [unused])
+    assert buckets.num_buckets == 0 and buckets.nbytes == 0
+    for _ in range(2):                                   # a stale .grad is cleared
+        buckets.start_step()
+        lin(torch.randn(5, 4)).sum().backward()
+        produced = lin.weight.grad
+        buckets.finish()
+        assert lin.weight.grad is produced
+        assert torch.equal(unused.grad, torch.zeros(2))
+
+
+def test_main_grad_buckets_copy_the_first_gradient_and_accumulate_the_rest():
+    """bf16 parameters, fp32 main grads over two microbatches: the buffers are never
+    zeroed, yet hold exactly Σ fp32(microbatch gradient); a slot no gradient reached is
+    zeroed (poisoned buffers prove neither relies on stale contents)."""
+    from ptdp_compiler.runtime.precision import MainGradBuckets
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    buckets = MainGradBuckets(list(lin.parameters()) + [unused])
+    xs = [torch.randn(5, 8, dtype=torch.bfloat16) for _ in range(2)]
+    expected = [sum(torch.autograd.grad(lin(x).float().sum(), p)[0].float() for x in xs)
+                for p in lin.parameters()]
+    for _ in range(2):
+        for b in buckets.buckets:
+            b["buffer"].fill_(7.0)
+        buckets.start_step()
+        for x in xs:
+            lin(x).float().sum().backward()
+        buckets.finish()
+        for p, e in zip(lin.parameters(), expected):
+            assert p.grad is None and torch.equal(p.main_grad, e)
+        assert torch.equal(unused.main_grad, torch.zeros(3))
+
+
+def test_token_counts_stay_on_device_as_tensors():
+    """Loss weights are tensors when the counts are (no host read-back per step) and
+    equal the Python-number weights."""
+    from ptdp_compiler.runtime.executor import global_weights
+    ws, total = global_weights([torch.tensor(3.0), torch.tensor(1.0)], None)
+    assert all(isinstance(w, torch.Tensor) for w in ws)
+    assert [float(w) for w in ws] == global_weights([3.0, 1.0], None)[0] == [0.75, 0.25]
+    assert float(total) == 4.0
+    assert torch.isnan(global_weights([torch.tensor(0.0)], None)[0][0])

@@ -39,12 +39,36 @@ def split_microbatches(args, kwargs, target, m: int) -> list:
     return out
 
 
-def global_weights(counts: list[float], dp_group) -> tuple[list[float], float]:
-    total = torch.tensor([sum(counts)], dtype=torch.float64, device=comm_device())
-    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+def global_weights(counts: list, dp_group) -> tuple[list, object]:
+    """Each count over the sum of every count on every dp rank, and that sum.
+
+    Counts that are tensors stay tensors (on their device, or on the collective's device
+    when dp > 1), so a step never waits for the GPU to tell the host its token count."""
+    reduce = dp_group is not None and dist.get_world_size(dp_group) > 1
+    dev = comm_device() if reduce else next(
+        (c.device for c in counts if isinstance(c, torch.Tensor)), None)
+    if dev is None:                      # Python numbers on a single dp rank
+        t = float(sum(counts))
+        return [c / t if t else float("nan") for c in counts], t
+    cs = [torch.as_tensor(c, dtype=torch.float64).to(dev) for c in counts]
+    total = torch.stack(cs).sum().reshape(1)
+    if reduce:
         dist.all_reduce(total, group=dp_group)
-    t = float(total.item())
-    return [c / t if t else float("nan") for c in counts], t
+    return [c / total[0] for c in cs], total[0]     # 0/0 = nan: a batch with no targets
+
+
+def weighted(loss: torch.Tensor, w, scale: float = 1.0) -> torch.Tensor:
+    """The backward seed ``loss · w · scale``. A tensor weight multiplies in fp32 (the
+    precision a Python-float weight gets), so a bf16/fp16 loss's seed is cast once."""
+    if isinstance(w, torch.Tensor):
+        return loss.float() * (w * scale).to(device=loss.device, dtype=torch.float32)
+    return loss * (w * scale)
+
+
+def weighted_sum_term(loss: torch.Tensor, w, device) -> torch.Tensor:
+    """``loss · w`` in float64 on ``device``, for the reported step loss."""
+    term = loss.detach().double().to(device)
+    return term * (w.to(device) if isinstance(w, torch.Tensor) else w)
 
 
 def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
@@ -62,8 +86,8 @@ def run_step(programs, microbatches, buckets, rng, step: int, dp_group):
         with rng.fork(step, i):
             loss = prog(mb)
         # fp16: the backward seed carries the dynamic loss scale (runtime/precision.py)
-        (loss * (weights[i] * getattr(buckets, "loss_scale", 1.0))).backward()
-        loss_sum += loss.detach().double().to(loss_sum.device) * weights[i]
+        weighted(loss, weights[i], getattr(buckets, "loss_scale", 1.0)).backward()
+        loss_sum += weighted_sum_term(loss, weights[i], loss_sum.device)
     buckets.finish()
     return global_loss(loss_sum, dp_group)
 

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
+from .executor import weighted, weighted_sum_term
 from .mesh import comm_device
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
                         WEIGHT_GRAD, Schedule, deferred_slots, sends_input_grad)
@@ -136,13 +137,12 @@ class PipelineRun:
         with self.rng.fork(self.step, key):
             outs = st.fn(*args)
         if c == self.nc - 1:
-            loss = outs[0] * self.weights[mb]
-            self.loss_sum += loss.detach().double().to(self.loss_sum.device)
+            w = self.weights[mb]
+            self.loss_sum += weighted_sum_term(outs[0], w, self.loss_sum.device)
             # fp16: the backward seed (not the reported loss) carries the dynamic loss scale;
             # one multiply by weight·scale, as the scale alone (2^16) is not a finite fp16
             # gradient
-            scale = self.loss_scale
-            seed = outs[0] * (self.weights[mb] * scale) if scale != 1.0 else loss
+            seed = weighted(outs[0], w, self.loss_scale)
             self.saved[(c, mb)] = (leaves, [seed])
         else:
             outs = list(outs)

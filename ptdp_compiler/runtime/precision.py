@@ -46,6 +46,7 @@ class MainGradBuckets(GradBuckets):
     each buffer so a reduce-scatter can split it evenly (distributed optimizer)."""
 
     loss_scale = 1.0
+    always_flat = True
 
     def __init__(self, params: list, group=None, bucket_bytes: int = 25 * 2**20,
                  grad_dtype: torch.dtype = torch.float32, pad_to: int = 1):
@@ -65,22 +66,25 @@ class MainGradBuckets(GradBuckets):
                              "pending": set(), "launched": False})
 
     def start_step(self):
+        super().start_step()
         for b in self.buckets:
-            b["buffer"].zero_()
             for p, v in b["views"].items():
                 p.main_grad = v
-                p.grad = v if v.dtype == p.dtype else None
-            b["pending"] = set(b["views"])
-            b["launched"] = False
-        self._final = False
-        self._handles = []
 
-    def _on_grad(self, p):
-        view = self._owner[p]["views"][p]
-        if p.grad is not None and view.dtype != p.dtype:
-            view.add_(p.grad)  # this microbatch's bf16/fp16 gradient, accumulated in fp32
-            p.grad = None
-        super()._on_grad(p)
+    def _absorb(self, p, b, view):
+        if p.grad is None or view.dtype == p.dtype:
+            return super()._absorb(p, b, view)
+        # this microbatch's bf16/fp16 gradient, moved into (or accumulated in) fp32
+        if p in b["unwritten"]:
+            view.copy_(p.grad)
+        else:
+            view.add_(p.grad)
+        p.grad = None
+        b["unwritten"].discard(p)
+
+    def _expose(self, p, view):
+        if view.dtype == p.dtype:
+            p.grad = view
 
 
 class DynamicLossScaler:
