@@ -86,9 +86,10 @@ def formula_bytes(s, b, h, a, t, sp, recompute) -> float:
 
 
 def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager",
-                dtype=torch.bfloat16):
+                dtype=torch.bfloat16, pointwise=False):
     """Bytes this rank saves for backward in one forward (parameters excluded), and the
-    recompute report's FLOP overhead."""
+    recompute report's FLOP overhead. ``pointwise=False`` (``recompute_pointwise``) saves
+    exactly the paper's set; True lets the partitioner recompute free pointwise ops."""
     import ptdp_compiler as ptdp
     from ptdp_compiler.passes.recompute import measure_saved_bytes
     from ptdp_compiler.runtime.executor import split_microbatches
@@ -98,7 +99,7 @@ def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager
     ids = torch.randint(0, VOCAB, (b, s), generator=g)
     tgt = torch.randint(0, VOCAB, (b, s), generator=g)
     pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, recompute=recompute,
-                          codegen=codegen)
+                          codegen=codegen, recompute_pointwise=pointwise)
     mb = split_microbatches((ids, tgt), {}, None, 1)[0]
     prog = pm._program(mb)
     nbytes, loss = measure_saved_bytes(lambda: prog(mb), list(pm.parameters()))

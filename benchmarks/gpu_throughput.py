@@ -83,11 +83,14 @@ def timed(step, iters, device) -> float:
 
 
 def make_step(mode: str, model, a, x, y):
-    """``mode``: eager | torch.compile | ptdp | ptdp:<recompute> (e.g. ptdp:none)."""
+    """``mode``: eager | torch.compile | ptdp | ptdp:<recompute> (e.g. ptdp:none) |
+    ptdp:<recompute>:table2 (``recompute_pointwise=False``: save exactly the paper's set)."""
     if mode.startswith("ptdp"):
         import ptdp_compiler as ptdp
-        recompute = mode.split(":", 1)[1] if ":" in mode else a.recompute
-        pm = ptdp.parallelize(model, codegen=a.codegen, recompute=recompute)
+        parts = mode.split(":")
+        recompute = parts[1] if len(parts) > 1 else a.recompute
+        pm = ptdp.parallelize(model, codegen=a.codegen, recompute=recompute,
+                              recompute_pointwise=parts[2:] != ["table2"])
         return lambda: pm.train_step(x, targets=y)
     if mode not in ("eager", "torch.compile"):
         raise SystemExit(f"unknown mode {mode!r}; use eager, torch.compile, ptdp or ptdp:<recompute>")

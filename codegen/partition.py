@@ -49,21 +49,34 @@ def tag_digest(gm: fx.GraphModule) -> str:
     return h.hexdigest()
 
 
+def free_pointwise(gm: fx.GraphModule) -> bool:
+    """Did the recompute pass leave values to the partitioner (PREFER_SAVE tags)?"""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return any(n.meta.get("recompute") == CheckpointPolicy.PREFER_SAVE for n in gm.graph.nodes)
+
+
 class TaggedPartitioner(CustomPartitionerFn):
     """Min-cut partition that honours recompute tags; its uuid covers the tags."""
 
-    def __init__(self, digest: str):
-        self.digest = digest
+    def __init__(self, digest: str, free_pointwise: bool = False):
+        self.digest, self.free_pointwise = digest, free_pointwise
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
         kwargs.setdefault("compiler", "inductor")
-        fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        import torch._functorch.config as fc
+        # PREFER_SAVE values (recompute_pointwise): the partitioner may recompute a cheap
+        # pointwise op even where backward needs its output materialised (GeLU feeding the
+        # next weight-gradient matmul), which its default heuristic forbids: one fused
+        # kernel then recomputes it and computes its gradient, and forward keeps only its
+        # input — as torch.compile's partition does when a no-op dropout hides the matmul
+        with fc.patch(ban_recompute_materialized_backward=not self.free_pointwise):
+            fw, bw = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         partition_report.append(saved_values(fw, kwargs.get("num_fwd_outputs", 1)))
         return fw, bw
 
     def uuid(self) -> Optional[Any]:
-        return ("ptdp-recompute-partition", 1, self.digest)
+        return ("ptdp-recompute-partition", 2, self.digest, self.free_pointwise)
 
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice",
@@ -106,7 +119,7 @@ def saved_values(fw: fx.GraphModule, num_fwd_outputs: int) -> list:
 def aot_partition_kwargs(gm: fx.GraphModule, codegen: str) -> dict:
     """Keyword arguments that make ``compile_fx`` (inductor) or ``aot_module_simplified``
     (aot_eager) partition with the tags of ``gm``."""
-    part = TaggedPartitioner(tag_digest(gm))
+    part = TaggedPartitioner(tag_digest(gm), free_pointwise(gm))
     if codegen == "inductor":
         return {"config_patches": {"custom_partitioner_fn": part}}
     return {"partition_fn": part}
@@ -132,7 +145,7 @@ def trial_partition(gm: fx.GraphModule) -> list:
                 x.requires_grad_(True)
             inputs.append(x)
     before = len(partition_report)
-    part = TaggedPartitioner(tag_digest(gm))
+    part = TaggedPartitioner(tag_digest(gm), free_pointwise(gm))
 
     def nop(g, _inputs):
         return make_boxed_func(g.forward)

@@ -47,7 +47,8 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     # ---- recompute (issue 4): tag nodes save / recompute for the partitioner -------------
     from .recompute import recompute_pass
     gm, plan.recompute = recompute_pass(gm, cfg.recompute,
-                                           cfg.sequence_parallel and cfg.sp_regather)
+                                           cfg.sequence_parallel and cfg.sp_regather,
+                                           pointwise=cfg.recompute_pointwise)
     plan.pass_log.append(("recompute", plan.recompute.summary()))
     # ---- end recompute ---------------------------------------------------------------------
     if cfg.dp > 1:

@@ -29,6 +29,10 @@ class ParallelConfig:
     # backward, 2sbh(1-1/t) more activation bytes each)
     sp_regather: bool = True
     recompute: Union[str, dict] = "none"
+    # what the recompute mode saves may still be recomputed by the partitioner where that
+    # is free (pointwise ops fused into backward kernels, as torch.compile does); False
+    # saves exactly Korthikanti et al.'s Table 2 set (passes/recompute.py)
+    recompute_pointwise: bool = True
     schedule: Optional[str] = None     # None: "interleaved" when virtual_stages > 1, else "1f1b"
     scatter_gather: bool = True        # pp boundaries replicated over tp travel as 1/t slices
     codegen: str = "inductor"
@@ -54,7 +58,8 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-        for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer"):
+        for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer",
+                     "recompute_pointwise"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be True or False")
