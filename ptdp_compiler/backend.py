@@ -48,9 +48,14 @@ _SOURCE_PART = re.compile(
 
 
 def _source_name(source) -> Optional[str]:
-    """``L['self']._modules['h']._modules['0']._parameters['weight']`` → ``h.0.weight``."""
+    """``L['self']._modules['h']._modules['0']._parameters['weight']`` → ``h.0.weight``.
+
+    The root is the local or global the module came in as: ``L['self']``, or
+    ``L['args'][0]`` when ``forward`` is wrapped by a decorator taking ``*args`` (as
+    transformers 5.24's ``@deprecate_kwarg`` wraps ``LlamaForCausalLM.forward``): the
+    index is part of the root, not of the name."""
     text = source.name if isinstance(getattr(source, "name", None), str) else source.name()
-    m = re.match(r"^[LG]\['[^']+'\]", text)
+    m = re.match(r"^[LG]\['[^']+'\](?:\[\d+\])*", text)
     rest = text[m.end():] if m else text
     parts = [a or b or c for a, b, c in _SOURCE_PART.findall(rest)]
     return ".".join(parts) if parts else None

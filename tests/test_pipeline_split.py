@@ -74,8 +74,16 @@ def test_rotary_and_masks_are_recomputed_not_sent():
     result = split(cap.gm, 2)
     assert result.boundary_shapes == [[(2, 16, 32)]]
     for ch in result.chunks:
-        assert any("rotary_emb" in p for p in ch.gm.state_dict()) or any(
-            n.op == "get_attr" for n in ch.gm.graph.nodes)
+        # the rotary buffer reaches every chunk as a module input (a placeholder, or a
+        # get_attr where export keeps it as an attribute), and cos/sin are computed there
+        rotary_in = any("rotary_emb" in str(n.meta.get("ptdp_input_name", ""))
+                        for n in ch.gm.graph.find_nodes(op="placeholder")) \
+            or any("rotary_emb" in p for p in ch.gm.state_dict())
+        assert rotary_in, f"chunk {ch.index} does not take the rotary buffer"
+        ops = {getattr(n.target, "__name__", str(n.target)) for m in ch.gm.modules()
+               if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+               if n.op == "call_function"}   # also inside autocast-off subgraphs
+        assert {"cos.default", "sin.default"} <= ops, f"chunk {ch.index} does not rebuild cos/sin"
 
 
 def test_more_chunks_than_layers_is_named_error():
