@@ -90,8 +90,15 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         no_aot_cache = torch._functorch.config.patch(enable_autograd_cache=False,
                                                      donated_buffer=False) \
             if weights else contextlib.nullcontext()
-        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))), no_aot_cache:
-            fn = compile_fx(gm, example_inputs, **kwargs)
+        # ...but AOTAutograd fakeifies real inputs against that ShapeEnv with every dim
+        # dynamic (parameters included: here they are plain inputs), so Inductor would
+        # emit size-generic kernels; static fakes of the same mode keep every shape a
+        # constant, as the caller's one-compile-per-signature cache assumes
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        with tracing(TracingContext(fake_mode)), no_aot_cache:
+            fakes = [fake_mode.from_tensor(x, static_shapes=True)
+                     if isinstance(x, torch.Tensor) else x for x in example_inputs]
+            fn = compile_fx(gm, fakes, **kwargs)
     elif codegen == "aot_eager":
         from functorch.compile import make_boxed_func
         from torch._functorch.aot_autograd import aot_module_simplified
