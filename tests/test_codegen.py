@@ -170,9 +170,16 @@ def test_backend_needs_a_loss_in_the_graph():
 
 
 # ---- dump / inspect ----------------------------------------------------------------------------
+def _forward_kernel_calls(kernel_dir):
+    """kernel_calls of every forward output module in ``kernel_dir``."""
+    from ptdp_compiler.dump import kernel_calls
+    return [kernel_calls(f.read_text()) for f in sorted(kernel_dir.glob("output_code_*.py"))
+            if re.search(r"# AOT ID: \['\d+_forward'\]", f.read_text())]
+
+
 def test_inspect_writes_every_ranks_graphs_diffs_drawing_and_kernels(tmp_path):
     from ptdp_compiler.dump import inspect_model
-    model = build("gpt", n_layer=2, n_embd=16, n_head=2)
+    model = build("gpt", n_layer=2, n_embd=16, n_head=2, dropout=0.1)
     args, kwargs = batch("gpt", 2)
     dirs = inspect_model(model, args, kwargs, str(tmp_path), tp=2, pp=2, kernel_ranks=(0,))
     assert len(dirs) == 4
@@ -188,6 +195,31 @@ def test_inspect_writes_every_ranks_graphs_diffs_drawing_and_kernels(tmp_path):
     # forward and backward output code of the two distinct regions (embedding, layer)
     assert len(kernels) >= 2 and any("def call(" in k.read_text() for k in kernels)
     assert not (tmp_path / "rank1" / "kernels").exists()
+    # the fusion report: after the row-parallel all-reduce, the bias add, dropout, residual
+    # add and the next LayerNorm run as one generated kernel
+    kdir = tmp_path / "rank0" / "kernels" / "chunk0"
+    assert "fuses" in (kdir / "fusions.txt").read_text()
+    fused = [set(c.ops) for calls in _forward_kernel_calls(kdir) for c in calls
+             if c.kind == "fused"]
+    assert any({"add", "native_dropout", "native_layer_norm"} <= ops for ops in fused), fused
+
+
+def test_sequence_parallel_layer_norm_is_fused_between_its_collectives(tmp_path):
+    """Under SP the residual add, the dropout mask and LayerNorm are one kernel on the
+    sequence shard, launched after the reduce-scatter and before the all-gather."""
+    from ptdp_compiler.dump import inspect_model
+    model = build("gpt", n_layer=2, n_embd=16, n_head=2, dropout=0.1)
+    args, kwargs = batch("gpt", 2)
+    inspect_model(model, args, kwargs, str(tmp_path), tp=2, sequence_parallel=True,
+                  kernel_ranks=(0,))
+    layer = max(_forward_kernel_calls(tmp_path / "rank0" / "kernels" / "chunk0"),
+                key=lambda calls: sum(c.name == "ptdp.sp_scatter_bias" for c in calls))
+    names = [c.name for c in layer]
+    norms = [i for i, c in enumerate(layer) if c.kind == "fused"
+             and {"add", "mul", "native_layer_norm"} <= set(c.ops)]
+    assert norms, [c.ops for c in layer]
+    for i in norms:
+        assert "ptdp.sp_scatter_bias" in names[:i] and names[i + 1] == "ptdp.sp_gather", names
 
 
 # ---- Inductor's compute/communication reordering (comm_reorder=True) ---------------------------
