@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's device check, sized for a 15-minute device budget (about 4 minutes
+# One GPU session's device check, sized for a 15-minute device budget (estimated 3-5 minutes
 # on one H100): the throughput/MFU benchmark at l=4 and l=8 (separate runs: ratios
 # compare within a run), merged into one JSON the README report renders.
 #
