@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from typing import Optional
@@ -35,17 +36,24 @@ _MATMULS = ("linear", "mm", "addmm", "bmm", "matmul", "scaled_dot_product_attent
 
 
 def is_collective(n: fx.Node) -> bool:
-    ns = getattr(n.target, "namespace", None)
+    """A torch functional collective or one of ptdp's (``collectives.TP_COLLECTIVES``),
+    not another ptdp op such as the dropout-mask one."""
+    from .collectives import TP_COLLECTIVES
     return n.op == "call_function" and (
-        ns in TORCH_COLLECTIVE_NAMESPACES or is_collective_op(str(n.target).rsplit(".", 1)[0]))
+        n.target in TP_COLLECTIVES
+        or getattr(n.target, "namespace", None) in TORCH_COLLECTIVE_NAMESPACES)
+
+
+@functools.lru_cache(maxsize=1)
+def _ptdp_collective_names() -> frozenset:
+    from .collectives import TP_COLLECTIVES
+    return frozenset(str(op).rsplit(".", 1)[0] for op in TP_COLLECTIVES)
 
 
 def is_collective_op(name: str) -> bool:
-    """``namespace.op`` is a collective: torch's functional collectives or one of ptdp's
-    (``collectives.TP_COLLECTIVES``), not another ptdp op such as the dropout-mask one."""
-    from .collectives import TP_COLLECTIVES
+    """``is_collective`` for an op named ``namespace.op`` in generated code."""
     return name.split(".", 1)[0] in TORCH_COLLECTIVE_NAMESPACES or \
-        name in {str(op).rsplit(".", 1)[0] for op in TP_COLLECTIVES}
+        name in _ptdp_collective_names()
 
 
 def readable(gm: fx.GraphModule) -> str:

@@ -173,8 +173,9 @@ def test_backend_needs_a_loss_in_the_graph():
 def _forward_kernel_calls(kernel_dir):
     """kernel_calls of every forward output module in ``kernel_dir``."""
     from ptdp_compiler.dump import kernel_calls
-    return [kernel_calls(f.read_text()) for f in sorted(kernel_dir.glob("output_code_*.py"))
-            if re.search(r"# AOT ID: \['\d+_forward'\]", f.read_text())]
+    sources = [f.read_text() for f in sorted(kernel_dir.glob("output_code_*.py"))]
+    return [kernel_calls(src) for src in sources
+            if re.search(r"# AOT ID: \['\d+_forward'\]", src)]
 
 
 def test_inspect_writes_every_ranks_graphs_diffs_drawing_and_kernels(tmp_path):
