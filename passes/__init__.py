@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from ptdp_compiler.plan import CollectivePlan, ParamPlan, Plan
+from ptdp_compiler.placement import CollectivePlan, ParamPlan, Plan
 
 from .loss_weight import LossWeight, find_loss_weight
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ptdp_compiler.plan import Shard
+from ptdp_compiler.placement import Shard
 
 __all__ = ["Shard", "PaddedShard", "moved", "padded_size", "view_rule", "local_shape",
            "shard_tensor", "unshard_tensors"]

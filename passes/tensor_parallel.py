@@ -42,7 +42,7 @@ import ptdp_compiler.collectives  # noqa: F401  (registers the ptdp:: ops)
 import ptdp_compiler.runtime.rng  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
 from ptdp_compiler.capture import source_line
 from ptdp_compiler.errors import ConfigError, ShardingError
-from ptdp_compiler.plan import CollectivePlan, Shard
+from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
 from .sharding import PaddedShard, local_shape, moved, padded_size, view_rule

@@ -15,9 +15,6 @@ from .runtime.launch import LocalWorld, launch
 
 __version__ = "0.1.0"
 
-# ptdp.plan is the planner's function; the submodule ptdp_compiler.plan (the plan as data)
-# is loaded first so that importing it later cannot rebind this name to the module.
-from . import plan as _plan_module  # noqa: E402,F401
 from .planner import Cluster, plan  # noqa: E402
 
 __all__ = ["parallelize", "backend", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",

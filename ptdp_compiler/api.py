@@ -125,7 +125,7 @@ class ParallelModule:
         the same Parameter objects) and rebuild the gradient buckets at local sizes."""
         if self.config.tp == 1:
             return
-        from .plan import Shard
+        from .placement import Shard
         from .passes.sharding import shard_tensor
         placements = {n: pp.placement for n, pp in plan.params.items()
                       if isinstance(pp.placement, Shard)}
@@ -266,7 +266,7 @@ class ParallelModule:
         return list(self._programs.values())[-1].program.plan if self._programs else None
 
     def explain(self) -> str:
-        from .inspect import explain
+        from .explain import explain
         return explain(self)
 
     def dump(self, path: str, kernels: bool = True) -> str:

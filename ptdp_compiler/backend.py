@@ -210,7 +210,7 @@ class PTDPBackend:
     def _adopt(self, plan, full: dict):
         """Create (first graph) or check (later graphs) this rank's parameter shards."""
         from .passes.sharding import shard_tensor
-        from .plan import Shard
+        from .placement import Shard
         t, r = self.config.tp, self.coords.tp_rank
         for name, x in full.items():
             pp = plan.params.get(name)

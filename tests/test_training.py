@@ -60,7 +60,7 @@ def test_piece_boxes_cover_exactly_the_local_range():
     import random
 
     from ptdp_compiler.passes.sharding import shard_tensor
-    from ptdp_compiler.plan import Shard
+    from ptdp_compiler.placement import Shard
     from ptdp_compiler.runtime.layout import LocalParam, piece_boxes
     rnd = random.Random(0)
     for shape, pl in [((12, 8), Shard(0, 3)), ((12, 8), Shard(1, 2)), ((24,), Shard(0)),
@@ -466,7 +466,7 @@ def test_init_replay_keeps_elementwise_exact_and_refuses_reads_of_retired_shards
     """After a parameter is retired to this rank's shard, an elementwise op on it is exact
     on the shard; an op reading the other ranks' elements is refused, never wrong."""
     from ptdp_compiler.passes.sharding import shard_tensor
-    from ptdp_compiler.plan import Shard
+    from ptdp_compiler.placement import Shard
     from ptdp_compiler.runtime.meta_init import _put_shard, replay_init
 
     def builder(renorm):
