@@ -158,7 +158,7 @@ def test_explain_lists_placements_collectives_and_shapes(world):
 
 # ---- collectives in one decoder layer ---------------------------------------------------------
 def count_job(sp):
-    from ptdp_compiler.passes.sequence_parallel import count_tp_collectives
+    from ptdp_compiler.passes.tensor_parallel import count_tp_collectives
     counts = []
     for layers in (1, 2):
         pm = ptdp.parallelize(build("gpt", n_layer=layers), tp=2, sequence_parallel=sp,

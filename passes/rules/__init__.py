@@ -1,0 +1,56 @@
+"""Sharding rules: one small function per ATen op (or family of ops), like DTensor's
+sharding strategies.
+
+A rule is called for a captured node with at least one tensor-parallel-sharded input:
+``rule(rw, node) -> new node``. It reads the input placements (``rw.placement_of``),
+refuses what it does not accept with ``rw.fail`` (naming why), emits this rank's op(s)
+with ``rw.emit`` and records the placement of the result. Replicated operands that meet
+sharded ones are sliced to this rank's part (``rw.localize``) or wrapped in Megatron's f
+(``rw.f``). An op with no rule is refused by the pass; nothing is replicated silently.
+
+    pointwise.py   element-wise ops, dropout, casts and copies
+    shape.py       views, layout ops, slice / split / cat / stack / unbind, getitem
+    reductions.py  reductions, softmax, max / logsumexp, layer_norm / rms_norm
+    attention.py   scaled_dot_product_attention, batched matmuls, baddbmm
+    linear.py      column / row-parallel and replicated linears
+    vocab.py       vocab-parallel embedding and cross-entropy
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+RULES: dict = {}
+
+
+class Refine(Exception):
+    """Raised by a rule that learned a parameter must be re-seeded (a fused projection's
+    rows are whole blocks); the pass restarts the walk with the new seed."""
+
+    def __init__(self, param: str, outer: int):
+        super().__init__(f"re-seed {param} as {outer} blocks")
+        self.param, self.outer = param, outer
+
+
+def rule(*targets):
+    """Register the decorated function as the rule of each of ``targets``."""
+    def register(fn: Callable) -> Callable:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+    return register
+
+
+def is_pointwise(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def find_rule(target) -> Optional[Callable]:
+    fn = RULES.get(target)
+    if fn is None and is_pointwise(target):
+        fn = RULES["pointwise"]
+    return fn
+
+
+from . import attention, linear, pointwise, reductions, shape, vocab  # noqa: E402,F401

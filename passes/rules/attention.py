@@ -1,0 +1,137 @@
+"""The attention core: q, k and v split on the heads dimension make attention local per
+rank. A mask (or an ALiBi bias) with a heads dimension is sliced to this rank's heads;
+attention dropout draws this rank's own numbers."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from ptdp_compiler.errors import ConfigError
+from ptdp_compiler.placement import Shard
+
+from .pointwise import rank_dropout
+from . import rule
+
+aten = torch.ops.aten
+
+
+@rule(aten.scaled_dot_product_attention.default)
+def sdpa(rw, node):
+    q, k, v = node.args[:3]
+    ps = [rw.placement_of(a) for a in (q, k, v)]
+    if any(p is None or p.dim != 1 or p.outer != 1 for p in ps):
+        rw.fail(node, "attention needs q, k, v split on the heads dimension; got "
+                      f"{', '.join(str(p) for p in ps)}")
+    for a, what in ((q, "attention heads"), (k, "key/value heads")):
+        if a.meta["val"].shape[1] % rw.t:
+            rw.fail(node, f"tp={rw.t} does not divide the {a.meta['val'].shape[1]} {what}",
+                    ConfigError)
+    args = [rw.new(q), rw.new(k), rw.new(v)]
+    rest, kwargs = list(node.args[3:]), dict(node.kwargs)
+    mask = rest[0] if rest else kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        mv = rw.new(mask)
+        if rw.placement.get(mv) is None:
+            mv = rw.localize(mv, tuple(mask.meta["val"].shape), Shard(1), 4, node)
+        elif rw.placement.get(mv) != Shard(1):
+            rw.fail(node, "attention mask sharded on another dimension")
+        if rest:
+            rest[0] = mv
+        else:
+            kwargs["attn_mask"] = mv
+    names = ("attn_mask", "dropout_p", "is_causal", "scale")
+    opts = {k: (rest[i] if i < len(rest) else kwargs.get(k)) for i, k in enumerate(names)}
+    opts["mask_is_bool"] = isinstance(mask, fx.Node) and mask.meta["val"].dtype == torch.bool
+    if opts["dropout_p"]:
+        return attention_with_rank_dropout(rw, node, *args, opts,
+                                           kwargs.get("enable_gqa", False))
+    return rw.emit(node.target, args + rest, kwargs, pl=Shard(1), like=node)
+
+
+def attention_with_rank_dropout(rw, node, q, k, v, opts, gqa):
+    """Attention with dropout on head-sharded q, k, v, written out so the dropout of the
+    attention probabilities draws this tp rank's own numbers (the fused op would draw
+    the same numbers on every rank, for different heads)."""
+    e, pl = rw.emit, Shard(1)
+    qv, kv = node.args[0].meta["val"], node.args[1].meta["val"]
+    L, S, E = qv.shape[-2], kv.shape[-2], qv.shape[-1]
+    if gqa and qv.shape[1] != kv.shape[1]:
+        rep = qv.shape[1] // kv.shape[1]
+        k = e(aten.repeat_interleave.self_int, (k, rep, 1), pl=pl, like=node)
+        v = e(aten.repeat_interleave.self_int, (v, rep, 1), pl=pl, like=node)
+    scale = opts["scale"] if opts["scale"] is not None else 1.0 / math.sqrt(E)
+    kt = e(aten.transpose.int, (k, -2, -1), pl=pl, like=node)
+    sc = e(aten.mul.Scalar, (e(aten.matmul.default, (q, kt), pl=pl, like=node), scale),
+           pl=pl, like=node)
+    if opts["is_causal"]:
+        ones = e(aten.ones.default, ([L, S],), {"dtype": torch.bool, "device": qv.device},
+                 pl=None, rg=False)
+        hide = e(aten.logical_not.default, (e(aten.tril.default, (ones,), pl=None, rg=False),),
+                 pl=None, rg=False)
+        sc = e(aten.masked_fill.Scalar, (sc, hide, float("-inf")), pl=pl, like=node)
+    mask = opts["attn_mask"]
+    if isinstance(mask, fx.Node):
+        if opts["mask_is_bool"]:
+            hide = e(aten.logical_not.default, (mask,), pl=rw.placement.get(mask), rg=False)
+            sc = e(aten.masked_fill.Scalar, (sc, hide, float("-inf")), pl=pl, like=node)
+        else:
+            sc = e(aten.add.Tensor, (sc, mask), pl=pl, like=node)
+    a = e(aten._softmax.default, (sc, -1, False), pl=pl, like=node)
+    a = rank_dropout(rw, a, pl, float(opts["dropout_p"]), node)
+    return e(aten.matmul.default, (a, v), pl=pl, like=node)
+
+
+def _batch_placement(rw, node, a, b):
+    """The shared placement of a batched matmul's operands on a batch (heads) dimension,
+    in output coordinates; a replicated operand is sliced to it."""
+    pa, pb = rw.placement_of(a), rw.placement_of(b)
+    va, vb = a.meta["val"], b.meta["val"]
+    m = node.meta["val"].dim()
+    ca = pa.dim + m - va.dim() if pa is not None else None
+    cb = pb.dim + m - vb.dim() if pb is not None else None
+    for p, v in ((pa, va), (pb, vb)):
+        if p is not None and p.dim >= v.dim() - 2:
+            rw.fail(node, f"matmul of {pa} and {pb}: only a shared batch (heads) dimension "
+                          "may be sharded")
+    if pa is not None and pb is not None and (ca != cb or pa.outer != pb.outer):
+        rw.fail(node, f"matmul of {pa} and {pb}: the operands' batch dimensions are sharded "
+                      "differently")
+    out = Shard(ca, pa.outer) if pa is not None else Shard(cb, pb.outer)
+    args = []
+    for x, p, v in ((a, pa, va), (b, pb, vb)):
+        nx = rw.new(x)
+        if p is None:
+            nx = _localize_batch(rw, nx, v, out, m, node)
+        args.append(nx)
+    return out, args
+
+
+def _localize_batch(rw, nx, v, out, m, node):
+    """A replicated operand of a batched matmul: its batch dims sliced to this rank's."""
+    j = out.dim - (m - v.dim())
+    if j < 0 or v.shape[j] == 1:
+        return rw.f(nx)
+    return rw.localize(nx, tuple(v.shape), out, m, node)
+
+
+@rule(aten.matmul.default, aten.bmm.default)
+def batched_matmul(rw, node):
+    out, args = _batch_placement(rw, node, *node.args[:2])
+    return rw.emit(node.target, args, pl=out, like=node)
+
+
+@rule(aten.baddbmm.default)
+def baddbmm(rw, node):
+    """bias·beta + alpha·(b1 @ b2): an ALiBi bias has the heads (in the batch dimension),
+    so it is sliced to this rank's heads like the operands."""
+    bias, b1, b2 = node.args[:3]
+    out, (n1, n2) = _batch_placement(rw, node, b1, b2)
+    nb = rw.new(bias)
+    pb = rw.placement.get(nb)
+    if pb is None:
+        nb = _localize_batch(rw, nb, bias.meta["val"], out, 3, node)
+    elif pb != out:
+        rw.fail(node, f"baddbmm bias sharded {pb}, operands {out}")
+    return rw.emit(node.target, (nb, n1, n2, *node.args[3:]), node.kwargs, pl=out, like=node)

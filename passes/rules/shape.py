@@ -1,0 +1,313 @@
+"""Views and layout ops: a sharded dimension moves with the layout; a view keeps the rank
+factor a whole factor of one output dimension (``sharding.view_rule``), and the view's
+shape constant becomes the local shape. Slices, splits, cat and stack are local off the
+sharded dimension; along it, pieces that are whole blocks of a fused projection (q/k/v,
+gate/up) are local once the producing weight's rows are permuted (``Refine``)."""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from ptdp_compiler.errors import ConfigError
+
+from .. import analyze as _an
+from ..sharding import PaddedShard, local_shape, moved, view_rule
+from . import Refine, rule
+from .pointwise import PASSTHROUGH
+
+aten = torch.ops.aten
+
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+         aten.flatten.using_ints, aten.unflatten.int}
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+          aten.tensor_split.indices}
+
+
+def _shape(n) -> tuple:
+    return tuple(n.meta["val"].shape)
+
+
+def _heads_kind(node) -> str:
+    """'attention heads' or 'key/value heads' when a view's output feeds attention as the
+    query or as a key/value (followed through layout ops), else ''."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.target is aten.scaled_dot_product_attention.default:
+                return "attention heads" if u.args[0] is n else "key/value heads"
+            if u.target in (aten.matmul.default, aten.bmm.default):
+                return "attention heads"
+            if u.op == "call_function" and len(seen) < 64:
+                stack.append(u)
+    return ""
+
+
+def _emit_view(rw, node, p, full_out):
+    new = local_shape(full_out, p, rw.t)
+    rw.shape_rewrite(node, full_out, new)
+    tgt = node.target if node.target in (aten.view.default, aten._unsafe_view.default) \
+        else aten.reshape.default
+    return rw.emit(tgt, (rw.new(node.args[0]), new), pl=p, like=node)
+
+
+@rule(*VIEWS)
+def view(rw, node):
+    xp = rw.placement_of(node.args[0])
+    full_in, full_out = _shape(node.args[0]), _shape(node)
+    if isinstance(xp, PaddedShard):
+        # the padded vocabulary must stay one whole trailing dimension (logits views
+        # between the LM head and the loss: [B, T, V] <-> [B·T, V])
+        if xp.dim != len(full_in) - 1 or full_out[-1] != full_in[-1]:
+            rw.fail(node, f"the view {list(full_in)} -> {list(full_out)} splits the padded "
+                          "vocabulary dimension")
+        return _emit_view(rw, node, moved(xp, len(full_out) - 1), full_out)
+    p = view_rule(full_in, xp, full_out, rw.t)
+    if p is None:
+        _refuse_view(rw, node, xp, full_in, full_out)
+    if full_out[p.dim] % rw.t:
+        rw.fail(node, f"tp={rw.t} does not divide {full_out[p.dim]} (dimension {p.dim} of "
+                      f"{list(full_out)}; e.g. the number of attention heads)", ConfigError)
+    return _emit_view(rw, node, p, full_out)
+
+
+def _refuse_view(rw, node, xp, full_in, full_out):
+    t = rw.t
+    outer_total = math.prod(full_in[:xp.dim]) * xp.outer
+    before = 1
+    for o in full_out:
+        if before == outer_total and o % t:
+            what = _heads_kind(node)
+            if what:
+                rw.fail(node, f"tp={t} does not divide the {o} {what} (view {list(full_in)} -> "
+                              f"{list(full_out)}); tensor parallelism gives each rank whole "
+                              f"heads: choose tp dividing {o}", ConfigError)
+            rw.fail(node, f"tp={t} does not divide {o}, the leading factor of the split "
+                          f"dimension in {list(full_out)}; choose tp dividing it", ConfigError)
+        before *= o
+    if full_in[xp.dim] % t:
+        rw.fail(node, f"tp={t} does not divide dimension {xp.dim} of size {full_in[xp.dim]}",
+                ConfigError)
+    rw.fail(node, f"the view {list(full_in)} -> {list(full_out)} mixes the sharded "
+                  f"dimension {xp} with others")
+
+
+@rule(aten.transpose.int, aten.t.default, aten.permute.default, aten.unsqueeze.default,
+      aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.select.int)
+def layout(rw, node):
+    tgt, x = node.target, rw.new(node.args[0])
+    xp = rw.placement_of(node.args[0])
+    shape = _shape(node.args[0])
+    nd, d = len(shape), xp.dim
+    args = list(node.args[1:])
+    if tgt is aten.transpose.int:
+        a, b = args[0] % nd, args[1] % nd
+        p = moved(xp, b if d == a else a if d == b else d)
+    elif tgt is aten.t.default:
+        p = moved(xp, 1 - d) if nd == 2 else xp
+    elif tgt is aten.permute.default:
+        p = moved(xp, [i % nd for i in args[0]].index(d))
+    elif tgt is aten.unsqueeze.default:
+        u = args[0] % (nd + 1)
+        p = moved(xp, d + 1 if u <= d else d)
+    elif tgt is aten.select.int:
+        s = args[0] % nd
+        if s == d:
+            rw.fail(node, "select on the sharded dimension")
+        p = moved(xp, d - 1 if s < d else d)
+    else:   # squeeze
+        dims = args[0] if args else [i for i, s in enumerate(shape) if s == 1]
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [i % nd for i in dims if shape[i % nd] == 1]
+        if d in dims:
+            rw.fail(node, "squeeze of the sharded dimension")
+        p = moved(xp, d - sum(1 for i in dims if i < d))
+    return rw.emit(tgt, (x, *args), node.kwargs, pl=p, like=node)
+
+
+@rule(aten.expand.default)
+def expand(rw, node):
+    xp = rw.placement_of(node.args[0])
+    shape, full_out = _shape(node.args[0]), _shape(node)
+    p = moved(xp, xp.dim + len(full_out) - len(shape))
+    if shape[xp.dim] != full_out[p.dim]:
+        rw.fail(node, "expand of the sharded dimension")
+    new = local_shape(full_out, p, rw.t)
+    rw.shape_rewrite(node, full_out, new)
+    return rw.emit(node.target, (rw.new(node.args[0]), new), pl=p, like=node)
+
+
+def _block_slice(rw, node, x, xp, dim, start, end):
+    """Placement and local bounds of ``x[start:end]`` along its sharded dimension ``dim``:
+    local when [start, end) is a union of whole blocks of the layout (outer, t, inner)."""
+    full = _shape(x)[dim]
+    block = full // xp.outer
+    if isinstance(xp, PaddedShard):
+        rw.fail(node, "a slice of the padded vocabulary dimension")
+    if start % block or end % block:
+        need = full // math.gcd(full, start, end)
+        if full % (need * rw.t):
+            rw.fail(node, f"tp={rw.t} cannot split the piece [{start}:{end}] of the "
+                          f"{full} sharded features evenly", ConfigError)
+        raise Refine(_producing_weight(rw, x, node), need)
+    return moved(xp, dim, (end - start) // block), start // rw.t, end // rw.t
+
+
+@rule(aten.slice.Tensor)
+def slice_(rw, node):
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    shape = _shape(x)
+    nd = len(shape)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % nd
+    if dim != xp.dim:
+        return rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, pl=xp, like=node)
+    size = shape[dim]
+    start = node.args[2] if len(node.args) > 2 else 0
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    start = 0 if start is None else (start + size if start < 0 else min(start, size))
+    end = size if end is None else (end + size if end < 0 else min(end, size))
+    if step != 1:
+        rw.fail(node, "a strided slice of the sharded dimension")
+    if (start, end) == (0, size):
+        return rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, pl=xp, like=node)
+    p, lo, hi = _block_slice(rw, node, x, xp, dim, start, end)
+    rw.shape_rewrite(node, (start, end), (lo, hi))
+    return rw.emit(aten.slice.Tensor, (rw.new(x), dim, lo, hi), pl=p, like=node)
+
+
+@rule(aten.narrow.default)
+def narrow(rw, node):
+    x, dim, start, length = node.args[:4]
+    xp = rw.placement_of(x)
+    nd = len(_shape(x))
+    if dim % nd != xp.dim:
+        return rw.emit(node.target, (rw.new(x), *node.args[1:]), pl=xp, like=node)
+    p, lo, hi = _block_slice(rw, node, x, xp, dim % nd, start, start + length)
+    rw.shape_rewrite(node, (start, start + length), (lo, hi))
+    return rw.emit(aten.slice.Tensor, (rw.new(x), dim % nd, lo, hi), pl=p, like=node)
+
+
+@rule(*SPLITS)
+def split(rw, node):
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    nd = len(_shape(x))
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % nd
+    outs = node.meta["val"]
+    if dim != xp.dim:
+        n = rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, like=node)
+        rw.placement[n] = [xp] * len(outs)
+        return n
+    full = _shape(x)[dim]
+    sizes = [o.shape[dim] for o in outs]
+    block = full // xp.outer
+    if isinstance(xp, PaddedShard):
+        rw.fail(node, "a split of the padded vocabulary dimension")
+    if any(s % block for s in sizes):
+        need = full // math.gcd(full, *sizes)
+        if full % (need * rw.t):
+            rw.fail(node, f"tp={rw.t} cannot split each of the pieces {sizes}", ConfigError)
+        raise Refine(_producing_weight(rw, x, node), need)
+    local = [s // rw.t for s in sizes]
+    rw.shape_rewrite(node, sizes, local)
+    n = rw.emit(aten.split_with_sizes.default, (rw.new(x), local, dim), like=node)
+    rw.placement[n] = [moved(xp, dim, s // block) for s in sizes]
+    return n
+
+
+@rule(aten.unbind.int)
+def unbind(rw, node):
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    nd = len(_shape(x))
+    dim = (node.args[1] if len(node.args) > 1 else 0) % nd
+    if dim == xp.dim:
+        rw.fail(node, "unbind along the sharded dimension")
+    n = rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, like=node)
+    rw.placement[n] = [moved(xp, xp.dim - 1 if dim < xp.dim else xp.dim)] * len(node.meta["val"])
+    return n
+
+
+def _producing_weight(rw, x, node) -> str:
+    """The parameter whose output rows ``x``'s sharded dimension is (through copies and
+    views): the weight to re-seed as block-sharded."""
+    m = x
+    while True:
+        lin = rw.analysis.linears.get(m)
+        if lin is not None:
+            return _an.param_name(lin.weight)
+        if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
+                m.target not in PASSTHROUGH | VIEWS:
+            rw.fail(node, "a split of the sharded dimension into pieces the producing "
+                          "weight cannot be permuted for")
+        m = m.args[0]
+
+
+@rule(operator.getitem)
+def getitem(rw, node):
+    src, i = node.args
+    v = rw.new(src)
+    pls = rw.placement.get(v)
+    p = pls[i] if isinstance(pls, (list, tuple)) else None
+    return rw.emit(operator.getitem, (v, i), pl=p, rg=rw.needs_grad.get(v, False), like=node)
+
+
+def _joined(rw, node, tensors):
+    """The common placement of the sharded pieces of a cat / stack (piece coordinates)."""
+    shard = None
+    for a in tensors:
+        p = rw.placement_of(a)
+        if p is not None:
+            if shard is not None and p != shard:
+                rw.fail(node, f"pieces sharded differently ({shard} vs {p})")
+            shard = p
+    return shard
+
+
+@rule(aten.cat.default)
+def cat(rw, node):
+    tensors = node.args[0]
+    m = node.meta["val"].dim()
+    dim = (node.args[1] if len(node.args) > 1 else 0) % m
+    shard = _joined(rw, node, tensors)
+    pieces = [a for a in tensors if not (a.meta["val"].dim() == 1 and a.meta["val"].numel() == 0)]
+    if shard.dim == dim:
+        # along the sharded dimension: every piece sharded the same way makes a block layout
+        sizes = {a.meta["val"].shape[dim] for a in pieces}
+        if any(rw.placement_of(a) is None for a in pieces) or len(sizes) != 1 or \
+                isinstance(shard, PaddedShard):
+            rw.fail(node, "cat along the sharded dimension of pieces that are not all "
+                          "sharded alike")
+        out = moved(shard, dim, shard.outer * len(pieces))
+        return rw.emit(aten.cat.default, ([rw.new(a) for a in pieces], dim), pl=out, like=node)
+    new = []
+    for a in pieces:
+        v = rw.new(a)
+        if rw.placement.get(v) is None:
+            v = rw.localize(v, tuple(a.meta["val"].shape), shard, m, node)
+        new.append(v)
+    return rw.emit(aten.cat.default, (new, dim), pl=shard, like=node)
+
+
+@rule(aten.stack.default)
+def stack(rw, node):
+    tensors = node.args[0]
+    m = node.meta["val"].dim()
+    dim = (node.args[1] if len(node.args) > 1 else 0) % m
+    shard = _joined(rw, node, tensors)
+    out = moved(shard, shard.dim + 1 if dim <= shard.dim else shard.dim)
+    new = []
+    for a in tensors:
+        v = rw.new(a)
+        if rw.placement.get(v) is None:
+            v = rw.localize(v, tuple(a.meta["val"].shape), shard, m - 1, node)
+        new.append(v)
+    return rw.emit(aten.stack.default, (new, dim), pl=out, like=node)

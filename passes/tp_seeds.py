@@ -1,0 +1,103 @@
+"""Where tensor parallelism starts: the parameter placements the analysis implies, and
+the grouping of replicated parameters into one gradient all-reduce per layer."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ptdp_compiler.capture import source_line
+from ptdp_compiler.errors import ConfigError, ShardingError
+from ptdp_compiler.placement import Shard
+
+from . import analyze as _an
+from .sharding import PaddedShard, padded_size
+
+
+def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
+    """{parameter: placement} of the column- and row-parallel weights, the LM head and the
+    vocab-parallel embeddings (Megatron's padding where t does not divide the vocabulary)."""
+    seeds = {}
+
+    def check(n, size, what):
+        if size % t:
+            raise ConfigError(f"tp={t} does not divide {what} ({size}) of '{n.name}' at "
+                              f"{source_line(n)}; choose tp dividing it")
+    for n in analysis.column:
+        lin = analysis.linears[n]
+        check(n, lin.out_features,
+              "the attention width (heads·head_dim, the hidden size)"
+              if analysis.group_kinds.get(analysis.column[n]) == "attention" else
+              "the FFN size")
+        seeds[_an.param_name(lin.weight)] = Shard(lin.w_out_dim)
+        if lin.bias is not None:
+            seeds[_an.param_name(lin.bias)] = Shard(0)
+    for n in analysis.row:
+        lin = analysis.linears[n]
+        check(n, lin.weight.meta["val"].shape[1 - lin.w_out_dim],
+              "the input features (the attention width, the hidden size)"
+              if analysis.group_kinds.get(analysis.row[n]) == "attention" else
+              "the input features (the FFN size)")
+        seeds[_an.param_name(lin.weight)] = Shard(1 - lin.w_out_dim)
+    if analysis.head is not None:
+        h = analysis.head
+        if analysis.vocab % t:   # Megatron's padding: zero rows up to a multiple of t
+            pad = padded_size(analysis.vocab, t)
+
+            def vocab(dim):
+                return PaddedShard(dim, 1, analysis.vocab, pad)
+        else:
+            def vocab(dim):
+                return Shard(dim)
+        seeds[_an.param_name(h.weight)] = vocab(h.w_out_dim)
+        if h.bias is not None:
+            seeds[_an.param_name(h.bias)] = vocab(0)
+        for e in analysis.vocab_embeddings:
+            name = _an.param_name(e.args[0])
+            if name not in seeds:
+                seeds[name] = vocab(0)
+            elif seeds[name] != vocab(0):  # tied to a [in, out] head: not supported
+                raise ShardingError(f"embedding '{name}' is tied to an LM head stored [in, out]")
+    if sp:
+        if analysis.embed_out_shape is None:
+            raise ConfigError("sequence_parallel=True: no token embedding was found to split "
+                              "the sequence from; use sequence_parallel=False")
+        s = analysis.embed_out_shape[-2]
+        if s % t:
+            raise ConfigError(f"sequence_parallel=True needs tp={t} to divide the sequence "
+                              f"length {s}; pad the sequence or change tp")
+    return seeds
+
+
+def refine_seeds(seeds: dict, analysis: _an.Analysis, ref) -> dict:
+    """``ref.param``'s output rows are whole blocks (a fused q/k/v or gate/up projection):
+    re-seed it (and its bias) as ``Shard(dim, blocks)`` so each rank keeps its slice of
+    every block."""
+    seeds = dict(seeds)
+    for lin in analysis.linears.values():
+        if _an.param_name(lin.weight) == ref.param:
+            seeds[ref.param] = Shard(lin.w_out_dim, ref.outer)
+            if lin.bias is not None:
+                seeds[_an.param_name(lin.bias)] = Shard(0, ref.outer)
+    return seeds
+
+
+def buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
+    """{parameter: key}: parameters read by the same layer (the element of a layer
+    container their first reader belongs to) share a bucket; outside the layers, those of
+    one module (e.g. the final norm's weight and bias) do. Per layer, so regional
+    compilation sees identical layers and no bucket spans two pipeline stages."""
+    from ptdp_compiler.passes.pipeline_split import _layer_key as layer_key
+    wanted = set(names)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = {}
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        name = ph.meta.get("ptdp_input_name")
+        if name not in wanted or ph.meta.get("ptdp_input_kind") != "param":
+            continue
+        first = min(ph.users, key=order.__getitem__, default=None)
+        key = layer_key(first) if first is not None else None
+        if key is None and first is not None:   # outside the layers: the reading module
+            stack = first.meta.get("nn_module_stack") or {}
+            paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+            key = paths[-1] if paths else None
+        out[name] = key if key is not None else f"param:{name}"
+    return out
