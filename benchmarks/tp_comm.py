@@ -1,13 +1,18 @@
-"""Bytes moved per step by the tensor-parallel collectives vs Megatron's formula.
+"""Bytes the tensor-parallel collectives moved per step vs Megatron's formula.
 
 For each t in {2, 4}, with and without sequence parallelism, the project GPT is compiled
-with 1 and with 2 decoder layers and trained one step (one microbatch). The bytes are
-measured at the process group: the tp group the compiler uses is replaced by
-``CountingGroup``, a ``torch.distributed.ProcessGroup`` that forwards every collective to
-the real (gloo / NCCL) group and records what this rank sends under the ring algorithm
-(all-reduce 2(t-1)/t·|x|, all-gather (t-1)·|x_local|, reduce-scatter (t-1)/t·|x_full|).
-The compiler's own ops count nothing. A collective the wrapper does not forward fails
-loudly (a Python process group has no backend of its own), so nothing goes uncounted.
+with 1 and with 2 decoder layers and trained one step (one microbatch) on t gloo ranks.
+The bytes are read from what the process group ran during the measured step: the torch
+profiler's ``c10d::*`` events (the collective the group was handed, with its tensors'
+shapes) paired with the ``gloo:*`` events (the work gloo ran for it, with its buffer's
+shape and dtype) — ``benchmarks/pg_traffic.py``. Nothing is computed from the model's
+sizes except the formula it is compared with. Each op is counted twice, as the bytes one
+rank sends under a ring of t ranks:
+
+- ``gloo_bytes``: the work gloo actually ran. gloo has no reduce-scatter: it runs an
+  all-reduce of the full-size input (2(t−1)/t·n sent instead of (t−1)/t·n);
+- ``nccl_bytes``: the collective asked for, as NCCL's ring runs it (all-reduce
+  2(t−1)/t·n, all-gather (t−1)·n_local, reduce-scatter (t−1)/t·n_full).
 
 One decoder layer's forward + backward traffic is the 2-layer step minus the 1-layer
 step. Megatron's analysis gives 8·b·s·h·(t−1)/t elements per layer per microbatch:
@@ -15,22 +20,24 @@ step. Megatron's analysis gives 8·b·s·h·(t−1)/t elements per layer per mic
 - tensor parallel: 4 all-reduces of b·s·h (2 forward g, 2 backward f);
 - with sequence parallelism: 4 all-gathers + 4 reduce-scatters of b·s·h.
 
-``measured_bytes`` is that per-layer difference for those activation collectives
-(all-reduces without SP; all-gathers + reduce-scatters with SP); the ratio to the formula
-must be 1.00. The wrapper also records whether a collective ran in forward or backward
-(autograd's current graph task). Reported apart, as Megatron's formula leaves them out:
+``nccl_bytes`` / ``gloo_bytes`` are that per-layer difference for those activation
+collectives (all-reduces without SP; all-gathers + reduce-scatters with SP); ``ratio``
+(NCCL's count / the formula) must be 1.00; ``gloo_ratio`` is what this CPU run moved
+(1.50 with SP: its reduce-scatters are all-reduces). A collective's phase is "backward"
+when it ran inside an autograd engine function. Reported apart, as Megatron's formula
+leaves them out:
 
 - ``regather_bytes`` (SP): Megatron-SP stores only the sequence shard of a column-parallel
   linear's input and all-gathers it again in backward for the weight gradient (the
   recompute pass does the same). Backward all-gathers are the mirrors of the forward
   reduce-scatters (same bytes) plus these re-gathers, so re-gathers = backward
-  all-gather bytes − forward reduce-scatter bytes;
+  all-gather bytes − forward reduce-scatter bytes (NCCL count);
 - ``param_grad_bytes``: the per-layer growth of the one bucketed all-reduce that sums the
   gradients of the replicated parameters acting on the sequence shard under SP (two
   LayerNorms' weights and biases: 4·h per layer; the row-parallel biases need none, their
   gradient is summed from the all-gathered output gradient, ``ptdp::sp_scatter_bias``);
-- ``outside_layers_bytes``: everything else in the step — the vocab-parallel embedding's
-  all-reduce / reduce-scatter, the LM head's input gather, the vocab-parallel
+- ``outside_layers_bytes``: everything else in the step (NCCL count) — the vocab-parallel
+  embedding's all-reduce / reduce-scatter, the LM head's input gather, the vocab-parallel
   cross-entropy's max / sum-exp / target-logit all-reduces, the position embedding's
   gradient, and the bucket's non-layer part.
 
@@ -46,88 +53,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 import ptdp_compiler as ptdp  # noqa: E402
+from benchmarks.pg_traffic import ProcessGroupTraffic  # noqa: E402
 
 B, S, H, V, HEADS = 4, 32, 64, 256, 4
 
 
-class CountingGroup(dist.ProcessGroup):
-    """A process group that forwards to ``inner`` and logs (kind, bytes sent by this rank).
-
-    The compiler's collectives reach a process group through the functional collectives:
-    ``all_reduce`` → ``allreduce``, and (collectives.py uses the coalesced forms)
-    ``all_gather_into_tensor_coalesced`` / ``reduce_scatter_tensor_coalesced`` →
-    the methods below, which a Python ProcessGroup can override."""
-
-    def __init__(self, inner: dist.ProcessGroup, name: str):
-        super().__init__(inner.rank(), inner.size())
-        self.inner, self.t, self.log, self._name = inner, inner.size(), [], name
-        from torch._C._distributed_c10d import _register_process_group
-        _register_process_group(name, self)
-
-    @property
-    def group_name(self):
-        return self._name
-
-    @staticmethod
-    def _nbytes(tensors) -> int:
-        return sum(x.numel() * x.element_size() for x in tensors)
-
-    def size(self):
-        return self.t
-
-    def getBackendName(self):
-        return "counting"
-
-    def _record(self, kind, sent):
-        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
-        self.log.append((kind, phase, sent))
-
-    def allreduce(self, tensors, opts):
-        self._record("all_reduce", 2 * (self.t - 1) * self._nbytes(tensors) / self.t)
-        return self.inner.allreduce(tensors, opts)
-
-    def allgather_into_tensor_coalesced(self, outputs, inputs, opts):
-        self._record("all_gather", (self.t - 1) * self._nbytes(inputs))
-        return self.inner.allgather_into_tensor_coalesced(outputs, inputs, opts)
-
-    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts):
-        self._record("reduce_scatter", (self.t - 1) * self._nbytes(inputs) / self.t)
-        return self.inner.reduce_scatter_tensor_coalesced(outputs, inputs, opts)
-
-    def totals(self) -> dict:
-        """{(kind, phase): bytes sent}."""
-        out: dict = {}
-        for kind, phase, n in self.log:
-            out[(kind, phase)] = out.get((kind, phase), 0) + n
-        return out
-
-
-_WRAPPERS: dict = {}
-
-
-def _counted(pm) -> CountingGroup:
-    """Make the compiler build ``pm``'s graphs on a counting wrapper of its tp group."""
-    from ptdp_compiler.runtime.mesh import Coords
-    real = pm.coords.group("tp")
-    name = real.group_name + "/counted"
-    group = _WRAPPERS.get(name)
-    if group is None:      # a name registers once per process; later models reuse it
-        group = _WRAPPERS[name] = CountingGroup(real, name)
-
-    class CountedCoords(Coords):
-        def group(self, axis):
-            return group if axis == "tp" else super().group(axis)
-
-    pm.coords = CountedCoords(**{f: getattr(pm.coords, f)
-                                 for f in pm.coords.__dataclass_fields__})
-    return group
-
-
 def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS, sp_regather=True):
-    """On every rank: per-kind tp bytes of one step, for 1 and 2 decoder layers."""
+    """On every rank: the tp traffic of one step, for 1 and 2 decoder layers."""
     from examples.models.gpt import GPT, GPTConfig
     steps = []
     for layers in (1, 2):
@@ -136,30 +70,48 @@ def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS, sp_regather=True):
                               n_embd=h))
         pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, sp_regather=sp_regather,
                               codegen="aot_eager")
-        group = _counted(pm)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, v, (b, s), generator=g)
         tgt = torch.randint(0, v, (b, s), generator=g)
         pm.train_step(ids, targets=tgt)          # capture + compile (not measured)
-        group.log.clear()
-        pm.train_step(ids, targets=tgt)          # the measured step
-        steps.append(group.totals())
-    keys = set(steps[0]) | set(steps[1])
-    layer = {k: steps[1].get(k, 0) - steps[0].get(k, 0) for k in keys}
+        with ProcessGroupTraffic(t) as traffic:
+            pm.train_step(ids, targets=tgt)      # the measured step
+        steps.append(traffic)
+    keys = {(o["kind"], o["phase"]) for st in steps for o in st.ops}
 
-    def kind(k, phase=None):
-        return sum(n for (kk, ph), n in layer.items() if kk == k and phase in (None, ph))
+    def per_layer(field):
+        one, two = steps[0].totals(field), steps[1].totals(field)
+        return {k: two.get(k, 0) - one.get(k, 0) for k in keys}
+    layer = {f: per_layer(f) for f in ("nccl_bytes", "gloo_bytes", "payload_bytes")}
+    count = {k: sum(1 for o in steps[1].ops if (o["kind"], o["phase"]) == k)
+             - sum(1 for o in steps[0].ops if (o["kind"], o["phase"]) == k) for k in keys}
+
+    def kind(k, phase=None, field="nccl_bytes"):
+        return sum(n for (kk, ph), n in layer[field].items() if kk == k and phase in (None, ph))
     regather = kind("all_gather", "backward") - kind("reduce_scatter", "forward") if sp else 0
-    act = kind("all_gather") + kind("reduce_scatter") - regather if sp else kind("all_reduce")
     param = kind("all_reduce") if sp else 0
-    outside = sum(steps[0].values()) - act - param - regather
+
+    def act(field):
+        if not sp:
+            return kind("all_reduce", field=field)
+        return kind("all_gather", field=field) + kind("reduce_scatter", field=field) - regather
+    nccl, gloo = act("nccl_bytes"), act("gloo_bytes")
+    outside = steps[0].total("nccl_bytes") - nccl - param - regather
     formula = 8 * b * s * h * (t - 1) / t * 4    # elements × 4 bytes (fp32)
     return {"config": f"gpt b={b} s={s} h={h} fp32, one decoder layer, one microbatch",
-            "t": t, "sequence_parallel": sp, "measured_bytes": int(act),
-            "formula_bytes": int(formula), "ratio": round(act / formula, 4),
+            "t": t, "sequence_parallel": sp, "formula_bytes": int(formula),
+            "nccl_bytes": int(nccl), "ratio": round(nccl / formula, 4),
+            "gloo_bytes": int(gloo), "gloo_ratio": round(gloo / formula, 4),
             "regather_bytes": int(regather), "param_grad_bytes": int(param),
             "outside_layers_bytes": int(outside),
-            "per_layer_by_kind": {f"{k} {ph}": int(n) for (k, ph), n in sorted(layer.items())}}
+            "step_gloo_bytes": int(steps[1].total("gloo_bytes")),
+            "step_nccl_bytes": int(steps[1].total("nccl_bytes")),
+            "per_layer_by_kind": {
+                f"{k} {ph}": f"{count[(k, ph)]} ops, payload {int(layer['payload_bytes'][(k, ph)])}"
+                             f" B, gloo sent {int(layer['gloo_bytes'][(k, ph)])} B, nccl "
+                             f"{int(layer['nccl_bytes'][(k, ph)])} B"
+                for k, ph in sorted(keys)},
+            "source": "torch.profiler c10d::* + gloo:* events of the measured step, rank 0"}
 
 
 def main(argv=None):
@@ -171,13 +123,15 @@ def main(argv=None):
         with ptdp.LocalWorld(t) as w:
             for sp in (False, True):
                 rows.append(w.run(job, t, sp, timeout=600)[0])
-    print(f"{'t':>2} {'SP':>5} {'measured B':>12} {'formula B':>12} {'ratio':>6} "
-          f"{'re-gather B':>11} {'norm/bias grad B':>16} {'outside layers B':>16}")
+    print(f"{'t':>2} {'SP':>5} {'formula B':>10} {'NCCL B':>10} {'ratio':>6} {'gloo B':>10} "
+          f"{'gloo/f':>6} {'re-gather B':>11} {'norm/bias grad B':>16} {'outside layers B':>16}")
     for r in rows:
-        print(f"{r['t']:>2} {str(r['sequence_parallel']):>5} {r['measured_bytes']:>12} "
-              f"{r['formula_bytes']:>12} {r['ratio']:>6.2f} {r['regather_bytes']:>11} "
-              f"{r['param_grad_bytes']:>16} "
+        print(f"{r['t']:>2} {str(r['sequence_parallel']):>5} {r['formula_bytes']:>10} "
+              f"{r['nccl_bytes']:>10} {r['ratio']:>6.2f} {r['gloo_bytes']:>10} "
+              f"{r['gloo_ratio']:>6.2f} {r['regather_bytes']:>11} {r['param_grad_bytes']:>16} "
               f"{r['outside_layers_bytes']:>16}")
+    print("bytes one rank sends per decoder layer per microbatch, from the profiler's events; "
+          "gloo runs each reduce-scatter as a full-size all-reduce")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"benchmark": "tp_comm", "device": "cpu (gloo)", "torch": torch.__version__,

@@ -1,26 +1,32 @@
-"""ptdp_compiler against PyTorch's own tensor-parallel and pipelining stack, same run.
+"""ptdp_compiler against PyTorch's own tensor-parallel and pipelining stack, eager and
+compiled, same run.
 
 For the project's GPT (examples/models/gpt.py) and Hugging Face Llama (GQA), at
-(tp=2), (tp=2, SP), (pp=2, 1F1B), (pp=2, v=2 interleaved) and (tp=2, pp=2), both
-sides train the same model from the same seed on the same inputs with the same
-number of microbatches, on the same gloo CPU ranks, interleaving their steps so
-that machine noise hits both alike:
+(tp=2), (tp=2, SP), (pp=2, 1F1B), (pp=2, v=2 interleaved) and (tp=2, pp=2), three
+programs train the same model from the same seed on the same inputs with the same
+number of microbatches, on the same gloo CPU ranks, in interleaved rounds (each round
+steps all three, the order rotating) so that machine noise hits them alike:
 
 - ptdp: ``ptdp.parallelize(model, tp=..., pp=..., ...)`` on the unmodified model.
-- native: what PyTorch's documentation shows — DTensor ``parallelize_module`` with
+- native eager: what PyTorch's documentation shows — DTensor ``parallelize_module`` with
   ColwiseParallel / RowwiseParallel / SequenceParallel / PrepareModuleInput plans and
   ``loss_parallel``, and ``torch.distributed.pipelining`` (manual ``PipelineStage``
   split, Schedule1F1B / ScheduleInterleaved1F1B). The model edits the native stack
   needs live in ``native_model_edits`` below and are counted (changed source lines).
+- native compiled: the same, plus torchtitan's compile recipe — after the TP plan, each
+  transformer block wrapped in its own ``torch.compile(block, fullgraph=True)``
+  (Inductor), embeddings / head / loss left eager. Its loss must equal the eager
+  native loss (printed as a sanity check, ``compiled_loss_diff``).
 
-A step is forward + backward of one global batch (no optimizer: both sides would run
+A step is forward + backward of one global batch (no optimizer: every side would run
 the same torch.optim code). Reported per configuration: median seconds per step after
-warm-up (the slowest rank's time), the ratio native/ptdp (> 1: ptdp faster), bytes
-sent per step summed over ranks (one TorchDispatchMode counts every c10d / functional
-collective and p2p op for both sides, including those DTensor issues inside its own op
-dispatch, with the ring model: all-reduce 2(t-1)/t·n,
-all-gather (t-1)·n_local, reduce-scatter (t-1)/t·n, send n), the difference of the
-two losses, and — where ptdp is slower — the top ops of one profiled step per side.
+warm-up (the slowest rank's time) per side, ``ratio_eager`` = native eager / ptdp and
+``ratio_compiled`` = native compiled / ptdp (> 1: ptdp faster), bytes sent per step
+summed over ranks, read from the torch profiler's c10d / gloo events of one more step per
+side (``benchmarks/pg_traffic.py``: ``*_bytes`` counts each collective as NCCL's ring
+would send it, ``*_gloo_bytes`` what gloo sent — a reduce-scatter runs as a full-size
+all-reduce there), the loss differences, and — where ptdp is slower — the top ops of
+one profiled step per side.
 
     python benchmarks/vs_torch_native.py [--models gpt,llama] [--configs tp2,pp2_1f1b]
         [--steps 5] [--repeats 3] [--size hidden,seq,batch,layers]
@@ -47,10 +53,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import (TorchDispatchMode,  # noqa: E402
-                                          is_traceable_wrapper_subclass)
-
 import ptdp_compiler as ptdp  # noqa: E402
+from benchmarks.pg_traffic import ProcessGroupTraffic  # noqa: E402
 
 LOSS_PARALLEL_PP = True   # vocab-parallel loss on the last stage too (as with pp=1)
 # model and batch size: "hidden,seq,batch,layers" (read from the environment, so the
@@ -104,87 +108,14 @@ def ptdp_inputs(name, ids, tgt):
     return ((ids,), {"targets": tgt}) if name == "gpt" else ((), {"input_ids": ids, "labels": tgt})
 
 
-# ---- byte counting, identical for both sides --------------------------------------------
-_RING = {  # op name -> bytes this rank sends, from (bytes of the op's tensor, group size)
-    "all_reduce": lambda n, t: 2 * (t - 1) * n / t, "allreduce_": lambda n, t: 2 * (t - 1) * n / t,
-    "all_gather_into_tensor": lambda n, t: (t - 1) * n, "_allgather_base_": lambda n, t: (t - 1) * n,
-    "allgather_": lambda n, t: (t - 1) * n,
-    "reduce_scatter_tensor": lambda n, t: (t - 1) * n / t,
-    "_reduce_scatter_base_": lambda n, t: (t - 1) * n / t,
-    "reduce_scatter_": lambda n, t: (t - 1) * n / t,
-    "all_to_all_single": lambda n, t: (t - 1) * n / t,
-    "broadcast": lambda n, t: (t - 1) * n / t, "broadcast_": lambda n, t: (t - 1) * n / t,
-    "send": lambda n, t: n,
-}
-for _k in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"):   # list-of-tensor forms
-    _RING[_k + "_coalesced"] = _RING[_k]
-for _k, _v in (("allreduce_coalesced_", "all_reduce"), ("allgather_coalesced_", "allgather_"),
-               ("allgather_into_tensor_coalesced_", "allgather_"),
-               ("reduce_scatter_tensor_coalesced_", "reduce_scatter_")):
-    _RING[_k] = _RING[_v]
-
-
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _tensors(y)
-
-
-def _group_size(args, kwargs) -> int:
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, str):
-            try:
-                return _resolve_process_group(a).size()
-            except Exception:
-                continue
-        if isinstance(a, dist.ProcessGroup):
-            return a.size()
-        if hasattr(a, "size") and type(a).__name__.startswith("ScriptObject"):
-            try:
-                return a.size()
-            except Exception:
-                continue
-    return dist.get_world_size()
-
-
-class CommBytes(TorchDispatchMode):
-    """Adds the bytes every collective / send this rank runs would put on the wire.
-
-    Sees ``c10d.*`` ops (torch.distributed calls, pipelining's p2p) and
-    ``_c10d_functional.*`` ops (DTensor, ptdp); a ``torch.library.custom_op`` (ptdp's
-    f/g ops wrap functional collectives) runs its Python body under a fresh counter so
-    the collectives inside it are seen.
-    """
-
-    def __init__(self, totals: dict):
-        super().__init__()
-        self.totals = totals
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if any(is_traceable_wrapper_subclass(t) for t in _tensors((args, kwargs))):
-            # a DTensor op: let DTensor run it with this mode still active, so the
-            # collectives it issues inside its own dispatch (loss_parallel's statistics,
-            # redistributions inside an op's sharding strategy) are counted too
-            return NotImplemented
-        ns, name = func.namespace, func._opname
-        if ns in ("c10d", "_c10d_functional") and name in _RING:
-            first = next(_tensors(args), None)
-            ts = list(_tensors(args[0])) if args else []
-            n = sum(t.numel() * t.element_size() for t in ts) if ts else 0
-            t = 2 if name == "send" else _group_size(args, kwargs)
-            if first is not None and t > 1:
-                self.totals[name] = self.totals.get(name, 0) + _RING[name](n, t)
-        else:
-            from torch._library.custom_ops import OPDEFS
-            opdef = OPDEFS.get(f"{ns}::{name}")
-            if opdef is not None:   # run its Python body with a counter pushed again
-                with CommBytes(self.totals):
-                    return opdef._init_fn(*args, **kwargs)
-        return func(*args, **kwargs)
+# ---- byte counting, identical for every side ----------------------------------------------
+def _group_size(kw: dict) -> int:
+    """The size of every process group a layout uses (the profiler's events do not say
+    which group an op ran on, so the configurations keep them all one size)."""
+    sizes = {kw.get("tp", 1), kw.get("pp", 1)} - {1}
+    if len(sizes) > 1:
+        raise ValueError(f"{kw}: groups of different sizes; bytes per op need one group size")
+    return sizes.pop() if sizes else 1
 
 
 # ---- the native side: model edits the native stack needs --------------------------------
@@ -330,18 +261,35 @@ def _apply_tp(model_name, model, tp_mesh, sp, loss_par=True):
     return model
 
 
+def _compile_blocks(model_name: str, model: nn.Module) -> int:
+    """torchtitan's recipe (``apply_compile`` in its parallelize files): once the TP plan is
+    applied, each transformer block is wrapped in its own ``torch.compile(block,
+    fullgraph=True)`` (Inductor) and registered back under its name; embeddings, the head and
+    the loss stay eager. The blocks share one code object, so one compile serves all."""
+    if model_name == "gpt":
+        blocks = model.blocks
+    else:
+        blocks = (model.m if isinstance(model, _LlamaStage) else model).model.layers
+    for name, blk in list(blocks.named_children()):
+        blocks.register_module(name, torch.compile(blk, fullgraph=True))
+    return len(blocks)
+
+
 class NativeRunner:
     """One training step of the native stack for a model and layout."""
 
-    def __init__(self, model_name: str, kw: dict):
+    def __init__(self, model_name: str, kw: dict, compiled: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
         self.name, tp, pp = model_name, kw.get("tp", 1), kw.get("pp", 1)
+        self.compiled = compiled
         self.sp = kw.get("sequence_parallel", False)
         self.m_count, v = kw.get("microbatches", 1), kw.get("virtual_stages", 1)
         self.tp, self.pp = tp, pp
         if pp == 1:
             mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
             self.model = _apply_tp(model_name, build_model(model_name), mesh, self.sp)
+            if compiled:
+                _compile_blocks(model_name, self.model)
             self.modules = [self.model]
             return
         mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
@@ -361,6 +309,8 @@ class NativeRunner:
                 m = _LlamaStage(m, s * per, (s + 1) * per, first, last)
             if tp > 1:
                 _apply_tp(model_name, m, mesh["tp"], self.sp, loss_par=LOSS_PARALLEL_PP)
+            if compiled:    # torchtitan compiles each stage's blocks after TP, before pipelining
+                _compile_blocks(model_name, m)
             self.modules.append(m)
             # shapes given up front, as the pipelining docs' manual split does: the stage
             # then needs no shape-inference forward (which cannot run TP collectives)
@@ -468,7 +418,13 @@ def _top_ops(fn, k=6) -> list:
     return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in evs[:k]]
 
 
+SIDES = ("ptdp", "native_eager", "native_compiled")
+
+
 def job(model_name: str, cfg_name: str, steps: int, warmup: int, codegen: str) -> dict:
+    """Three programs of one model and layout on this rank — ptdp, the native stack in eager
+    and the native stack with torchtitan's per-block ``torch.compile`` — stepped in
+    interleaved rounds (the order rotates each round) so machine noise hits all three."""
     kw = CONFIGS[cfg_name]
     ids, tgt = make_batch(model_name)
     row = {"model": model_name, "config": cfg_name}
@@ -476,47 +432,54 @@ def job(model_name: str, cfg_name: str, steps: int, warmup: int, codegen: str) -
         pm = ptdp.parallelize(build_model(model_name), codegen=codegen, **kw)
     except ptdp.ConfigError as e:
         pm, row["ptdp_pending"] = None, str(e)
-    native = NativeRunner(model_name, kw)
+    eager = NativeRunner(model_name, kw)
+    compiled = NativeRunner(model_name, kw, compiled=True)
     p_args, p_kwargs = ptdp_inputs(model_name, ids, tgt)
-    p_step = (lambda: pm.train_step(*p_args, **p_kwargs).item()) if pm else None
-    n_step = lambda: native.step(ids, tgt)  # noqa: E731
-    p_times, n_times, p_loss, n_loss = [], [], None, None
-    for i in range(warmup + steps):      # interleaved: noise on the shared machine hits both
-        if p_step:
-            p_loss, dt = _timed(p_step)
+    fns = {"native_eager": lambda: eager.step(ids, tgt),
+           "native_compiled": lambda: compiled.step(ids, tgt)}
+    if pm is not None:
+        fns["ptdp"] = lambda: pm.train_step(*p_args, **p_kwargs).item()
+    sides = [s for s in SIDES if s in fns]
+    times = {s: [] for s in sides}
+    losses = dict.fromkeys(SIDES)
+    for i in range(warmup + steps):      # interleaved rounds; the first ones compile
+        k = i % len(sides)
+        for side in sides[k:] + sides[:k]:
+            losses[side], dt = _timed(fns[side])
             if i >= warmup:
-                p_times.append(dt)
-        n_loss, dt = _timed(n_step)
-        if i >= warmup:
-            n_times.append(dt)
-    p_bytes, n_bytes = {}, {}
-    if p_step:
-        with CommBytes(p_bytes):
-            p_step()
-    with CommBytes(n_bytes):
-        n_step()
-    row.update(ptdp_s=statistics.median(p_times) if p_times else None,
-               native_s=statistics.median(n_times), ptdp_loss=p_loss, native_loss=n_loss,
-               ptdp_bytes=sum(p_bytes.values()) if p_step else None,
-               native_bytes=sum(n_bytes.values()), ptdp_ops=p_bytes, native_ops=n_bytes)
-    slower = p_step is not None and row["ptdp_s"] > row["native_s"]
-    if slower and dist.get_rank() == 0:
-        row["ptdp_top_ops"] = _top_ops(p_step)
-    elif slower:
-        p_step()
-    if slower and dist.get_rank() == 0:
-        row["native_top_ops"] = _top_ops(n_step)
-    elif slower:
-        n_step()
+                times[side].append(dt)
+    for side in SIDES:
+        row[f"{side}_s"] = statistics.median(times[side]) if side in times else None
+        row[f"{side}_loss"] = losses[side]
+        if side not in fns:
+            row[f"{side}_bytes"] = row[f"{side}_gloo_bytes"] = None
+            row[f"{side}_ops"] = {}
+            continue
+        with ProcessGroupTraffic(_group_size(kw)) as traffic:   # one more step, profiled
+            fns[side]()
+        row[f"{side}_bytes"] = traffic.total("nccl_bytes")
+        row[f"{side}_gloo_bytes"] = traffic.total("gloo_bytes")
+        row[f"{side}_ops"] = traffic.totals("nccl_bytes", by=("kind",))
+    for side in ("native_eager", "native_compiled"):   # profile where ptdp is the slower one
+        if pm is None or row["ptdp_s"] <= row[f"{side}_s"]:
+            continue
+        for who in ("ptdp", side):
+            if who == "ptdp" and "ptdp_top_ops" in row:
+                continue
+            if dist.get_rank() == 0:
+                row[f"{who}_top_ops"] = _top_ops(fns[who])
+            else:
+                fns[who]()
     return row
 
 
 def _merge(rank_rows: list) -> dict:
     """Rank 0's timings; bytes summed over ranks; the loss from a rank that has it."""
     row = dict(rank_rows[0])
-    for side in ("ptdp", "native"):
+    for side in SIDES:
         if row.get(f"{side}_bytes") is not None:
-            row[f"{side}_bytes"] = int(sum(r[f"{side}_bytes"] for r in rank_rows))
+            for k in ("bytes", "gloo_bytes"):
+                row[f"{side}_{k}"] = int(sum(r[f"{side}_{k}"] for r in rank_rows))
             ops = {}
             for r in rank_rows:
                 for k, v in r[f"{side}_ops"].items():
@@ -527,10 +490,15 @@ def _merge(rank_rows: list) -> dict:
     return row
 
 
+def _diff(a, b):
+    return abs(a - b) if a is not None and b is not None else None
+
+
 def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
         repeats=1) -> list:
-    """One row per (config, model): each repeat is a fresh pair of programs measured in the
-    same world; the row keeps the repeat with the median ratio and lists every ratio."""
+    """One row per (config, model): each repeat is a fresh set of three programs measured in
+    the same world; the row keeps the repeat with the median ratio against the compiled
+    native side and lists every repeat's ratios."""
     rows = []
     for cfg_name in configs:
         kw = CONFIGS[cfg_name]
@@ -550,18 +518,21 @@ def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
                     rows.append(runs[0])
                     continue
                 for row in runs:
-                    row["ratio"] = (row["native_s"] / row["ptdp_s"]) if row.get("ptdp_s") \
-                        else None
-                ratios = [r["ratio"] for r in runs if r["ratio"] is not None]
-                row = sorted(runs, key=lambda r: r["ratio"] or 0.0)[len(runs) // 2]
-                row["ratio_runs"] = " / ".join(f"{x:.2f}" for x in ratios)
-                pl, nl = row.get("ptdp_loss"), row.get("native_loss")
-                row["loss_diff"] = abs(pl - nl) if pl is not None and nl is not None else None
+                    for side in ("eager", "compiled"):
+                        row[f"ratio_{side}"] = (row[f"native_{side}_s"] / row["ptdp_s"]) \
+                            if row.get("ptdp_s") else None
+                row = sorted(runs, key=lambda r: r["ratio_compiled"] or 0.0)[len(runs) // 2]
+                for side in ("eager", "compiled"):
+                    row[f"ratio_{side}_runs"] = " / ".join(
+                        f"{r[f'ratio_{side}']:.2f}" for r in runs if r[f"ratio_{side}"] is not None)
+                row["loss_diff"] = _diff(row["ptdp_loss"], row["native_eager_loss"])
+                # the sanity check of the compiled native side: its loss is the eager one's
+                row["compiled_loss_diff"] = _diff(row["native_compiled_loss"],
+                                                  row["native_eager_loss"])
                 row["status"] = "pending" if "ptdp_pending" in row else "measured"
                 row["native_model_lines"] = native_model_edits(model_name, kw)
                 row["ptdp_model_lines"] = 0
                 row["ptdp_codegen"] = codegen
-                row["native_ran"] = "eager DTensor / torch.distributed.pipelining"
                 rows.append(row)
     return rows
 
@@ -571,23 +542,36 @@ def _fmt(x, spec):
 
 
 def print_table(rows):
-    print(f"{'model':6} {'config':19} {'ptdp s':>8} {'native s':>8} {'ratio':>6} "
-          f"{'ptdp KB':>9} {'native KB':>9} {'loss diff':>9} {'lines n/p':>9}")
+    print(f"{'model':6} {'config':19} {'ptdp s':>8} {'eager s':>8} {'comp. s':>8} "
+          f"{'r eager':>7} {'r comp.':>7} {'ptdp KB':>9} {'native KB':>9} {'loss diff':>9} "
+          f"{'comp diff':>9} {'lines n/p':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:6} {r['config']:19} error: {r['error'][:200]}")
             continue
         kb = lambda b: b / 1024 if b is not None else None  # noqa: E731
         print(f"{r['model']:6} {r['config']:19} {_fmt(r['ptdp_s'], '8.4f'):>8} "
-              f"{_fmt(r['native_s'], '8.4f'):>8} {_fmt(r['ratio'], '6.2f'):>6} "
-              f"{_fmt(kb(r['ptdp_bytes']), '9.1f'):>9} {_fmt(kb(r['native_bytes']), '9.1f'):>9} "
-              f"{_fmt(r['loss_diff'], '9.2e'):>9} {r['native_model_lines']:>5}/{r['ptdp_model_lines']}"
+              f"{_fmt(r['native_eager_s'], '8.4f'):>8} {_fmt(r['native_compiled_s'], '8.4f'):>8} "
+              f"{_fmt(r['ratio_eager'], '7.2f'):>7} {_fmt(r['ratio_compiled'], '7.2f'):>7} "
+              f"{_fmt(kb(r['ptdp_bytes']), '9.1f'):>9} "
+              f"{_fmt(kb(r['native_eager_bytes']), '9.1f'):>9} "
+              f"{_fmt(r['loss_diff'], '9.2e'):>9} {_fmt(r['compiled_loss_diff'], '9.2e'):>9} "
+              f"{r['native_model_lines']:>5}/{r['ptdp_model_lines']}"
               + ("  (ptdp pending)" if r["status"] == "pending" else ""))
+    for r in rows:
+        if "error" in r:
+            continue
+        ok = r["compiled_loss_diff"] is not None and r["compiled_loss_diff"] <= 1e-4
+        print(f"sanity {r['model']} {r['config']}: native compiled loss "
+              f"{_fmt(r['native_compiled_loss'], '.6f')} vs native eager "
+              f"{_fmt(r['native_eager_loss'], '.6f')} vs ptdp {_fmt(r['ptdp_loss'], '.6f')}: "
+              + ("ok" if ok else "MISMATCH"))
     for r in rows:
         if r.get("ptdp_top_ops"):
             print(f"\n{r['model']} {r['config']}: ptdp slower; one profiled step (rank 0, self CPU)")
-            print("  ptdp:   " + "; ".join(r["ptdp_top_ops"]))
-            print("  native: " + "; ".join(r["native_top_ops"]))
+            for who in SIDES:
+                if r.get(f"{who}_top_ops"):
+                    print(f"  {who}: " + "; ".join(r[f"{who}_top_ops"]))
 
 
 NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model (tp2_sp with "
@@ -595,16 +579,21 @@ NOTE = ("ptdp: parallelize(codegen={codegen}) of the unmodified model (tp2_sp wi
         "DTensor plan does, instead of Megatron's re-gather; pp rows with ptdp's default "
         "split_backward=True: each chunk sends its input gradient before computing weight "
         "gradients, which fill the schedule's waits — the native schedules compute the whole "
-        "backward before sending); native: eager DTensor "
+        "backward before sending); native eager: DTensor "
         "parallelize_module (+ SequenceParallel, loss_parallel) and torch.distributed.pipelining "
-        "(static-shape PipelineStage, Schedule1F1B / ScheduleInterleaved1F1B). GPT {layers} layers "
+        "(static-shape PipelineStage, Schedule1F1B / ScheduleInterleaved1F1B); native compiled: "
+        "the same with torchtitan's recipe, torch.compile(block, fullgraph=True) (Inductor) of "
+        "each transformer block after the TP plan. GPT {layers} layers "
         "h={hidden} s={seq} batch {batch}, Llama the same with GQA 4/2 heads, vocab {vocab}; "
         "microbatches 4 with pp; step = forward+backward with every gradient final (native: "
-        "Partial DTensor gradients redistributed, tied embedding summed over pp; both return the "
-        "loss on every rank), median of {steps} after {warmup} warm-up, slowest rank; "
-        "ratio = native_s / ptdp_s, the row is the median-ratio repeat of {repeats} (ratio_runs "
-        "lists all); bytes = sent per step summed over ranks (ring model, same counter both sides); "
-        "*_model_lines = model source lines the side needed changed.")
+        "Partial DTensor gradients redistributed, tied embedding summed over pp; all return the "
+        "loss on every rank), median of {steps} interleaved rounds after {warmup} warm-up, "
+        "slowest rank; ratio_eager = native_eager_s / ptdp_s, ratio_compiled = "
+        "native_compiled_s / ptdp_s (> 1: ptdp faster); the row is the repeat with the median "
+        "ratio_compiled of {repeats} (ratio_*_runs list all); compiled_loss_diff = |native "
+        "compiled loss − native eager loss|; bytes = sent per step summed over ranks, from the "
+        "profiler's c10d/gloo events (*_bytes: as NCCL's ring would send them; *_gloo_bytes: "
+        "what gloo sent); *_model_lines = model source lines the side needed changed.")
 
 
 def main(argv=None):
