@@ -12,6 +12,11 @@ a JSON file of a benchmark not listed here still gets a table. Row keys are not
 assumed: columns are the union of the rows' keys (a benchmark's preferred columns
 first), and values that are not scalars are left out of the table.
 
+The README's prose quotes figures from these tables (a range of ratios, a worst error);
+each such figure is written as ``<!-- fig:NAME -->text<!-- /fig -->`` and ``text`` is
+recomputed from the same JSON by ``FIGURES[NAME]``, so prose and tables cannot drift. A
+figure whose JSON is missing keeps its text and is reported; an unknown NAME is an error.
+
     python -m benchmarks.report [--readme README.md] [--results benchmarks/results] [--print]
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -28,8 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> (title, what it checks, preferred columns first). Order is the README's order.
 KNOWN = {
     "tp_comm": ("Tensor-parallel communication vs Megatron's formula",
-                "bytes per decoder layer per microbatch, measured / 8·b·s·h·(t−1)/t",
-                ["t", "sequence_parallel", "measured_bytes", "formula_bytes", "ratio"]),
+                "bytes one rank sends per decoder layer per microbatch, read from the "
+                "profiler's c10d / gloo events of the step (benchmarks/pg_traffic.py), vs "
+                "8·b·s·h·(t−1)/t: nccl_bytes counts each collective as NCCL's ring sends it, "
+                "gloo_bytes what gloo sent (gloo runs a reduce-scatter as a full-size "
+                "all-reduce)",
+                ["t", "sequence_parallel", "formula_bytes", "nccl_bytes", "ratio", "gloo_bytes",
+                 "gloo_ratio"]),
     "activation_memory": ("Activation memory vs Korthikanti et al. 2022",
                           "saved-for-backward bytes per layer, measured / the paper's formula",
                           ["config", "t", "sequence_parallel", "recompute"]),
@@ -40,12 +51,18 @@ KNOWN = {
     "compile_time": ("Compile-time scaling", "capture + passes + codegen seconds vs model size",
                      []),
     "reliability": ("Reliability", "failure handling: named errors, no hangs", []),
-    "vs_torch_native": ("CPU ratio vs PyTorch's native stack (DTensor TP + pipelining)",
-                        "seconds per step (median, after warm-up), native / ptdp (> 1: ptdp "
-                        "faster; the median of the runs in ratio_runs); bytes sent per step, all ranks; model lines changed",
-                        ["model", "config", "status", "ptdp_s", "native_s", "ratio",
-                         "ratio_runs", "ptdp_bytes", "native_bytes", "loss_diff", "native_model_lines",
-                         "ptdp_model_lines"]),
+    "vs_torch_native": ("CPU ratio vs PyTorch's native stack (DTensor TP + pipelining, eager "
+                        "and torch.compile'd)",
+                        "seconds per step (median of interleaved rounds, after warm-up) of ptdp, "
+                        "the native stack in eager and the native stack with torchtitan's "
+                        "per-block torch.compile; ratio_eager = native eager / ptdp, "
+                        "ratio_compiled = native compiled / ptdp (> 1: ptdp faster); bytes sent "
+                        "per step, all ranks; model lines changed",
+                        ["model", "config", "status", "ptdp_s", "native_eager_s",
+                         "native_compiled_s", "ratio_eager", "ratio_compiled",
+                         "ratio_eager_runs", "ratio_compiled_runs", "ptdp_bytes",
+                         "native_eager_bytes", "native_compiled_bytes", "loss_diff",
+                         "compiled_loss_diff", "native_model_lines", "ptdp_model_lines"]),
     "comm_reorder": ("Inductor comm/compute reordering (comm_reorder=True)",
                      "tp=2 + SP step time with reordering off / on in one run (speedup_on > 1: "
                      "reordering faster), which collectives moved (fwd/bwd: op×count) and the "
@@ -61,6 +78,110 @@ KNOWN = {
                        "torch.compile", ["model", "mode", "tflops", "mfu", "vs_torch_compile",
                                          "step_ms", "step_gib", "loss", "device"]),
 }
+
+
+# ---- figures the README's prose quotes from the tables ----------------------------------
+def _num(x: float, spec: str) -> str:
+    return format(x, spec)
+
+
+def _span(values, spec: str = ".2f", unit: str = "") -> str:
+    """"a–b" (or "a" when all round alike) of ``values`` formatted with ``spec``."""
+    lo, hi = _num(min(values), spec), _num(max(values), spec)
+    return f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+
+def _pct(x: float) -> str:
+    """A percentage with two significant digits (0.027 -> '0.03', 6.96 -> '7.0')."""
+    return f"{x:.2f}" if x < 1 else f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def _rows(data: dict, **match) -> list:
+    return [r for r in data["rows"] if isinstance(r, dict) and not isinstance(r.get("error"), str)
+            and all(r.get(k) == v for k, v in match.items())]
+
+
+def _bubble(d):
+    ratios = [r["bubble_measured"] / r["bubble_formula"] for r in _rows(d)
+              if r.get("bubble_measured") and r.get("bubble_formula")]
+    return _span(ratios, ".2f", "×")
+
+
+def _activation(d):
+    # tp=1 and tp=2+SP, the rows the README quotes: |measured / formula − 1| in percent
+    devs = [abs(r["ratio"] - 1) * 100 for r in _rows(d)
+            if r["t"] == 1 or (r["t"] == 2 and r["sequence_parallel"])]
+    return f"{_pct(min(devs))}–{_pct(max(devs))}%"
+
+
+def _gpu(d, key, spec, scale=1.0, unit=""):
+    out = []
+    for layers in ("l=4", "l=8"):
+        row = next(r for r in _rows(d, mode="ptdp") if layers in r["model"])
+        out.append(_num(row[key] * scale, spec) + unit + (f" ({layers})" if key == "mfu" else ""))
+    return " / ".join(out)
+
+
+def _native(d, key, configs):
+    vals = [r[key] for r in _rows(d, status="measured")
+            if r["config"] in configs and r.get(key) is not None]
+    return _span(vals, ".2f", "×")
+
+
+TP_CONFIGS = ("tp2", "tp2_sp", "tp2_pp2")
+PP_CONFIGS = ("pp2_1f1b", "pp2_v2_interleaved")
+
+# NAME -> (benchmark whose JSON it reads, function of that JSON -> the text)
+FIGURES = {
+    "tp_comm_ratio": ("tp_comm", lambda d: _span([r["ratio"] for r in _rows(d)], ".2f")),
+    "tp_comm_gloo_sp": ("tp_comm", lambda d: _span(
+        [r["gloo_ratio"] for r in _rows(d, sequence_parallel=True)], ".2f")),
+    "pipeline_bubble": ("pipeline", _bubble),
+    "activation_range": ("activation_memory", _activation),
+    "planner_table1_error": ("planner_table1", lambda d: _pct(
+        100 * max(abs(r["error"]) for r in _rows(d))) + "%"),
+    "simulator_error": ("simulator_vs_runtime", lambda d: _pct(
+        100 * max(abs(r["error"]) for r in _rows(d))) + "%"),
+    "simulator_pairs": ("simulator_vs_runtime", lambda d: str(len(_rows(d)))),
+    "compile_48_vs_2": ("compile_time", lambda d: _num(
+        next(r["compile_s"] for r in _rows(d, layers=48))
+        / next(r["compile_s"] for r in _rows(d, layers=2)), ".2f") + "×"),
+    "comm_reorder_moved": ("comm_reorder", lambda d: "{} of {}".format(
+        _rows(d)[0]["moved"], _rows(d)[0]["collectives"])),
+    "comm_reorder_speedup": ("comm_reorder", lambda d: _span(
+        [r["speedup_on"] for r in _rows(d)], ".2f", "×")),
+    "gpu_mfu": ("gpu_throughput", lambda d: _gpu(d, "mfu", ".1f", 100, "%")),
+    "gpu_vs_compile": ("gpu_throughput", lambda d: _gpu(d, "vs_torch_compile", ".2f",
+                                                        unit="×")),
+    "native_eager_tp": ("vs_torch_native", lambda d: _native(d, "ratio_eager", TP_CONFIGS)),
+    "native_compiled_tp": ("vs_torch_native",
+                           lambda d: _native(d, "ratio_compiled", TP_CONFIGS)),
+    "native_eager_pp": ("vs_torch_native", lambda d: _native(d, "ratio_eager", PP_CONFIGS)),
+    "native_compiled_pp": ("vs_torch_native",
+                           lambda d: _native(d, "ratio_compiled", PP_CONFIGS)),
+}
+FIGURE = re.compile(r"<!-- fig:([A-Za-z0-9_]+) -->(.*?)<!-- /fig -->", re.S)
+
+
+def fill_figures(text: str, results_dir: str) -> tuple:
+    """(text with every figure recomputed, [figures left as they were, with why])."""
+    data, stale = load(results_dir), []
+
+    def one(m):
+        name, old = m.group(1), m.group(2)
+        if name not in FIGURES:
+            raise SystemExit(f"README figure {name!r}: not in benchmarks/report.py FIGURES")
+        bench, fn = FIGURES[name]
+        d = data.get(bench)
+        try:
+            if not isinstance(d, dict):
+                raise ValueError(f"{bench}.json missing or unreadable")
+            new = fn(d)
+        except (KeyError, ValueError, StopIteration, ZeroDivisionError) as e:
+            stale.append(f"{name}: kept {old!r} ({type(e).__name__}: {e})")
+            new = old
+        return f"<!-- fig:{name} -->{new}<!-- /fig -->"
+    return FIGURE.sub(one, text), stale
 
 
 def default_command(name: str) -> str:
@@ -165,7 +286,7 @@ def render(results_dir: str) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def update_readme(readme: str, section: str) -> str:
+def update_readme(readme: str, section: str, results_dir: str | None = None) -> str:
     with open(readme) as f:
         text = f.read()
     if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
@@ -173,6 +294,9 @@ def update_readme(readme: str, section: str) -> str:
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{section}{END}{tail}"
+    new, stale = fill_figures(new, results_dir or os.path.join(ROOT, "benchmarks", "results"))
+    for line in stale:
+        print(f"{readme}: figure {line}", file=sys.stderr)
     with open(readme, "w") as f:
         f.write(new)
     return new
@@ -188,7 +312,7 @@ def main(argv=None):
     if a.print:
         sys.stdout.write(section)
     else:
-        update_readme(a.readme, section)
+        update_readme(a.readme, section, a.results)
         print(f"updated {a.readme} ({section.count('### ')} sections)")
     return section
 
