@@ -149,7 +149,7 @@ class Region:
     fn: Callable = None
 
 
-def _example(node: fx.Node, requires_grad: bool) -> torch.Tensor:
+def example_tensor(node: fx.Node, requires_grad: bool) -> torch.Tensor:
     """A real tensor with the fake value's shape, strides and dtype (compile-time example)."""
     v = node.meta.get("val")
     if not isinstance(v, torch.Tensor):
@@ -186,12 +186,12 @@ def sink_input_ops(gm: fx.GraphModule) -> fx.GraphModule:
 
 def split_regions(gm: fx.GraphModule, example_inputs: list) -> list:
     """Cut ``gm`` at layer boundaries; each region records where its inputs come from."""
-    from ptdp_compiler.passes.pipeline_split import _build_chunks
+    from ptdp_compiler.passes.pipeline_split import build_chunks
     gm = sink_input_ops(gm)
     cuts = layer_cuts(gm)
     if not cuts:
         return []
-    chunks = _build_chunks(gm, cuts).chunks
+    chunks = build_chunks(gm, cuts).chunks
     ph_index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
     regions = []
     prev_rg: list = []   # requires_grad of the previous region's outputs
@@ -230,7 +230,7 @@ def compile_regional(gm: fx.GraphModule, example_inputs: list, codegen: str,
         r.fn = compiled[r.key]
         out_node = next(iter(r.gm.graph.find_nodes(op="output")))
         rg = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        boundary_examples = [_example(o, rg) if isinstance(o, fx.Node) else o
+        boundary_examples = [example_tensor(o, rg) if isinstance(o, fx.Node) else o
                              for o in out_node.args[0]]
     regional_stats["regions"] += len(regions)
     regional_stats["distinct_regions"] += len(compiled)

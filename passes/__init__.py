@@ -5,11 +5,16 @@ and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
     tensor_parallel    placements, f/g, shape rewrite (+ sequence_parallel rules)    (tp > 1)
     fake-tensor check  the per-rank graph re-run with FakeTensor at local shapes     (tp > 1)
+    recompute          save / recompute tags for the partitioner
+    pipeline_split     p·v chunks balanced by cost, boundary tensors, tied weights   (pp > 1)
+
+``run_passes`` is called by ``ptdp_compiler.program.build_program`` only.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -17,23 +22,29 @@ import torch.fx as fx
 from ptdp_compiler.placement import CollectivePlan, ParamPlan, Plan
 
 from .loss_weight import LossWeight, find_loss_weight
+from .pipeline_split import SplitResult, pipeline_split_pass
 
 
 @dataclasses.dataclass
-class Program:
-    """The compiler's output for one input signature (before codegen)."""
+class PassResult:
+    """What the passes made of one input signature (before codegen)."""
     gm: fx.GraphModule
     plan: Plan
     loss_weight: LossWeight
+    split: Optional[SplitResult] = None    # pipeline chunks (pp > 1)
 
 
 def op_histogram(gm: fx.GraphModule) -> collections.Counter:
     return collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = None) -> Program:
-    """captured graph → per-rank Program. ``params``: canonical name → tensor (full shape
-    or this rank's shard; ``full_shapes`` gives the full shapes when they differ)."""
+def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = None,
+               trial_partition: Optional[Callable] = None) -> PassResult:
+    """captured graph → per-rank graph, plan and pipeline chunks. ``params``: canonical
+    name → tensor (full shape or this rank's shard; ``full_shapes`` gives the full shapes
+    when they differ). ``trial_partition(gm)``: codegen's partition of a tagged graph on
+    fake inputs (what it saves for backward), which the recompute pass's budget mode
+    costs its choices with."""
     plan = Plan()
     gm = captured.gm
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
@@ -45,13 +56,14 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     if cfg.tp > 1:
         from .tensor_parallel import tensor_parallel_pass
         gm = tensor_parallel_pass(gm, cfg, coords, params, plan)
-    # ---- recompute (issue 4): tag nodes save / recompute for the partitioner -------------
+    # recompute: tag nodes save / recompute for the partitioner
     from .recompute import recompute_pass
     gm, plan.recompute = recompute_pass(gm, cfg.recompute,
                                            cfg.sequence_parallel and cfg.sp_regather,
-                                           pointwise=cfg.recompute_pointwise)
+                                           pointwise=cfg.recompute_pointwise,
+                                           trial=trial_partition)
     plan.pass_log.append(("recompute", plan.recompute.summary()))
-    # ---- end recompute ---------------------------------------------------------------------
+    split = pipeline_split_pass(gm, cfg, plan) if cfg.pp > 1 else None
     if cfg.dp > 1:
         nbytes = sum(math_prod(pp.local_shape or pp.full_shape) * params[n].element_size()
                      for n, pp in plan.params.items() if params[n].requires_grad)
@@ -61,7 +73,7 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
         plan.collectives.append(CollectivePlan(
             "all_reduce", "dp", "before the first forward", 8,
             "global count that weights each microbatch's loss"))
-    return Program(gm=gm, plan=plan, loss_weight=lw)
+    return PassResult(gm=gm, plan=plan, loss_weight=lw, split=split)
 
 
 def math_prod(shape) -> int:

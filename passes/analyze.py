@@ -24,15 +24,21 @@ indexed by user-input token ids.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
+from ptdp_compiler.placement import Shard
 
-NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
-         aten.batch_norm.default}
+aten = torch.ops.aten
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.flatten.using_ints, aten.unflatten.int}
+
+NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
+         aten.group_norm.default, aten.batch_norm.default}
 LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
@@ -101,25 +107,78 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
     return None
 
 
-def _reduces_last(n: fx.Node) -> bool:
-    if n.target not in REDUCTIONS:
-        return False
-    val = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
-    if val is None:
-        return True
-    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    if dims is None or dims == []:
-        return True
-    dims = [dims] if isinstance(dims, int) else dims
-    return any(d % val.dim() == val.dim() - 1 for d in dims)
+def _reduced_dims(n: fx.Node) -> Optional[list]:
+    """The dimensions a reduction or norm ``n`` mixes (of its first input), None if ``n`` is
+    neither."""
+    if n.target not in NORMS and n.target not in REDUCTIONS:
+        return None
+    val = n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
+    nd = val.dim() if isinstance(val, torch.Tensor) else 1
+    if n.target in (aten.group_norm.default, aten.batch_norm.default):
+        return list(range(nd))
+    if n.target in NORMS:
+        k = len(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) else 1
+        return list(range(nd - k, nd))
+    if n.target in REDUCTIONS:
+        dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if dims is None or dims == []:
+            return list(range(nd))
+        return [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
+    return None
+
+
+def _smallest_factor(n: int) -> int:
+    return next((p for p in range(2, int(n ** 0.5) + 1) if n % p == 0), n)
+
+
+def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Optional[int]:
+    """Where the column split (dimension ``d`` of ``src``, a factor ``probe`` of it) lands in
+    ``u``'s output; None when it cannot be followed (the walk then assumes the worst)."""
+    from .sharding import view_rule
+    if d is None:
+        return None
+    if u.target in _SPLITS or u.target is operator.getitem or u.target in (
+            aten.slice.Tensor, aten.cat.default, aten.narrow.default):
+        return d              # the pieces keep their dimensions
+    uv, sv = u.meta.get("val"), src.meta.get("val")
+    if not isinstance(uv, torch.Tensor) or not isinstance(sv, torch.Tensor):
+        return None
+    nd, m = sv.dim(), uv.dim()
+    args = u.args[1:]
+    if u.target in _VIEWS:
+        pl = view_rule(tuple(sv.shape), Shard(d), tuple(uv.shape), probe)
+        return pl.dim if pl is not None else None
+    if u.target is aten.transpose.int:
+        a, b = args[0] % nd, args[1] % nd
+        return b if d == a else a if d == b else d
+    if u.target is aten.permute.default:
+        return [i % nd for i in args[0]].index(d)
+    if u.target is aten.unsqueeze.default:
+        return d + 1 if args[0] % (nd + 1) <= d else d
+    if u.target is aten.select.int:
+        return None if args[0] % nd == d else d - (args[0] % nd < d)
+    if m == nd and tuple(uv.shape) == tuple(sv.shape) or u.target in (aten.expand.default,) or \
+            (isinstance(u.target, torch._ops.OpOverload) and torch.Tag.pointwise in u.target.tags):
+        return d + m - nd     # same layout (pointwise, broadcast, casts, rope)
+    if u.target in (aten.matmul.default, aten.bmm.default) and d < nd - 2:
+        return d + m - nd     # a batch (heads) dimension
+    return None
 
 
 def _walk(lin: Linear, linears: dict):
-    """Forward closure of a linear's output: (region nodes, rows reached, barriers)."""
+    """Forward closure of a linear's output: (region nodes, rows reached, barriers).
+
+    The walk follows where the column split lands (``_split_dim``): a norm or reduction
+    over other dimensions (a per-head q/k norm over head_dim) is local and no barrier. A
+    norm statistic over the whole split width (OLMo-2's q/k norm) is allowed when what
+    it normalises flows on to attention without another linear: the tensor-parallel
+    rule sums the statistic over tp. Anything else that mixes the split features is a
+    barrier."""
+    probe = _smallest_factor(lin.out_features)
     region, rows, barriers = set(), set(), []
-    stack = [lin.node]
+    stack = [(lin.node, lin.node.meta["val"].dim() - 1)]
     while stack:
-        n = stack.pop()
+        n, d = stack.pop()
         for u in n.users:
             if u in region:
                 continue
@@ -130,13 +189,51 @@ def _walk(lin: Linear, linears: dict):
                 else:
                     barriers.append(u)
                 continue
-            if u.op == "output" or u.target in NORMS or u.target in LOSSES or \
-                    u.target is aten.embedding.default or _reduces_last(u):
+            if u.op == "output" or u.target in LOSSES or u.target is aten.embedding.default:
                 barriers.append(u)
                 continue
+            mixed = _reduced_dims(u)
+            if mixed is not None and u.args[0] is n:
+                # where the split cannot be followed, assume it is the last dimension
+                split = d if d is not None else n.meta["val"].dim() - 1
+                if split in mixed and not _statistic_to_attention(u, linears):
+                    barriers.append(u)
+                    continue
             region.add(u)
-            stack.append(u)
+            stack.append((u, _split_dim(u, n, d, probe)))
     return region, rows, barriers
+
+
+def _statistic_to_attention(u: fx.Node, linears: dict) -> bool:
+    """A mean / sum statistic (a decomposed RMSNorm's mean square) whose users reach
+    attention before any linear or barrier."""
+    if u.target not in (aten.mean.dim, aten.sum.dim_IntList):
+        return False
+    stack, seen, attention = [u], set(), False
+    while stack:
+        n = stack.pop()
+        for w in n.users:
+            if w in seen:
+                continue
+            seen.add(w)
+            if w in linears or w.op == "output" or w.target in LOSSES or \
+                    w.target in NORMS or len(seen) > 400:
+                return False
+            if w.target in ATTENTION:
+                attention = True
+                continue
+            stack.append(w)
+    return attention
+
+
+def _scalar_pointwise(u: fx.Node, n: fx.Node) -> bool:
+    """``u`` acts on ``n`` element by element with only scalars beside it (x · s, x / s,
+    tanh(x)): every logit is scaled alike, so the vocabulary stays whole per position."""
+    if not (isinstance(u.target, torch._ops.OpOverload) and torch.Tag.pointwise in u.target.tags):
+        return False
+    others = [a for a in u.all_input_nodes if a is not n]
+    return all(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].numel() == 1
+               for a in others) and u.meta["val"].shape == n.meta["val"].shape
 
 
 def _reaches_loss_only(lin: Linear) -> Optional[fx.Node]:
@@ -151,6 +248,8 @@ def _reaches_loss_only(lin: Linear) -> Optional[fx.Node]:
                 if u.target is aten.slice.Tensor and u.args[1] % n.meta["val"].dim() == \
                         n.meta["val"].dim() - 1:
                     return None
+                stack.append(u)
+            elif _scalar_pointwise(u, n):   # logit scaling, soft-capping (tanh)
                 stack.append(u)
             else:
                 return None

@@ -16,6 +16,12 @@ Guarantees afterwards: ``SplitResult.chunks[k].gm`` computes chunk k from its
 and returns its boundary tensors (the last chunk returns the loss); running the
 chunks in order reproduces the original graph's output; every original node except
 input-only ones lives in exactly one chunk.
+
+As a pass (``pipeline_split_pass``, last in ``passes.run_passes`` when pp > 1) it also
+records the boundary tensors (shape, dtype, whether they are replicated over tp, read
+from the ``node.meta["ptdp_placement"]`` the tensor-parallel pass wrote), the parameters
+each chunk reads, and ``plan.pipeline``: chunk k runs on pipeline rank k mod p, and a
+parameter read by chunks on several ranks (tied embedding / LM head) is listed as tied.
 """
 from __future__ import annotations
 
@@ -62,12 +68,32 @@ def node_flops(node: fx.Node) -> float:
 
 
 @dataclasses.dataclass
+class Boundary:
+    """A tensor crossing a cut."""
+    name: str                        # the node that computes it
+    shape: Optional[tuple]           # None: no fake value known
+    dtype: Optional[torch.dtype]
+    tp_replicated: bool              # no tensor-parallel placement: equal on every tp rank
+
+
+def _boundary(n: fx.Node) -> Boundary:
+    v = n.meta.get("val")
+    known = isinstance(v, torch.Tensor)
+    return Boundary(n.name, tuple(v.shape) if known else None, v.dtype if known else None,
+                    n.meta.get("ptdp_placement") is None)
+
+
+@dataclasses.dataclass
 class Chunk:
     index: int
     gm: fx.GraphModule
     inputs: list          # ("graph", placeholder name) | ("boundary", i)
     num_boundary_out: int
     cost: float
+    in_boundaries: list = dataclasses.field(default_factory=list)    # Boundary per input i
+    out_boundaries: list = dataclasses.field(default_factory=list)   # Boundary per output
+
+
 
 
 @dataclasses.dataclass
@@ -75,6 +101,11 @@ class SplitResult:
     chunks: list
     cut_after: list       # original node names after which the graph was cut
     boundary_shapes: list  # per cut: shapes of the tensors crossing it
+    # filled by pipeline_split_pass: per chunk the parameters it reads, and per parameter
+    # the pipeline ranks holding it (chunk k on rank k mod p)
+    chunk_params: list = dataclasses.field(default_factory=list)
+    owners: dict = dataclasses.field(default_factory=dict)
+
 
     def describe(self) -> str:
         costs = [c.cost for c in self.chunks]
@@ -133,7 +164,7 @@ def split(gm: fx.GraphModule, num_chunks: int) -> SplitResult:
         cuts = []
     else:
         cuts = choose_cuts(gm, num_chunks)
-    return _build_chunks(gm, cuts)
+    return build_chunks(gm, cuts)
 
 
 def choose_cuts(gm: fx.GraphModule, num_chunks: int) -> list:
@@ -193,7 +224,8 @@ def _min_max_partition(positions: list, prefix: list, k: int) -> list:
     return sorted(chosen)
 
 
-def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
+def build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
+    """Cut ``gm`` after the nodes named ``cut_names`` (see the module's guarantees)."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     names = [n.name for n in nodes]
     bounds = [names.index(c) for c in cut_names] + [len(nodes) - 1]
@@ -257,9 +289,39 @@ def _build_chunks(gm: fx.GraphModule, cut_names: list) -> SplitResult:
             boundary_shapes.append([_shape(n) for n in outgoing])
         chunk_gm = fx.GraphModule(gm, g)
         cost = sum(node_flops(n) for n in mine)
-        chunks.append(Chunk(k, chunk_gm, inputs, len(outgoing), cost))
+        chunks.append(Chunk(k, chunk_gm, inputs, len(outgoing), cost,
+                            [_boundary(b) for b in incoming], [_boundary(b) for b in outgoing]))
         incoming = outgoing
     return SplitResult(chunks, list(cut_names), boundary_shapes)
+
+
+def chunk_params(chunk: Chunk) -> list:
+    """The canonical names of the parameters ``chunk`` reads, sorted."""
+    return sorted({n.meta["ptdp_input_name"] for n in chunk.gm.graph.find_nodes(op="placeholder")
+                   if n.meta.get("ptdp_input_kind") == "param"})
+
+
+def pipeline_split_pass(gm: fx.GraphModule, cfg, plan) -> SplitResult:
+    """The pass: cut ``gm`` into pp·virtual_stages chunks and record the split in ``plan``
+    (``plan.pipeline`` and the pass log)."""
+    p, v = cfg.pp, cfg.virtual_stages
+    result = split(gm, p * v)
+    result.chunk_params = params = [chunk_params(ch) for ch in result.chunks]
+    result.owners = owners = {}
+    for k, names in enumerate(params):
+        for n in names:
+            owners.setdefault(n, set()).add(k % p)
+    total = sum(c.cost for c in result.chunks) or 1
+    plan.pipeline = {
+        "chunks": [{"chunk": ch.index, "pp_rank": ch.index % p, "cost_share": ch.cost / total,
+                    "params": len(params[ch.index])} for ch in result.chunks],
+        "cut_after": result.cut_after,
+        "boundary_shapes": result.boundary_shapes,
+        "tied": sorted(n for n, s in owners.items() if len(s) > 1),
+        "schedule": f"{cfg.schedule} p={p} v={v} m={cfg.microbatches}",
+    }
+    plan.pass_log.append(("pipeline_split", result.describe()))
+    return result
 
 
 def run_sequential(result: SplitResult, graph_inputs: dict) -> list:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -397,15 +397,21 @@ def _knapsack(per_layer: list, budget: int) -> Optional[list]:
 
 
 def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
-                   pointwise: bool = True):
+                   pointwise: bool = True, trial: Optional[Callable] = None):
     """Tag ``gm`` for ``mode``; returns ``(gm, RecomputeReport)`` (the graph is tagged in
     place; see the module docstring for the guarantees). ``pointwise``: values the mode
     saves are PREFER_SAVE (the partitioner may recompute cheap fused pointwise ops)
-    rather than MUST_SAVE, except each layer's output (the residual stream)."""
+    rather than MUST_SAVE, except each layer's output (the residual stream).
+    ``trial(gm)``: codegen's trial partition of the tagged graph (rows of what it saves
+    for backward: joint node, bytes, captured node), which the budget mode costs with;
+    ``program.build_program`` hands in ``codegen.partition.trial_partition``."""
     budget = None
     if isinstance(mode, dict):
         budget = int(mode["budget_bytes"])
         mode_name = "budget"
+        if trial is None:
+            raise ValueError("recompute_pass in budget mode needs trial=, a trial partition "
+                             "(codegen.partition.trial_partition)")
     else:
         mode_name = mode
     input_only = {n for n in _input_only(gm) if n.op == "call_function"}
@@ -448,7 +454,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
                 opt = "full"
             choices.append((opt, R))
     else:
-        model = _CostModel(gm, baseline_bytes(gm, layers, input_only, regather))
+        model = _CostModel(gm, baseline_bytes(gm, layers, input_only, regather, trial))
         per_layer, all_opts = [], []
         for i, span in enumerate(layers):
             core = {n for n in span if n in core_nodes}
@@ -472,7 +478,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
             # tighten the target by the overshoot until it fits
             _tag(gm, layers, set().union(*(R for _, R in choices)), input_only, regather,
                  free)
-            got = sum(b for _, b, _ in _trial(gm))
+            got = sum(b for _, b, _ in trial(gm))
             if got <= budget:
                 break
             target -= got - budget
@@ -493,21 +499,16 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
                             "recompute them for free (pointwise ops fused into backward "
                             "kernels); recompute_pointwise=False saves exactly Table 2's set")
     if mode_name == "budget":
-        estimate(gm, report)
+        estimate(gm, report, trial)
     gm.meta["ptdp_recompute_layers"] = [[n.name for n in s] for s in layers]
     return gm, report
 
 
-def baseline_bytes(gm, layers, input_only, regather) -> dict:
+def baseline_bytes(gm, layers, input_only, regather, trial: Callable) -> dict:
     """Bytes each node keeps saved when nothing (but inputs-only values and SP re-gathers)
     is recomputed: a trial partition on fake inputs."""
     _tag(gm, layers, set(), input_only, regather)
-    return _attribute(gm, _trial(gm))
-
-
-def _trial(gm):
-    from ptdp_compiler.codegen.partition import trial_partition
-    return trial_partition(gm)
+    return _attribute(gm, trial(gm))
 
 
 def _attribute(gm, rows) -> dict:
@@ -520,11 +521,16 @@ def _attribute(gm, rows) -> dict:
     return out
 
 
-def estimate(gm: fx.GraphModule, report: RecomputeReport) -> RecomputeReport:
-    """Fill per-layer saved bytes from a trial partition of the current tags."""
+def estimate(gm: fx.GraphModule, report: RecomputeReport,
+             trial: Optional[Callable] = None) -> RecomputeReport:
+    """Fill per-layer saved bytes from a trial partition (``trial(gm)``) of the current
+    tags; ``program.Program.estimate_saved_bytes`` calls it with codegen's."""
     if report.estimated:
         return report
-    rows = _trial(gm)
+    if trial is None:
+        raise ValueError("the recompute report's saved bytes are not estimated yet: call "
+                         "Program.estimate_saved_bytes() (a trial partition) first")
+    rows = trial(gm)
     per_node = _attribute(gm, rows)
     by_name = {n.name: n for n in gm.graph.nodes}
     spans = gm.meta.get("ptdp_recompute_layers", [])
@@ -543,7 +549,8 @@ def estimate(gm: fx.GraphModule, report: RecomputeReport) -> RecomputeReport:
 
 
 def explain_lines(gm: fx.GraphModule, report: RecomputeReport, max_names: int = 6) -> list:
-    """Per layer: what is saved and what recomputed, with bytes, and the FLOP overhead."""
+    """Per layer: what is saved and what recomputed, with bytes, and the FLOP overhead
+    (``report`` estimated: ``Program.estimate_saved_bytes``)."""
     estimate(gm, report)
     lines = [f"    recompute: {report.summary()}"]
     for note in report.notes:

@@ -8,50 +8,33 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import capture as _capture
-from .codegen import compile_graph
 from .config import ParallelConfig
 from .errors import ConfigError, InputShapeError
-from .passes import run_passes
-from .runtime.data_parallel import GradBuckets
+from .program import Program, build_program, input_value
 from .runtime.executor import run_pipeline_step, run_step, split_microbatches
 from .runtime.mesh import build_mesh
 from .runtime.rng import RNGTracker
 
 
-class CompiledProgram:
-    """One input signature's captured, transformed and compiled forward."""
+class ProgramRunner:
+    """One input signature's Program (pp = 1), applied on this rank: a call runs the
+    compiled graph on a microbatch and returns its loss."""
 
-    def __init__(self, pm: "ParallelModule", mb):
-        args, kwargs, target = mb
-        self.captured = _capture.capture(pm.module, args, kwargs, target, pm.config.loss_fn)
-        self.program = run_passes(self.captured, pm.config, pm.coords, pm._params,
-                                  pm._full_shapes)
-        self.loss_weight = self.program.loss_weight
+    def __init__(self, pm: "ParallelModule", program: Program):
         self._pm = pm
-        pm._apply_placements(self.program.plan)
-        self.fn = compile_graph(self.program.gm, self._inputs(mb), pm.config.codegen,
-                                pm.config.comm_reorder)
+        self.program = program
+        self.captured = program.captured
+        self.loss_weight = program.loss_weight
+        self.chunk = program.chunks[0]
 
     def user_inputs(self, mb) -> list:
-        return _capture.user_tensors(self.captured, *mb)
-
-    def _inputs(self, mb) -> list:
-        users = self.user_inputs(mb)
-        out = []
-        for kind, name in self.captured.inputs:
-            if kind == "param":
-                out.append(self._pm._params[name])
-            elif kind == "buffer":
-                out.append(self._pm.module.get_buffer(name))
-            elif kind == "constant":
-                out.append(self.captured.constants[name])
-            else:
-                out.append(users[name])
-        return out
+        return self.program.user_inputs(mb)
 
     def __call__(self, mb) -> torch.Tensor:
-        return self.fn(*self._inputs(mb))[0]
+        pm, users = self._pm, self.user_inputs(mb)
+        inputs = [input_value(key, pm._params, pm.module.get_buffer, self.captured.constants,
+                              users) for _, key in self.chunk.inputs]
+        return self.chunk.fn(*inputs)[0]
 
 
 def _signature(mb) -> tuple:
@@ -85,8 +68,8 @@ class ParallelModule:
         self._placements: dict | None = None   # name -> Shard over tp, once compiled
         if config.tp > 1:
             # this rank's parameters are Parameters of their own, sharing the module's
-            # storage (no copy); on the first compile the sharded ones shrink to this rank's
-            # shard and the module's full copies are released (_apply_placements)
+            # storage (no copy); once the first Program is built the sharded ones shrink to
+            # this rank's shard and the module's full copies are released (_apply_placements)
             self._params = {n: nn.Parameter(p.detach(), requires_grad=p.requires_grad)
                             for n, p in self._params.items()}
         self._tp_group = self.coords.group("tp") if config.tp > 1 else None
@@ -120,15 +103,20 @@ class ParallelModule:
                               "build the model with the same seed on every rank "
                               "(torch.manual_seed(s) before constructing it)")
 
-    def _apply_placements(self, plan):
+    # ---- applying a Program (after build_program; compiling never touches this state) ---
+    def _apply(self, program: Program):
+        """Lay this rank's parameters out as ``program`` says: tp shards, then (pp > 1)
+        the pipeline stage's parameters."""
+        self._apply_placements(program.placements)
+        if program.stage is not None:
+            self._apply_stage(program.stage.local_params)
+
+    def _apply_placements(self, placements: dict):
         """Shrink each tp-sharded parameter to this rank's shard (once; the optimizer keeps
         the same Parameter objects) and rebuild the gradient buckets at local sizes."""
         if self.config.tp == 1:
             return
-        from .placement import Shard
         from .passes.sharding import shard_tensor
-        placements = {n: pp.placement for n, pp in plan.params.items()
-                      if isinstance(pp.placement, Shard)}
         if self._placements is not None:
             if placements != self._placements:
                 raise ConfigError("a new input signature produced a different tensor-parallel "
@@ -174,15 +162,19 @@ class ParallelModule:
 
     # ---- training -------------------------------------------------------------------------
     def _program(self, mb):
+        """The applied Program of ``mb``'s input signature (built on first sight)."""
         key = _signature(mb)
         prog = self._programs.get(key)
         if prog is None:
             self._check_meta_buffers()
+            program = build_program(self.module, self.config, mb, self.coords, self._params,
+                                    self._full_shapes)
+            self._apply(program)
             if self.config.pp > 1:
-                from .stages import PipelineProgram
-                prog = self._programs[key] = PipelineProgram(self, mb)
+                from .stages import PipelineRunner
+                prog = self._programs[key] = PipelineRunner(self, program)
             else:
-                prog = self._programs[key] = CompiledProgram(self, mb)
+                prog = self._programs[key] = ProgramRunner(self, program)
         return prog
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
@@ -267,6 +259,8 @@ class ParallelModule:
 
     def explain(self) -> str:
         from .explain import explain
+        for prog in self._programs.values():   # what each partition saves, per layer
+            prog.program.estimate_saved_bytes()
         return explain(self)
 
     def dump(self, path: str, kernels: bool = True) -> str:
@@ -291,7 +285,7 @@ class ParallelModule:
         from .runtime.layout import LocalParam
         t, r = self.config.tp, self.coords.tp_rank
         # pp: a weight on several stages (tied embedding / LM head) is counted by its first
-        owners = getattr(list(self._programs.values())[-1], "owners", None) \
+        owners = list(self._programs.values())[-1].program.stage.owners \
             if self.config.pp > 1 and self._programs else None
         for n, p in self._params.items():
             pl = (self._placements or {}).get(n)

@@ -240,7 +240,7 @@ def compile_kernels(gm: fx.GraphModule, out_dir: str) -> int:
     from torch._inductor.graph import GraphLowering
 
     from .codegen import compile_graph
-    from .codegen.regional import _example
+    from .codegen.regional import example_tensor
     sources: list = []
     original = GraphLowering.save_output_code
     GraphLowering.save_output_code = staticmethod(lambda code: sources.append(code))
@@ -248,7 +248,7 @@ def compile_kernels(gm: fx.GraphModule, out_dir: str) -> int:
         inputs = []
         for ph in gm.graph.find_nodes(op="placeholder"):
             kind = ph.meta.get("ptdp_input_kind")
-            inputs.append(_example(ph, requires_grad=kind in ("param", None)))
+            inputs.append(example_tensor(ph, requires_grad=kind in ("param", None)))
         import torch._functorch.config as fconf
         with fconf.patch(force_non_lazy_backward_lowering=True):   # backward kernels too
             compile_graph(gm, inputs, "inductor")
@@ -266,12 +266,11 @@ def compile_kernels(gm: fx.GraphModule, out_dir: str) -> int:
 
 
 # ---- one rank -------------------------------------------------------------------------------
-def dump_rank(out_dir: str, captured_gm: fx.GraphModule, program, chunks: Optional[list] = None,
-              kernels: bool = True, header: str = "") -> dict:
-    """Write one rank's files (see module doc). ``chunks``: this rank's pipeline chunk
-    graphs ((index, GraphModule) pairs), or None for the whole program as one chunk."""
+def dump_rank(out_dir: str, program, kernels: bool = True, header: str = "") -> dict:
+    """Write one rank's files (see module doc) for a ``program.Program``: its pipeline
+    chunks (pp > 1) or the whole program as one chunk."""
     os.makedirs(out_dir, exist_ok=True)
-    before = readable(captured_gm)
+    before = readable(program.captured.gm)
     _write(os.path.join(out_dir, "00_captured.py"), before)
     after = readable(program.gm)
     stages = [name for name, _ in program.plan.pass_log]
@@ -282,8 +281,9 @@ def dump_rank(out_dir: str, captured_gm: fx.GraphModule, program, chunks: Option
     _write(os.path.join(out_dir, f"01_{name}.diff"),
            _diff(before, after, "00_captured.py", f"01_{name}.py") or "(no change)\n")
     lines = [header, "passes:"] + [f"  {n}: {s}" for n, s in program.plan.pass_log]
-    chunked = chunks is not None
-    chunks = chunks if chunked else [(0, program.gm)]
+    chunked = program.stage is not None
+    chunks = [(k, c.gm) for k, c in sorted(program.chunks.items())] if chunked \
+        else [(0, program.gm)]
     info = {"files": [], "kernels": 0}
     for k, cgm in chunks:
         text = readable(cgm)
@@ -317,11 +317,7 @@ def dump_parallel_module(pm, path: str, kernels: bool = True) -> str:
     progs = list(pm._programs.values())
     for i, prog in enumerate(progs):
         d = base if len(progs) == 1 else os.path.join(base, f"program{i}")
-        split = getattr(prog, "split", None)   # a pipeline program: this rank's chunks
-        chunks = None if split is None else [
-            (c.index, c.gm) for c in split.chunks if c.index % pm.config.pp == pm.coords.pp_rank]
-        dump_rank(d, prog.captured.gm, prog.program, chunks, kernels,
-                  header=pm.explain() if i == 0 else "")
+        dump_rank(d, prog.program, kernels, header=pm.explain() if i == 0 else "")
     return base
 
 
@@ -334,11 +330,9 @@ def inspect_model(model, args, kwargs, out: str, tp: int = 1, pp: int = 1, dp: i
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from .capture import capture
     from .config import ParallelConfig
     from .errors import ConfigError
-    from .passes import run_passes
-    from .passes.pipeline_split import split
+    from .program import build_program
     from .runtime.mesh import build_mesh
     if dist.is_initialized():
         raise ConfigError("inspect builds its own fake process group; run it outside an "
@@ -357,16 +351,12 @@ def inspect_model(model, args, kwargs, out: str, tp: int = 1, pp: int = 1, dp: i
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
             coords = build_mesh(dp, pp, tp)
-            cap = capture(model, args, kwargs)
-            program = run_passes(cap, cfg, coords, params)
-            chunks = None
-            if pp > 1:
-                res = split(program.gm, pp * virtual_stages)
-                chunks = [(c.index, c.gm) for c in res.chunks if c.index % pp == coords.pp_rank]
+            program = build_program(model, cfg, (args, kwargs, None), coords, params,
+                                    compile=False)
             d = os.path.join(out, f"rank{rank}")
             hdr = (f"rank {rank}/{world}: dp={coords.dp_rank} pp={coords.pp_rank} "
                    f"tp={coords.tp_rank} (fake process group)")
-            dump_rank(d, cap.gm, program, chunks, kernels=rank in kernel_ranks, header=hdr)
+            dump_rank(d, program, kernels=rank in kernel_ranks, header=hdr)
             written.append(d)
         finally:
             dist.destroy_process_group()

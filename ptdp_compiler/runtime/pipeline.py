@@ -20,7 +20,7 @@ send/recv groups per pipeline rank; this module only executes it:
 - a communication group: one ``batch_isend_irecv`` posting every send and recv of the
   group; a receive is waited for (with a timeout) just before the compute that reads it,
   a send at the end of the step. Buffers are allocated from shapes known from the
-  graph (``Stage.in_meta`` / ``out_meta``) — there is no shape handshake.
+  graph (``program.ChunkProgram.in_meta`` / ``out_meta``) — there is no shape handshake.
 
 Scatter/gather (Narayanan et al. 2021 §4.1): a boundary tensor that is replicated over
 the tp ranks of a stage (tp > 1, sequence parallelism off) is sent as 1/t slices, one
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import time
 from datetime import timedelta
 from typing import Callable, Optional
@@ -50,28 +49,6 @@ from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_G
                         WEIGHT_GRAD, Schedule, deferred_slots, sends_input_grad)
 
 MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
-
-
-@dataclasses.dataclass
-class BoundaryMeta:
-    shape: tuple
-    dtype: torch.dtype
-    scatter: bool            # sent as 1/t slices and all-gathered over tp
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclasses.dataclass
-class Stage:
-    """One chunk compiled for this rank."""
-    index: int
-    fn: Callable                       # compiled: (*inputs) -> list[Tensor]
-    inputs: list                       # ("graph", (kind, name)) | ("boundary", i)
-    in_meta: list                      # BoundaryMeta per boundary input
-    out_meta: list                     # BoundaryMeta per boundary output (empty: last chunk)
-    params: list                       # canonical names of the parameters it reads
 
 
 @dataclasses.dataclass
@@ -101,7 +78,8 @@ class _PendingRecv:
 
 
 class PipelineRun:
-    """The state of one training step on one pipeline rank."""
+    """The state of one training step on one pipeline rank. ``stages``: this rank's
+    compiled chunks, chunk index -> ``program.ChunkProgram``."""
 
     def __init__(self, sched: Schedule, stages: dict, comm: PipelineComm,
                  graph_value: Callable, weights: list, rng, step: int,
