@@ -174,16 +174,14 @@ class Rewriter:
             self.grad_tp_params.add(v.meta.get("ptdp_input_name"))
 
     def all_reduce(self, v, node, what: str):
-        """Sum of ``v`` over tp, as a replicated value whose gradient is summed over tp too
-        (g then f: all-reduce forward and backward) — a statistic of a sharded dimension
-        (a norm's mean square) that every rank then uses on its own shard."""
+        """Sum of ``v`` over tp (g): a statistic of a sharded dimension (a norm's mean
+        square) that every rank then uses on its own shard. Like every replicated value
+        its gradient is complete (f wherever it meets a sharded value), so the backward
+        is the identity."""
         s = self.emit(ptdp_ops.tp_g.default, (v, self.group_name, self.t, "act"), pl=None,
                       like=node)
         self.collectives.append(("all_reduce", s, what, node))
-        out = self.emit(ptdp_ops.tp_f.default, (s, self.group_name, self.t, "act"), pl=None,
-                        rg=self.needs_grad.get(s, False), like=node)
-        self.grad_summed.add(out)
-        return out
+        return s
 
     def gathered(self, v, node):
         """A sequence-sharded value made whole (SP all-gather; its backward reduce-scatters)."""

@@ -1,7 +1,7 @@
 """Reductions, softmax and norms. Over dimensions that are not sharded they are local
 (a per-head q/k norm over head_dim is no barrier). A sum or mean over the sharded
-dimension is the local one summed over tp (all-reduce forward and backward: every rank
-uses the statistic on its own shard, as a norm over a sharded width does)."""
+dimension is the local one summed over tp (g), a replicated statistic every rank uses on
+its own shard, as a norm over a sharded width (OLMo-2's q/k norm) does."""
 from __future__ import annotations
 
 import torch
