@@ -1,0 +1,384 @@
+"""Model zoo: every causal-LM family of the installed transformers, compiled as a new user would.
+
+Families are discovered from ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``; each gets a tiny random
+config of transformers' own config class (``benchmarks/zoo_models.py``: hidden 64, 2
+layers, 4 heads, 2 kv heads where the family groups them, 4 experts top-2, vocabulary 128,
+dropout 0). A family that cannot train on one CPU device is skipped with the reason
+(encoder-decoder, pixel/audio inputs, the single-device step raising).
+
+Every other family is trained ``STEPS`` SGD steps on one device (the specification) and
+under each layout, unmodified, with ``ptdp.parallelize(model, ..., codegen="aot_eager")``:
+
+- ``tp2``:    tp=2
+- ``tp2sp``:  tp=2, sequence_parallel=True
+- ``pp2``:    pp=2, 2 microbatches
+- ``tp2pp2``: tp=2 × pp=2, 2 microbatches (a fixed subset, ``--tp2pp2-families``)
+
+Per family and layout: ``status`` is ok (loss and every gradient gathered to full shape
+match the single-device model within ``--rtol`` of each tensor's largest entry), refused
+(the compiler raised one of its named errors: class and message), mismatch, or crash (any
+other exception, a dead rank, or a timeout: "crash: timeout"); ``worst_rel_err`` is the
+largest max|g − g_ref| / max|g_ref| over losses and gradients; ``share`` is the largest,
+over ranks, of (elements this rank holds) / (elements of the full model). Python warnings
+the compiler emits on rank 0 (e.g. for a silently replicated weight) are kept per layout.
+
+The README table shows one row per family: each layout's status and share (``w`` marks a
+compiler warning) and the first non-ok layout's reason; the JSON keeps the full messages.
+
+    python benchmarks/model_zoo.py [--families a,b] [--layouts tp2,tp2sp,pp2,tp2pp2]
+        [--tp2pp2-families a,b] [--timeout 300] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import ptdp_compiler as ptdp  # noqa: E402
+from benchmarks import zoo_models as Z  # noqa: E402
+
+GB = 4                 # global batch: 2 microbatches of 2 under pp
+RTOL = 1e-4            # relative to each tensor's largest entry
+LAYOUTS = {
+    "tp2": (2, dict(tp=2)),
+    "tp2sp": (2, dict(tp=2, sequence_parallel=True)),
+    "pp2": (2, dict(pp=2, microbatches=2)),
+    "tp2pp2": (4, dict(tp=2, pp=2, microbatches=2)),
+}
+# tp2 x pp2 on a diverse subset: MHA/GQA/MQA, fused qkv, interleaved rotary, per-head
+# norms, soft-capping, ALiBi, MoE, MLA
+# a fully tensor-parallel rank holds at most 1.1/t of a tiny model's parameters (issue 18);
+# pipeline layouts are not flagged (a tied embedding lives on the first and last stage)
+SHARE_LIMIT = {"tp2": 0.55, "tp2sp": 0.55}
+TP2PP2_FAMILIES = ["gpt2", "llama", "qwen3", "gemma2", "phi3", "falcon", "bloom", "codegen",
+                   "mixtral", "deepseek_v3"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_COMPILER_DIRS = tuple(os.path.join(REPO, d) + os.sep
+                       for d in ("ptdp_compiler", "passes", "codegen"))
+
+
+def _compiler_warning(w) -> bool:
+    """A warning the compiler raised: its class is ptdp's, or it was issued from the
+    compiler's source (or, with a stacklevel, attributed to this benchmark's call)."""
+    cat = w.category
+    if getattr(cat, "__module__", "").startswith(("ptdp_compiler", "passes", "codegen")):
+        return True
+    fn = os.path.abspath(w.filename or "")
+    return fn.startswith(_COMPILER_DIRS) or fn == os.path.abspath(__file__)
+
+
+def _parallel_sgd(pm, args, kwargs, steps, lr):
+    args = tuple(pm.dp_shard(a) for a in args)
+    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
+    opt = torch.optim.SGD(pm.parameters(), lr=lr)
+    losses, grads = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(pm.train_step(*args, **kwargs).detach())
+        grads.append(pm.full_grads())
+        opt.step()
+    return losses, grads
+
+
+def zoo_job(family: str, cfg: dict, gb: int = GB, steps: int = Z.STEPS, lr: float = Z.LR,
+            return_grads_from: int = 0):
+    """Run on every rank of a LocalWorld: compile ``family`` with ``cfg``, train ``steps``
+    SGD steps, return losses, (on rank ``return_grads_from``) full gradients, this rank's
+    parameter elements and the compiler's warnings (rank 0)."""
+    import torch.distributed as dist
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = ptdp.parallelize(Z.build(family), codegen="aot_eager", **cfg)
+        losses, grads = _parallel_sgd(pm, *Z.batch(family, gb), steps, lr)
+    seen, warns = set(), []
+    for w in caught:
+        if _compiler_warning(w):
+            text = f"{w.category.__name__}: {w.message}"
+            if text not in seen:
+                seen.add(text)
+                warns.append(text)
+    return {"rank": rank, "losses": [float(x) for x in losses],
+            "grads": grads if rank == return_grads_from else None,
+            "nlocal": sum(p.numel() for p in pm.parameters()),
+            "warnings": warns if rank == 0 else []}
+
+
+def compare(ref_losses, ref_grads, results) -> tuple:
+    """(worst relative error, where, problem or None) of every rank's losses and rank 0's
+    full gradients against the single-device reference."""
+    worst, where, problem = 0.0, None, None
+    for res in results:
+        for s, (got, want) in enumerate(zip(res["losses"], ref_losses)):
+            want = float(want)
+            e = abs(got - want) / max(abs(want), 1e-12)
+            if e > worst:
+                worst, where = e, f"rank {res['rank']} step {s} loss"
+    grads = next(r["grads"] for r in results if r["grads"] is not None)
+    for s, (got, want) in enumerate(zip(grads, ref_grads)):
+        if set(got) != set(want):
+            missing = sorted(set(want) - set(got))[:3]
+            extra = sorted(set(got) - set(want))[:3]
+            problem = f"step {s}: gradient names differ (missing {missing}, extra {extra})"
+            return float("inf"), None, problem
+        for n, w in want.items():
+            g = got[n]
+            if tuple(g.shape) != tuple(w.shape):
+                return float("inf"), n, f"{n}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+            w64, g64 = w.detach().double(), g.detach().double()
+            scale = w64.abs().max().item()
+            diff = (g64 - w64).abs().max().item()
+            e = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+            if not (e <= worst):   # also catches nan
+                worst, where = e, f"step {s} grad {n}"
+    return worst, where, problem
+
+
+def _error_parts(exc) -> tuple:
+    """(exception class, message, named) of a failed run; named: raised on purpose."""
+    cause = exc
+    if isinstance(exc, ptdp.errors.RankError):
+        if exc.__cause__ is not None:
+            cause = exc.__cause__
+        else:
+            cls, _, msg = exc.exc_repr.partition(": ")
+            named = cls in {c.__name__ for c in _named_errors()}
+            return cls, msg, named
+    return type(cause).__name__, str(cause), isinstance(cause, _named_errors()) and not \
+        isinstance(cause, (ptdp.errors.RankError, ptdp.errors.WorldTimeoutError))
+
+
+def _named_errors():
+    errs = ptdp.errors
+    return (errs.ShardingError, errs.ConfigError, errs.CaptureError, errs.InputShapeError)
+
+
+class Worlds:
+    """One LocalWorld per world size, reused across families; a failed one is replaced."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.worlds = timeout, {}
+
+    def run(self, n, fn, *args):
+        w = self.worlds.get(n)
+        if w is None or not w.alive:
+            w = self.worlds[n] = ptdp.LocalWorld(n, timeout_s=min(self.timeout, 120))
+        return w.run(fn, *args, timeout=self.timeout)
+
+    def close(self):
+        for w in self.worlds.values():
+            try:
+                w.close()
+            except Exception:
+                pass
+
+
+def run_layout(worlds: Worlds, family: str, layout: str, ref, full: int, rtol: float) -> dict:
+    n, cfg = LAYOUTS[layout]
+    t0 = time.perf_counter()
+    row = {"status": None, "share": None, "worst_rel_err": None, "worst_at": None,
+           "error": None, "message": None, "warnings": []}
+    try:
+        results = worlds.run(n, zoo_job, family, cfg)
+    except ptdp.errors.WorldTimeoutError as e:
+        row.update(status="crash", error="timeout", message=str(e))
+    except Exception as e:   # noqa: BLE001 - every failure is a row
+        cls, msg, named = _error_parts(e)
+        row.update(status="refused" if named else "crash", error=cls, message=msg)
+        if not named:
+            row["traceback"] = getattr(e, "traceback", None) or traceback.format_exc()
+    else:
+        worst, where, problem = compare(ref[0], ref[1], results)
+        row["share"] = round(max(r["nlocal"] for r in results) / full, 4)
+        row["worst_rel_err"] = worst if worst != float("inf") else None
+        row["worst_at"] = where
+        row["warnings"] = results[0]["warnings"]
+        if problem is not None or not worst <= rtol:
+            row.update(status="mismatch",
+                       message=problem or f"{where}: relative error {worst:.3g} > {rtol:g}")
+        else:
+            row["status"] = "ok"
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def kind(family: str, cfg) -> str:
+    d = cfg.to_dict()
+    if getattr(cfg, "is_encoder_decoder", False) or "decoder_layers" in d:
+        return "seq2seq decoder"
+    if "is_decoder" in d and not type(cfg)().to_dict().get("is_decoder", True):
+        return "encoder as decoder"
+    types = [t for k in Z._PER_LAYER_UNIQUE for t in (d.get(k) or [])
+             if isinstance(t, str)]
+    recurrent = any(("mamba" in t or "linear" in t or "conv" in t or "recurrent" in t
+                     or t in ("mlstm", "slstm", "rwkv")) for t in types) or \
+        any(k.startswith(("mamba_", "linear_num", "conv_L")) for k in d)
+    moe = any(isinstance(d.get(k), int) and d.get(k) for k in Z._EXPERTS) or \
+        isinstance(d.get("ffn_config"), dict) and d["ffn_config"].get("moe_num_experts")
+    if family in ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"):
+        return "recurrent"
+    if recurrent:
+        return "hybrid moe" if moe else "hybrid"
+    return "moe" if moe else "decoder"
+
+
+def short(msg: str | None, n: int = 110) -> str:
+    if not msg:
+        return ""
+    line = next((ln.strip() for ln in str(msg).splitlines() if ln.strip()), "")
+    return line if len(line) <= n else line[: n - 1] + "…"
+
+
+def cell(r: dict) -> str:
+    if r["status"] == "ok":
+        return f"ok {r['share']:.2f}" + (" w" if r["warnings"] else "")
+    if r["status"] == "mismatch":
+        return f"mismatch {r['worst_rel_err']:.1g}" if r["worst_rel_err"] else "mismatch"
+    if r["status"] == "crash" and r["error"] == "timeout":
+        return "crash: timeout"
+    return r["status"]
+
+
+def summarize(rows: list, layouts: list) -> dict:
+    out = {}
+    for lay in layouts:
+        c: dict = {}
+        for r in rows:
+            st = r["layouts"].get(lay, {}).get("status")
+            if st:
+                c[st] = c.get(st, 0) + 1
+                if st == "ok" and r["layouts"][lay]["share"] > SHARE_LIMIT.get(lay, 1.0):
+                    key = f"of them share > {SHARE_LIMIT[lay]}"
+                    c[key] = c.get(key, 0) + 1
+        out[lay] = c
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default="", help="comma-separated model_types (default all)")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--tp2pp2-families", default=",".join(TP2PP2_FAMILIES),
+                    help="families run at tp2pp2 ('all' for every family)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    ap.add_argument("--rtol", type=float, default=RTOL)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import transformers as T
+    T.logging.set_verbosity_error()
+
+    layouts = [x for x in a.layouts.split(",") if x]
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            raise SystemExit(f"unknown layout {lay!r}; known: {', '.join(LAYOUTS)}")
+    everything = Z.families()
+    if a.families:
+        fams = [Z.ALIASES.get(f, f) for f in a.families.split(",") if f]
+        unknown = [f for f in fams if f not in everything]
+        if unknown:
+            raise SystemExit(f"unknown families {unknown}")
+    else:   # the families DESIGN.md names first, then the rest
+        fams = [f for f in Z.DESIGN_FAMILIES if f in everything] + \
+            [f for f in everything if f not in Z.DESIGN_FAMILIES]
+    pp_subset = None if a.tp2pp2_families == "all" else \
+        {Z.ALIASES.get(f, f) for f in a.tp2pp2_families.split(",") if f}
+
+    command = "python benchmarks/model_zoo.py " + " ".join(
+        x for x in (argv if argv is not None else sys.argv[1:]))
+    rows, skipped = [], []
+    doc = {"benchmark": "model_zoo", "device": platform.processor() or platform.machine(),
+           "torch": torch.__version__, "transformers": T.__version__,
+           "command": command.strip(), "layouts": {k: LAYOUTS[k][1] for k in layouts},
+           "global_batch": GB, "seq": Z.SEQ, "steps": Z.STEPS, "lr": Z.LR, "rtol": a.rtol,
+           "rows": rows, "skipped": skipped}
+
+    def dump():
+        summary = summarize(rows, layouts)
+        doc["summary"] = summary
+        doc["note"] = ("Cells: status and share of parameters per rank (max over ranks; "
+                       "w: the compiler warned). " + "; ".join(
+                           f"{lay}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items()))
+                           for lay, c in summary.items()) +
+                       f". {len(rows)} families train on one device; {len(skipped)} skipped "
+                       "(reasons in the JSON: " + ", ".join(s["family"] for s in skipped) + ")")
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1, default=str)
+            os.replace(tmp, a.json)
+
+    worlds = Worlds(a.timeout)
+    hdr = f"{'family':22} {'kind':18} " + " ".join(f"{lay:>15}" for lay in layouts)
+    print(hdr, flush=True)
+    try:
+        for fam in fams:
+            t0 = time.perf_counter()
+            if fam in Z.STATIC_SKIPS:
+                skipped.append({"family": fam, "reason": Z.STATIC_SKIPS[fam]})
+                print(f"{fam:22} skipped: {Z.STATIC_SKIPS[fam]}", flush=True)
+                dump()
+                continue
+            try:
+                cfg = Z.tiny_config(fam)
+                ref = Z.reference(fam, GB)
+            except Exception as e:  # noqa: BLE001
+                reason = f"fails on one device: {type(e).__name__}: {short(str(e), 160)}"
+                skipped.append({"family": fam, "reason": reason})
+                print(f"{fam:22} skipped: {reason}", flush=True)
+                dump()
+                continue
+            full = sum(g.numel() for g in ref[1][0].values())
+            row = {"family": fam, "kind": kind(fam, cfg), "class": Z.model_class_name(fam),
+                   "params": full}
+            res = {}
+            for lay in layouts:
+                if lay == "tp2pp2" and pp_subset is not None and fam not in pp_subset:
+                    continue
+                res[lay] = run_layout(worlds, fam, lay, ref, full, a.rtol)
+                row[lay] = cell(res[lay])
+            bad = next(((lay, r) for lay, r in res.items() if r["status"] != "ok"), None)
+            warned = next(((lay, r) for lay, r in res.items() if r["warnings"]), None)
+            if bad:
+                row["reason"] = f"{bad[0]}: " + (f"{bad[1]['error']}: " if bad[1]["error"] else
+                                                 "") + short(bad[1]["message"])
+            elif warned:
+                row["reason"] = f"{warned[0]} warns: " + short(warned[1]["warnings"][0])
+            else:
+                row["reason"] = ""
+            heavy = [(lay, r["share"]) for lay, r in res.items() if r["status"] == "ok" and
+                     r["share"] > SHARE_LIMIT.get(lay, 1.0)]
+            if heavy and not row["reason"]:
+                row["reason"] = ", ".join(f"{lay} {s:.2f}" for lay, s in heavy) + \
+                    " of the parameters per rank (part replicated, no warning)"
+            row["layouts"] = res
+            rows.append(row)
+            dump()
+            print(f"{fam:22} {row['kind']:18} " +
+                  " ".join(f"{row.get(lay, '-'):>15}" for lay in layouts) +
+                  f"  {time.perf_counter() - t0:5.0f}s  {row['reason']}", flush=True)
+    finally:
+        worlds.close()
+        dump()
+    summary = summarize(rows, layouts)
+    print("\nsummary:")
+    for lay, c in summary.items():
+        print(f"  {lay:8} " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+    print(f"  {len(rows)} families run, {len(skipped)} skipped")
+    return doc
+
+
+if __name__ == "__main__":
+    main()
