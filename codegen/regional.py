@@ -4,10 +4,10 @@ A transformer's forward graph is a chain of structurally identical layers. Compi
 the whole graph makes AOTAutograd + Inductor work grow with depth; compiling one
 *region* per distinct layer shape makes it grow with the number of distinct shapes.
 
-How the graph is cut. ``passes.pipeline_split.legal_cuts`` lists the positions after
-which exactly one activation (the residual stream) is live; among those we keep the
-ones where the enclosing layer changes (``nn_module_stack``'s deepest ``…<int>``
-path, or "outside any layer" for embedding / final norm / head). Values computed only
+How the graph is cut. ``graph_utils.legal_cuts`` lists the positions after which
+exactly one activation (the residual stream) is live; among those we keep the ones where
+the enclosing layer changes (``graph_utils.layer_key``, or "outside any layer" for
+embedding / final norm / head). Values computed only
 from the inputs (masks, position ids, rotary tables) are recomputed inside every region
 that needs them (that is how ``pipeline_split`` builds chunks), so every middle layer's
 region has the same structure.
@@ -37,6 +37,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import layer_key, legal_cuts
+
 _OVERRIDE: Optional[bool] = None
 
 # Per-process counters a test or benchmark can read: regions seen, distinct ones compiled.
@@ -60,14 +62,13 @@ _OUTSIDE = "<outside any layer>"
 
 
 def _region_labels(nodes: list) -> list:
-    """Per compute node: the layer it belongs to (``_layer_key``), _OUTSIDE for nodes in no
-    layer, and — for nodes the passes inserted without module metadata (an ``f`` on a
-    parameter) — the label of the next node that has some."""
-    from ptdp_compiler.passes.pipeline_split import _layer_key
+    """Per compute node: the layer it belongs to (``graph_utils.layer_key``), _OUTSIDE for
+    nodes in no layer, and — for nodes the passes inserted without module metadata (an
+    ``f`` on a parameter) — the label of the next node that has some."""
     labels: list = [None] * len(nodes)
     for i, n in enumerate(nodes):
         if n.meta.get("nn_module_stack"):
-            labels[i] = _layer_key(n) or _OUTSIDE
+            labels[i] = layer_key(n) or _OUTSIDE
     nxt = _OUTSIDE
     for i in range(len(nodes) - 1, -1, -1):
         if labels[i] is None:
@@ -79,7 +80,6 @@ def _region_labels(nodes: list) -> list:
 
 def layer_cuts(gm: fx.GraphModule) -> list:
     """Names of the compute nodes after which the graph is cut into per-layer regions."""
-    from ptdp_compiler.passes.pipeline_split import legal_cuts
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     labels = _region_labels(nodes)
     return [nodes[i].name for i, _live in legal_cuts(gm) if labels[i] != labels[i + 1]]

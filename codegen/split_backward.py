@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from ptdp_compiler.passes.analyze import ancestors
+from ptdp_compiler.graph_utils import ancestors
 
 # per process: split backward calls that deferred W / ran W inline
 split_stats = collections.Counter()

@@ -89,7 +89,7 @@ def find_loss_weight(gm: fx.GraphModule) -> LossWeight:
 def _count_graph(gm: fx.GraphModule, target: fx.Node, ignore_index: int) -> Optional[fx.GraphModule]:
     """Copy the cone of ``target`` (it must depend on user inputs only) into
     ``(*user inputs) -> (target != ignore_index).sum()``."""
-    from .analyze import ancestors
+    from ptdp_compiler.graph_utils import ancestors
     cone = ancestors([target])
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     g = fx.Graph()

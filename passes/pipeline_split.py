@@ -26,45 +26,17 @@ parameter read by chunks on several ranks (tied embedding / LM head) is listed a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from ptdp_compiler.errors import ConfigError
+from ptdp_compiler.graph_utils import input_only as _input_only
+from ptdp_compiler.graph_utils import layer_key, legal_cuts, node_flops, shape as _shape
 
-aten = torch.ops.aten
-
-_MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.bmm.default,
-            aten.matmul.default, aten.baddbmm.default}
-
-
-def _shape(x):
-    v = x.meta.get("val") if isinstance(x, fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def node_flops(node: fx.Node) -> float:
-    """Forward FLOPs of a node from its fake output and input shapes (0 if unknown)."""
-    if node.op != "call_function":
-        return 0.0
-    out = _shape(node)
-    if out is None:
-        return 0.0
-    if node.target in _MATMULS:
-        a = _shape(node.args[1] if node.target in (aten.addmm.default, aten.baddbmm.default)
-                   else node.args[0])
-        if a is None:
-            return 0.0
-        return 2.0 * math.prod(out) * a[-1]
-    if node.target == aten.scaled_dot_product_attention.default:
-        q, k = _shape(node.args[0]), _shape(node.args[1])
-        if q is None or k is None:
-            return 0.0
-        # Q·Kᵀ and P·V: 2 matmuls of b·h·s_q·s_k·d multiply-adds
-        return 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
-    return float(math.prod(out))  # elementwise-ish: one op per output element
+# the name tensor_parallel.py still imports; the layer detector is graph_utils.layer_key
+_layer_key = layer_key
 
 
 @dataclasses.dataclass
@@ -94,8 +66,6 @@ class Chunk:
     out_boundaries: list = dataclasses.field(default_factory=list)   # Boundary per output
 
 
-
-
 @dataclasses.dataclass
 class SplitResult:
     chunks: list
@@ -106,57 +76,11 @@ class SplitResult:
     chunk_params: list = dataclasses.field(default_factory=list)
     owners: dict = dataclasses.field(default_factory=dict)
 
-
     def describe(self) -> str:
         costs = [c.cost for c in self.chunks]
         tot = sum(costs) or 1.0
         parts = ", ".join(f"chunk {c.index}: {100 * c.cost / tot:.0f}%" for c in self.chunks)
         return f"{len(self.chunks)} chunks cut after {self.cut_after} ({parts} of forward FLOPs)"
-
-
-def _input_only(gm: fx.GraphModule) -> set:
-    """Nodes computed from user inputs, buffers and constants only (no param, no activation)."""
-    out = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            if n.meta.get("ptdp_input_kind", "user") != "param":
-                out.add(n)
-        elif n.op == "get_attr":  # submodules of higher-order ops (e.g. rotary under no_grad)
-            out.add(n)
-        elif n.op == "call_function" and all(a in out for a in n.all_input_nodes):
-            out.add(n)
-    return out
-
-
-def legal_cuts(gm: fx.GraphModule) -> list:
-    """Positions i (in the list of compute nodes) after which exactly one activation is live."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    pos = {n: i for i, n in enumerate(nodes)}
-    inputs_only = _input_only(gm)
-    last_use = {}
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a in pos:
-                last_use[a] = max(last_use.get(a, -1), pos[n])
-    cuts = []
-    live: set = set()
-    for i, n in enumerate(nodes[:-1]):
-        if n not in inputs_only and last_use.get(n, -1) > i:
-            live.add(n)
-        live = {a for a in live if last_use[a] > i}
-        if len(live) == 1:
-            cuts.append((i, next(iter(live))))
-    return cuts
-
-
-def _layer_key(node: fx.Node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    # the deepest path that ends in an integer index: an element of a layer container
-    for p in reversed(paths):
-        if p.split(".")[-1].isdigit():
-            return p
-    return None
 
 
 def split(gm: fx.GraphModule, num_chunks: int) -> SplitResult:
@@ -182,7 +106,7 @@ def choose_cuts(gm: fx.GraphModule, num_chunks: int) -> list:
     total = prefix[-1]
     # prefer cuts between two elements of a layer container; fall back to any legal cut
     def boundary(i):
-        a, b = _layer_key(nodes[i]), _layer_key(nodes[i + 1])
+        a, b = layer_key(nodes[i]), layer_key(nodes[i + 1])
         return a is not None and b is not None and a != b
     preferred = [c for c in cand if boundary(c[0])]
     if preferred and len(preferred) < num_chunks - 1:

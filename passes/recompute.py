@@ -53,7 +53,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 from ptdp_compiler.collectives import TP_COLLECTIVES
 from ptdp_compiler.errors import ConfigError
 
-from .pipeline_split import _input_only, _layer_key, legal_cuts, node_flops
+from ptdp_compiler.graph_utils import input_only as _input_only
+from ptdp_compiler.graph_utils import layer_spans, node_flops, numel
 
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
@@ -87,13 +88,11 @@ def _val(n):
 
 
 def _bytes(n: fx.Node) -> int:
-    from ptdp_compiler.codegen.partition import concrete
     v = _val(n)
     if isinstance(v, torch.Tensor):
-        return concrete(v.numel()) * v.element_size()
+        return numel(v) * v.element_size()
     if isinstance(v, (tuple, list)):
-        return sum(concrete(x.numel()) * x.element_size() for x in v
-                   if isinstance(x, torch.Tensor))
+        return sum(numel(x) * x.element_size() for x in v if isinstance(x, torch.Tensor))
     return 0
 
 
@@ -110,45 +109,7 @@ def _is_random(n: fx.Node) -> bool:
     return False
 
 
-# ---- what is a layer, what is the attention core --------------------------------------------
-def layer_spans(gm: fx.GraphModule) -> list:
-    """``(nodes, output)`` per transformer layer: its compute nodes and the residual-stream
-    value it hands to the next layer (the one activation live at its last cut). Layers are separated at
-    residual-stream cut points (``pipeline_split.legal_cuts``: one activation live); the
-    enclosing layer container (``nn_module_stack``) groups the segments between cuts, as
-    pipeline_split prefers; without module metadata each segment that holds a matmul of
-    parameters (and no loss) counts as a layer."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    live_at = dict(legal_cuts(gm))
-    cuts = sorted(live_at)
-    bounds, start = [], 0
-    for c in cuts + [len(nodes) - 1]:
-        bounds.append(nodes[start:c + 1])
-        start = c + 1
-    keyed = any(_layer_key(n) for n in nodes)
-    spans: list = []
-    last_key = None
-    for seg in bounds:
-        if keyed:
-            keys = [k for k in (_layer_key(n) for n in seg) if k]
-            key = max(set(keys), key=keys.count) if keys else None
-            if key is None:
-                last_key = None
-                continue
-            if key == last_key:
-                spans[-1].extend(seg)
-            else:
-                spans.append(list(seg))
-            last_key = key
-        else:
-            has_linear = any(_opname(n) in ("linear", "addmm", "mm") for n in seg)
-            has_loss = any("loss" in _opname(n) or "cross_entropy" in _opname(n) for n in seg)
-            if has_linear and not has_loss and not any(_opname(n) == "embedding" for n in seg):
-                spans.append(list(seg))
-    pos = {n: i for i, n in enumerate(nodes)}
-    return [(span, live_at.get(pos[span[-1]], span[-1])) for span in spans]
-
-
+# ---- what is the attention core (layers: graph_utils.layer_spans) -------------------------
 def _activation(a, input_only) -> bool:
     return isinstance(a, fx.Node) and a not in input_only and \
         a.meta.get("ptdp_input_kind") not in ("param", "buffer", "constant") and \

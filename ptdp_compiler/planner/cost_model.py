@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import re
 from collections import Counter, defaultdict
-from typing import Optional
 
 import torch
 import torch.fx as fx
+
+# the per-node cost model lives with the other graph utilities; re-exported here
+from ..graph_utils import (ATTN_OPS, EMBED_OPS, FREE_OPS, GEMM_OPS, LOSS_OPS,  # noqa: F401
+                           NORM_OPS, SOFTMAX_OPS, NodeCost, is_op, layer_spans, node_cost,
+                           numel, val)
 
 # --------------------------------------------------------------------------------------------
 # hardware
@@ -122,162 +124,8 @@ def p2p_time(nbytes: float, link: Link) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# per-node costs from a captured graph
+# per-node costs from a captured graph (the FLOP model: graph_utils.node_cost)
 # --------------------------------------------------------------------------------------------
-GEMM_OPS = {"linear", "mm", "addmm", "bmm", "matmul", "baddbmm", "addbmm", "_scaled_mm"}
-ATTN_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-            "_scaled_dot_product_efficient_attention", "_flash_attention_forward"}
-NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
-            "batch_norm", "native_batch_norm"}
-SOFTMAX_OPS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}
-LOSS_OPS = {"cross_entropy_loss", "nll_loss", "nll_loss_forward", "nll_loss_nd",
-            "binary_cross_entropy_with_logits", "mse_loss"}
-EMBED_OPS = {"embedding", "embedding_bag"}
-FREE_OPS = {"view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze",
-            "squeeze", "slice", "select", "split", "split_with_sizes", "chunk", "unbind",
-            "alias", "detach", "as_strided", "arange", "zeros", "ones", "full", "empty",
-            "scalar_tensor", "lift_fresh_copy", "_assert_tensor_metadata", "sym_size", "getitem",
-            "unflatten", "flatten", "view_as", "expand_as", "contiguous", "lift_fresh",
-            "wrap_with_set_grad_enabled", "_set_grad_enabled", "dim", "numel", "sym_numel"}
-# ops whose output is a fresh copy (contiguous of a transposed view really moves data):
-COPY_OPS = {"clone", "_to_copy", "to", "copy", "cat", "stack", "index_select", "gather",
-            "contiguous"}
-
-
-@dataclasses.dataclass
-class NodeCost:
-    name: str
-    op: str
-    kind: str            # gemm | attention | embedding | norm | softmax | loss | elementwise | free
-    flops: float         # forward FLOPs
-    bytes: float         # forward bytes read + written
-    gemm_dims: tuple = ()  # (m, n, k) at microbatch 1 for GEMMs
-    tp_split: bool = True   # divided over t with tensor parallelism
-    sp_split: bool = True   # divided over t with TP + sequence parallelism
-    attn_scores: float = 0.0  # elements of a materialised score matrix (b·a·s·s_k)
-    out_last_dim: int = 0
-    param_elems: int = 0   # parameter elements this node reads (weights)
-    residual_add: bool = False  # add of two same-shape tensors (a branch joining the stream)
-    measured_s: float = 0.0  # forward seconds timed on this machine (opaque custom ops)
-
-
-def _val(x):
-    return x.meta.get("val") if isinstance(x, fx.Node) else None
-
-
-def _tensors(args):
-    out = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            out += _tensors(a)
-        else:
-            v = _val(a)
-            if isinstance(v, torch.Tensor):
-                out.append((a, v))
-    return out
-
-
-def _numel(v) -> int:
-    try:
-        return int(math.prod(int(d) for d in v.shape))
-    except Exception:   # symbolic size: use its hint
-        return int(math.prod(int(getattr(d, "node", d).hint) if hasattr(d, "node") else int(d)
-                             for d in v.shape))
-
-
-def _shape(v) -> tuple:
-    return tuple(int(d) for d in v.shape)
-
-
-def _opname(node) -> str:
-    t = node.target
-    name = getattr(t, "__name__", str(t))
-    pkt = getattr(t, "_overloadpacket", None)
-    if pkt is not None:
-        name = getattr(pkt, "__name__", name)
-    return name.split(".")[0]
-
-
-def _is_param(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "placeholder" and \
-        node.meta.get("ptdp_input_kind") in ("param", "buffer", "constant")
-
-
-def node_cost(node: fx.Node) -> Optional[NodeCost]:
-    """FLOPs and bytes of one call_function node from its fake values (None: not a compute)."""
-    if node.op != "call_function":
-        return None
-    op = _opname(node)
-    out = _val(node)
-    outs = [o for o in (out if isinstance(out, (list, tuple)) else [out])
-            if isinstance(o, torch.Tensor)]
-    ins = _tensors(node.args) + _tensors(list(node.kwargs.values()))
-    in_bytes = sum(_numel(v) * v.element_size() for _, v in ins)
-    out_bytes = sum(_numel(o) * o.element_size() for o in outs)
-    params = sum(_numel(v) for n, v in ins if _is_param(n))
-    last = int(outs[0].shape[-1]) if outs and outs[0].dim() else 0
-    nc = NodeCost(node.name, op, "elementwise", 0.0, float(in_bytes + out_bytes),
-                  out_last_dim=last, param_elems=params)
-    if op in ("add", "add_") and len(ins) == 2 and _shape(ins[0][1]) == _shape(ins[1][1]) \
-            and not any(_is_param(n) for n, _ in ins):
-        nc.residual_add = True
-    if op in GEMM_OPS and len(ins) >= 2:
-        if op == "linear":
-            x, w = ins[0][1], ins[1][1]
-            k = int(x.shape[-1])
-            mm = _numel(x) // max(k, 1)
-            n = int(w.shape[0])
-            batch = 1
-        elif op in ("addmm",):
-            x, w = ins[1][1], ins[2][1]
-            mm, k, n, batch = int(x.shape[0]), int(x.shape[1]), int(w.shape[1]), 1
-        elif op in ("bmm", "baddbmm"):
-            x, w = ins[-2][1], ins[-1][1]
-            batch, mm, k, n = int(x.shape[0]), int(x.shape[1]), int(x.shape[2]), int(w.shape[2])
-        else:  # mm / matmul (broadcasting batch)
-            x, w = ins[0][1], ins[1][1]
-            k = int(x.shape[-1])
-            n = int(w.shape[-1]) if w.dim() >= 2 else 1
-            mm = int(x.shape[-2]) if x.dim() >= 2 else 1
-            batch = max(_numel(outs[0]) // max(mm * n, 1), 1) if outs else 1
-        nc.kind = "gemm"
-        nc.flops = 2.0 * batch * mm * n * k
-        nc.gemm_dims = (batch * mm, n, k)
-    elif op in ATTN_OPS:
-        q, k_ = ins[0][1], ins[1][1]
-        vv = ins[2][1] if len(ins) > 2 else k_
-        b = _numel(q) // (int(q.shape[-1]) * int(q.shape[-2]))   # batch·heads
-        sq, sk, d, dv = int(q.shape[-2]), int(k_.shape[-2]), int(q.shape[-1]), int(vv.shape[-1])
-        nc.kind = "attention"
-        # QK^T and AV over the full score matrix (the convention of Narayanan et al. 2021)
-        nc.flops = 2.0 * b * sq * sk * d + 2.0 * b * sq * sk * dv
-        nc.attn_scores = float(b * sq * sk)
-    elif op in EMBED_OPS:
-        nc.kind = "embedding"
-        nc.bytes = float(2 * out_bytes)   # gather rows + write output
-    elif op in NORM_OPS:
-        nc.kind = "norm"
-        nc.flops = 8.0 * (_numel(outs[0]) if outs else 0)
-    elif op in SOFTMAX_OPS:
-        nc.kind = "softmax"
-        nc.flops = 5.0 * (_numel(outs[0]) if outs else 0)
-    elif op in LOSS_OPS:
-        nc.kind = "loss"
-        logits = ins[0][1]
-        nc.flops = 5.0 * _numel(logits)
-        nc.bytes = float(3 * _numel(logits) * logits.element_size())  # max, exp-sum, grad pass
-    elif op in FREE_OPS and op not in ("contiguous",):
-        nc.kind = "free"
-        nc.bytes = 0.0
-    elif op == "contiguous":
-        nc.kind = "elementwise"
-    else:
-        nc.flops = float(_numel(outs[0])) if outs else 0.0
-    if op == "dropout":  # mask generation + mask store (1 byte/elem in Megatron's kernels)
-        nc.bytes += float(_numel(outs[0]) if outs else 0)
-    return nc
-
-
 def graph_costs(gm: fx.GraphModule) -> list:
     return [c for c in (node_cost(n) for n in gm.graph.nodes) if c is not None]
 
@@ -340,52 +188,35 @@ def tp_allreduces_per_layer(layer: list) -> int:
     return max(1, sum(1 for c in layer if c.residual_add))
 
 
-_LAYER_RE = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
-
-
-def _layer_index(node, prefix_counts=None):
-    stack = node.meta.get("nn_module_stack") or {}
-    for key, _ in stack.values():
-        mo = _LAYER_RE.match(key)
-        if mo:
-            return mo.group(1), int(mo.group(2))
-    return None, None
-
-
 def model_cost_from_graph(gm: fx.GraphModule, name: str = "model") -> ModelCost:
     """Group a captured graph's node costs into pre / layers / post.
 
-    Layers are the children of the module list with the most numbered children found in
-    ``nn_module_stack`` (grouping only; costs come from the nodes). A graph without
-    repeated blocks becomes a single "layer"."""
+    Layers are ``graph_utils.layer_spans`` (the segmentation pipeline splitting and
+    recomputation use; grouping only, costs come from the nodes); nodes before the first
+    layer are "pre", the others outside any layer "post". A graph without layers becomes a
+    single "layer"."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    prefixes = Counter()
-    seen = set()
-    for n in nodes:
-        pre, idx = _layer_index(n)
-        if pre is not None and (pre, idx) not in seen:
-            seen.add((pre, idx))
-            prefixes[pre] += 1
-    prefix = prefixes.most_common(1)[0][0] if prefixes else None
-    groups = defaultdict(list)
+    spans = layer_spans(gm)
+    layer_of = {n: i for i, (span, _out) in enumerate(spans) for n in span}
+    groups = [[] for _ in spans]
     pre_c, post_c = [], []
     first_layer_seen = False
     for n in nodes:
         c = node_cost(n)
         if c is None:
             continue
-        p_, idx = _layer_index(n)
-        if prefix is not None and p_ == prefix:
-            groups[idx].append(c)
+        i = layer_of.get(n)
+        if i is not None:
+            groups[i].append(c)
             first_layer_seen = True
         elif first_layer_seen:
             post_c.append(c)
         else:
             pre_c.append(c)
     if not groups:
-        groups[0] = pre_c + post_c
+        groups = [pre_c + post_c]
         pre_c, post_c = [], []
-    layers = [groups[i] for i in sorted(groups)]
+    layers = groups
     all_c = pre_c + post_c + [c for l in layers for c in l]
     hidden = _residual_width(all_c)
     for l in [pre_c, post_c] + layers:
@@ -395,10 +226,10 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model") -> ModelCost:
     for c in pre_c:
         if c.kind == "embedding" and c.param_elems:
             vocab = max(vocab, c.param_elems // max(hidden, 1))
-    params = _param_elems_by_group(gm, prefix)
+    params = _param_elems_by_group(gm, layer_of)
     itemsize = 2
     for n in nodes:
-        v = _val(n)
+        v = val(n)
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             itemsize = v.element_size()
             break
@@ -418,45 +249,39 @@ def _residual_width(costs) -> int:
 
 def _attention_shape(gm) -> tuple:
     for n in gm.graph.nodes:
-        if n.op == "call_function" and _opname(n) in ATTN_OPS:
-            q = _val(n.args[0])
+        if is_op(n, *ATTN_OPS):
+            q = val(n.args[0])
             if isinstance(q, torch.Tensor) and q.dim() == 4:
                 return int(q.shape[1]), int(q.shape[2])
     return 0, 0
 
 
-def _param_elems_by_group(gm, prefix) -> dict:
+def _param_elems_by_group(gm, layer_of: dict) -> dict:
     """Parameter elements of one layer, before the layers and after them; a parameter used
-    both before and after (tied embedding / LM head) counts in both and sets ``tied``."""
+    both before and after (tied embedding / LM head) counts in both and sets ``tied``.
+    ``layer_of``: {node: layer index} of the nodes inside layers."""
     per_layer = defaultdict(int)
     pre = post = 0
     tied = False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first_layer_pos = min((order[n] for n in layer_of), default=0)
     for ph in gm.graph.nodes:
         if ph.op != "placeholder" or ph.meta.get("ptdp_input_kind") != "param":
             continue
-        v = _val(ph)
+        v = val(ph)
         if not isinstance(v, torch.Tensor):
             continue
-        where = set()
-        for u in ph.users:
-            p_, idx = _layer_index(u)
-            where.add(("layer", idx) if prefix is not None and p_ == prefix else ("other", u))
-        layer_idx = {w[1] for w in where if w[0] == "layer"}
+        layer_idx = {layer_of[u] for u in ph.users if u in layer_of}
         if layer_idx:
-            per_layer[min(layer_idx)] += _numel(v)
+            per_layer[min(layer_idx)] += numel(v)
             continue
-        # before or after the layers: by position of the first user
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        first_layer_pos = min((order[n] for n in gm.graph.nodes
-                               if n.op == "call_function" and _layer_index(n)[0] == prefix),
-                              default=0)
-        users = sorted(ph.users, key=lambda n: order[n])
-        before = any(order[u] < first_layer_pos for u in users)
-        after = any(order[u] > first_layer_pos for u in users)
+        # before or after the layers: by position of its users
+        before = any(order[u] < first_layer_pos for u in ph.users)
+        after = any(order[u] > first_layer_pos for u in ph.users)
         if before:
-            pre += _numel(v)
+            pre += numel(v)
         if after:
-            post += _numel(v)
+            post += numel(v)
         if before and after:
             tied = True
     layer = max(per_layer.values()) if per_layer else 0

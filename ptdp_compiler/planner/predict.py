@@ -49,7 +49,8 @@ def chunk_costs(gm, num_chunks: int, cluster: Cluster, opts: CostOptions = CostO
     """Forward/backward seconds of each of the ``num_chunks`` chunks the runtime cuts
     ``gm`` (captured at one microbatch) into. ``measured`` ({node name: s}) times opaque
     ops (``calibrate.time_opaque_ops``)."""
-    from ..passes.pipeline_split import choose_cuts, legal_cuts
+    from ..graph_utils import legal_cuts
+    from ..passes.pipeline_split import choose_cuts
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     cuts = choose_cuts(gm, num_chunks) if num_chunks > 1 else []
     live_at = {nodes[i].name: live for i, live in legal_cuts(gm)}
