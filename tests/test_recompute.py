@@ -107,7 +107,7 @@ def test_bytes_per_layer_match_paper_single_device(mode):
 def test_bytes_per_layer_match_paper_tp2_sp(world, mode):
     got = _per_layer(2, True, mode, world)
     want = formula_bytes(512, 2, 256, 8, 2, True, mode)
-    import ptdp_compiler.runtime.rng  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
+    import ptdp_compiler.ops  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
     op = torch.ops.ptdp.tp_rank_dropout_mask.default
     if mode == "selective" and torch.Tag.nondeterministic_seeded not in op.tags:
         # the head-sharded attention dropout draws from a custom op the partitioner cannot

@@ -9,14 +9,13 @@ replayed (recompute, restarts) and reproduces its masks.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 
-
-def _mix(*parts) -> int:
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+# the seed mixer the sharded-dropout op shares; importing ops also registers
+# ptdp::tp_rank_dropout_mask, which the executor's graphs call
+from ..ops import mix_seed as _mix
+from ..ops import tp_rank_dropout_mask  # noqa: F401
 
 
 class RNGTracker:
@@ -43,29 +42,3 @@ class RNGTracker:
             if devices:
                 torch.cuda.manual_seed(seed)
             yield
-
-
-# ---- dropout on tensor-parallel shards ----------------------------------------------------------
-# Dropout whose input is sharded over tp (a sequence shard under sequence parallelism, a
-# head or FFN shard) must draw different numbers on each tp rank: the ranks hold different
-# elements, and equal masks would correlate them (Megatron forks a model-parallel RNG
-# state for this). Dropout on replicated tensors keeps drawing from the shared stream the
-# executor forks per (step, microbatch), identical on every tp rank.
-#
-# The sharded stream is derived from the shared one: one 63-bit draw from the shared
-# generator (the same draw on every tp rank, so the shared stream stays in step across
-# ranks), mixed with the tp rank, seeds a private generator for this mask. A replayed
-# (step, microbatch) therefore reproduces every mask.
-@torch.library.custom_op("ptdp::tp_rank_dropout_mask", mutates_args=(),
-                         tags=(torch.Tag.nondeterministic_seeded,))  # recompute replays its RNG
-def tp_rank_dropout_mask(x: torch.Tensor, p: float, tp_rank: int) -> torch.Tensor:
-    """Keep-mask (True = keep, probability 1-p) of x's shape, on this tp rank's stream."""
-    base = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-    g = torch.Generator(device=x.device)
-    g.manual_seed(_mix("tp-sharded dropout", base, tp_rank))
-    return torch.rand(x.shape, generator=g, device=x.device) >= p
-
-
-@tp_rank_dropout_mask.register_fake
-def _(x, p, tp_rank):
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
