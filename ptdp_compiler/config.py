@@ -87,7 +87,7 @@ class ParallelConfig:
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
         if self.pp > 1:
-            from .runtime.schedules import check_schedule_args
+            from .schedules import check_schedule_args
             check_schedule_args(self.schedule, self.pp, self.virtual_stages, self.microbatches)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {PRECISIONS}")

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .program import Program, input_value
 from .runtime.pipeline import PipelineComm, PipelineRun
-from .runtime.schedules import build_schedule
+from .schedules import build_schedule
 
 
 class PipelineRunner:

@@ -13,7 +13,7 @@ import os
 import torch.distributed as dist
 
 from .runtime.pipeline import WEIGHT_GRAD, event_detail, peak_inflight
-from .runtime.schedules import BACKWARD, FORWARD
+from .schedules import BACKWARD, FORWARD
 
 
 def collect(pm) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ptdp_compiler as ptdp
-from ptdp_compiler.runtime.schedules import expected_peak_inflight
+from ptdp_compiler.schedules import expected_peak_inflight
 from examples.models.sleepy import SleepyStack
 from tests.models import parallel_sgd, reference_sgd, assert_close_tensor, batch, build
 
@@ -279,7 +279,7 @@ def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_num
     """The last stage's backward sends its input gradient, then computes weight gradients
     (events ``W``), at most one backward's worth late; results equal the unsplit backward."""
     from ptdp_compiler.runtime.pipeline import WEIGHT_GRAD
-    from ptdp_compiler.runtime.schedules import SEND_GRAD
+    from ptdp_compiler.schedules import SEND_GRAD
     split, unsplit = world(2, _split_backward_job, True, timeout=300), \
         world(2, _split_backward_job, False, timeout=300)
     for (l1, g1, _, _), (l2, g2, _, _) in zip(split, unsplit):
@@ -297,7 +297,8 @@ def test_split_backward_sends_input_grads_before_weight_grads_and_changes_no_num
         assert sent and sent[0][4] <= start, f"W{c}.{mb} ran before its input gradient was sent"
     assert [e[0] for e in unsplit[1][2]["pipeline"][1]["events"]].count(WEIGHT_GRAD) == 0
     # the planner's simulator plays the very order the runtime ran, W included
-    from ptdp_compiler.runtime.schedules import build_schedule, play
+    from ptdp_compiler.planner.play import play
+    from ptdp_compiler.schedules import build_schedule
     played = play(build_schedule("1f1b", 2, 1, 4), weight_grad_cost=lambda c: 0.5).events
     compute = ("F", "B", WEIGHT_GRAD)
     for r, tl in enumerate(split[0][2]["pipeline"]):

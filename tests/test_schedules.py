@@ -2,9 +2,9 @@
 import pytest
 
 from ptdp_compiler.errors import ConfigError
-from ptdp_compiler.runtime.schedules import (SCHEDULE_NAMES, build_schedule, bubble_fraction,
-                                             expected_peak_inflight, play, validate,
-                                             sends_input_grad, weight_grad_slots)
+from ptdp_compiler.planner.play import bubble_fraction, play, validate
+from ptdp_compiler.schedules import (SCHEDULE_NAMES, build_schedule, expected_peak_inflight,
+                                     sends_input_grad, weight_grad_slots)
 
 
 def _configs():

@@ -18,7 +18,7 @@ import torch
 from .cluster import Cluster
 from .cost_model import BACKWARD_FACTOR, CostOptions, graph_costs, node_time, p2p_time
 from .simulator import SimResult, simulate_config
-from ..runtime.schedules import SEND_ACT
+from ..schedules import SEND_ACT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_byt
                          nodes_time, p2p_time, param_bytes_per_gpu, tp_allreduces_per_layer,
                          weight_grad_time)
 from .simulator import SimResult, simulate_config
-from ..runtime.schedules import SEND_ACT, expected_peak_inflight
+from ..schedules import SEND_ACT, expected_peak_inflight
 
 RECOMPUTES = ("none", "selective", "full")
 

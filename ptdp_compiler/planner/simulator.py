@@ -1,4 +1,4 @@
-"""Schedule simulator: plays the runtime's own action lists (runtime/schedules.py) with
+"""Schedule simulator: plays the runtime's own action lists (ptdp_compiler/schedules.py) with
 per-action costs and returns step time, bubble fraction and peak memory per rank; writes
 Chrome-trace JSON and a Figure-4-style timeline PNG."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import functools
 import json
 from typing import Callable, Optional, Sequence
 
-from ..runtime.schedules import (BACKWARD, FORWARD, WEIGHT_GRAD, Action, PlayResult, Schedule,
-                                 build_schedule, play)
+from ..schedules import BACKWARD, FORWARD, WEIGHT_GRAD, Action, Schedule, build_schedule
+from .play import PlayResult, play
 
 _COMPUTE = (FORWARD, BACKWARD, WEIGHT_GRAD)
 
@@ -42,7 +42,7 @@ def simulate(sched: Schedule, fwd_cost: Callable[[int], float], bwd_cost: Callab
     """Play ``sched`` with forward/backward cost per chunk and p2p cost per send.
 
     ``wgrad_cost`` (chunk -> seconds, part of ``bwd_cost``): play the runtime's split
-    backward, whose weight gradients wait in a queue (``schedules.play``); None plays
+    backward, whose weight gradients wait in a queue (``play.play``); None plays
     every backward whole (``split_backward=False``).
 
     ``eager_sends=False``: a transfer starts only once the receiver has posted its recv

@@ -1,6 +1,6 @@
 """Pipeline executor: runs this rank's chunks in the order a ``Schedule`` fixes.
 
-The schedule (runtime/schedules.py) is one global, deterministic list of compute and
+The schedule (ptdp_compiler/schedules.py) is one global, deterministic list of compute and
 send/recv groups per pipeline rank; this module only executes it:
 
 - FORWARD (c, mb): the received boundary tensors become leaves that require grad, the
@@ -45,7 +45,7 @@ from ..codegen.split_backward import defer_weight_grads
 from ..errors import PipelinePeerError
 from .executor import weighted, weighted_sum_term
 from .mesh import comm_device
-from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
+from ..schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
                         WEIGHT_GRAD, Schedule, deferred_slots, sends_input_grad)
 
 MAX_BOUNDARY_TENSORS = 64   # sub-tag space per transfer (tag * 64 + i)
