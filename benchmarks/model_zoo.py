@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -48,7 +49,8 @@ import ptdp_compiler as ptdp  # noqa: E402
 from benchmarks import zoo_models as Z  # noqa: E402
 
 GB = 4                 # global batch: 2 microbatches of 2 under pp
-RTOL = 1e-4            # relative to each tensor's largest entry
+RTOL = 1e-4            # relative to each tensor's largest entry ...
+FLOOR = 1e-3           # ... or to FLOOR x the step's largest gradient entry, if larger
 LAYOUTS = {
     "tp2": (2, dict(tp=2)),
     "tp2sp": (2, dict(tp=2, sequence_parallel=True)),
@@ -115,13 +117,19 @@ def zoo_job(family: str, cfg: dict, gb: int = GB, steps: int = Z.STEPS, lr: floa
 
 
 def compare(ref_losses, ref_grads, results) -> tuple:
-    """(worst relative error, where, problem or None) of every rank's losses and rank 0's
-    full gradients against the single-device reference."""
+    """(worst relative error, where, problem or None, worst error per step) of every rank's
+    losses and rank 0's full gradients against the single-device reference.
+
+    A gradient's error is max|g − g_ref| over max|g_ref|, floored at FLOOR × the largest
+    gradient entry of the step: a gradient that is zero in exact arithmetic (e.g. a key
+    projection's bias, which softmax cancels) is rounding noise, not a scale."""
     worst, where, problem = 0.0, None, None
+    per_step = [0.0] * len(ref_losses)
     for res in results:
         for s, (got, want) in enumerate(zip(res["losses"], ref_losses)):
             want = float(want)
             e = abs(got - want) / max(abs(want), 1e-12)
+            per_step[s] = max(per_step[s], e)
             if e > worst:
                 worst, where = e, f"rank {res['rank']} step {s} loss"
     grads = next(r["grads"] for r in results if r["grads"] is not None)
@@ -130,18 +138,23 @@ def compare(ref_losses, ref_grads, results) -> tuple:
             missing = sorted(set(want) - set(got))[:3]
             extra = sorted(set(got) - set(want))[:3]
             problem = f"step {s}: gradient names differ (missing {missing}, extra {extra})"
-            return float("inf"), None, problem
+            return float("inf"), None, problem, per_step
+        floor = FLOOR * max((w.detach().abs().max().item() for w in want.values()
+                             if w.numel()), default=0.0)
         for n, w in want.items():
             g = got[n]
             if tuple(g.shape) != tuple(w.shape):
-                return float("inf"), n, f"{n}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+                return (float("inf"), n, f"{n}: shape {tuple(g.shape)} != {tuple(w.shape)}",
+                        per_step)
             w64, g64 = w.detach().double(), g.detach().double()
-            scale = w64.abs().max().item()
-            diff = (g64 - w64).abs().max().item()
+            scale = max(w64.abs().max().item() if w.numel() else 0.0, floor)
+            diff = (g64 - w64).abs().max().item() if w.numel() else 0.0
             e = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-            if not (e <= worst):   # also catches nan
+            if not (e <= per_step[s]):   # also catches nan
+                per_step[s] = e
+            if not (e <= worst):
                 worst, where = e, f"step {s} grad {n}"
-    return worst, where, problem
+    return worst, where, problem, per_step
 
 
 def _error_parts(exc) -> tuple:
@@ -198,10 +211,11 @@ def run_layout(worlds: Worlds, family: str, layout: str, ref, full: int, rtol: f
         if not named:
             row["traceback"] = getattr(e, "traceback", None) or traceback.format_exc()
     else:
-        worst, where, problem = compare(ref[0], ref[1], results)
+        worst, where, problem, per_step = compare(ref[0], ref[1], results)
         row["share"] = round(max(r["nlocal"] for r in results) / full, 4)
         row["worst_rel_err"] = worst if worst != float("inf") else None
         row["worst_at"] = where
+        row["rel_err_per_step"] = [e if e != float("inf") else None for e in per_step]
         row["warnings"] = results[0]["warnings"]
         if problem is not None or not worst <= rtol:
             row.update(status="mismatch",
@@ -232,10 +246,14 @@ def kind(family: str, cfg) -> str:
     return "moe" if moe else "decoder"
 
 
-def short(msg: str | None, n: int = 110) -> str:
+def short(msg: str | None, n: int = 130) -> str:
+    """The first line of a message, source paths shortened to file:line, truncated."""
     if not msg:
         return ""
     line = next((ln.strip() for ln in str(msg).splitlines() if ln.strip()), "")
+    line = re.sub(r'File "[^"]*?/(?:site-packages|work/main)/(?:transformers/)?(?:models/\w+/)?'
+                  r'([^"/]+(?:/[^"/]+)*)", line (\d+), in \w+', r"\1:\2", line)
+    line = line.replace("tensor parallelism cannot shard node ", "")
     return line if len(line) <= n else line[: n - 1] + "…"
 
 
@@ -247,6 +265,24 @@ def cell(r: dict) -> str:
     if r["status"] == "crash" and r["error"] == "timeout":
         return "crash: timeout"
     return r["status"]
+
+
+def reason(res: dict) -> str:
+    """The first non-ok layout's error, else the first compiler warning, else a share over
+    the limit."""
+    bad = next(((lay, r) for lay, r in res.items() if r["status"] != "ok"), None)
+    if bad:
+        return f"{bad[0]}: " + (f"{bad[1]['error']}: " if bad[1]["error"] else "") + \
+            short(bad[1]["message"])
+    warned = next(((lay, r) for lay, r in res.items() if r["warnings"]), None)
+    if warned:
+        return f"{warned[0]} warns: " + short(warned[1]["warnings"][0])
+    heavy = [(lay, r["share"]) for lay, r in res.items()
+             if r["share"] is not None and r["share"] > SHARE_LIMIT.get(lay, 1.0)]
+    if heavy:
+        return ", ".join(f"{lay} {s:.2f}" for lay, s in heavy) + \
+            " of the parameters per rank (part replicated, no warning)"
+    return ""
 
 
 def summarize(rows: list, layouts: list) -> dict:
@@ -273,6 +309,9 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--rtol", type=float, default=RTOL)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--update", action="store_true",
+                    help="merge into the existing --json file: rows of the families run here "
+                         "are replaced (layouts not run here are kept), other rows stay")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -304,15 +343,54 @@ def main(argv=None):
            "global_batch": GB, "seq": Z.SEQ, "steps": Z.STEPS, "lr": Z.LR, "rtol": a.rtol,
            "rows": rows, "skipped": skipped}
 
+    old_rows, old_skipped = {}, {}
+    if a.update and a.json and os.path.exists(a.json):
+        with open(a.json) as f:
+            old = json.load(f)
+        old_rows = {r["family"]: r for r in old.get("rows", [])}
+        old_skipped = {s["family"]: s for s in old.get("skipped", [])}
+        for k in old.get("layouts", {}):
+            if k in LAYOUTS and k not in doc["layouts"]:
+                doc["layouts"][k] = LAYOUTS[k][1]
+        doc["command"] = old.get("command", doc["command"]) + " ; " + doc["command"]
+    all_layouts = list(doc["layouts"])
+
+    def merged():
+        done = {r["family"] for r in rows} | {s["family"] for s in skipped}
+        out_rows, out_skipped = [], []
+        for fam in ([f for f in Z.DESIGN_FAMILIES if f in everything] +
+                    [f for f in everything if f not in Z.DESIGN_FAMILIES]):
+            new = next((r for r in rows if r["family"] == fam), None)
+            if new is not None:
+                prev = old_rows.get(fam)
+                if prev is not None:   # keep layouts not run now
+                    lays = {**prev.get("layouts", {}), **new["layouts"]}
+                    new = {**prev, **new, "layouts": lays}
+                    for lay, r in lays.items():
+                        new[lay] = cell(r)
+                    new["reason"] = reason(lays)
+                out_rows.append(new)
+            elif fam not in done and fam in old_rows:
+                out_rows.append(old_rows[fam])
+            sk = next((x for x in skipped if x["family"] == fam), None)
+            if sk is None and fam not in done:
+                sk = old_skipped.get(fam)
+            if sk is not None:
+                out_skipped.append(sk)
+        return out_rows, out_skipped
+
     def dump():
-        summary = summarize(rows, layouts)
+        if old_rows or old_skipped:
+            doc["rows"], doc["skipped"] = merged()
+        summary = summarize(doc["rows"], all_layouts)
         doc["summary"] = summary
         doc["note"] = ("Cells: status and share of parameters per rank (max over ranks; "
                        "w: the compiler warned). " + "; ".join(
                            f"{lay}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items()))
                            for lay, c in summary.items()) +
-                       f". {len(rows)} families train on one device; {len(skipped)} skipped "
-                       "(reasons in the JSON: " + ", ".join(s["family"] for s in skipped) + ")")
+                       f". {len(doc['rows'])} families train on one device; "
+                       f"{len(doc['skipped'])} skipped (reasons in the JSON: " +
+                       ", ".join(s["family"] for s in doc["skipped"]) + ")")
         if a.json:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             tmp = a.json + ".tmp"
@@ -335,34 +413,22 @@ def main(argv=None):
                 cfg = Z.tiny_config(fam)
                 ref = Z.reference(fam, GB)
             except Exception as e:  # noqa: BLE001
-                reason = f"fails on one device: {type(e).__name__}: {short(str(e), 160)}"
-                skipped.append({"family": fam, "reason": reason})
-                print(f"{fam:22} skipped: {reason}", flush=True)
+                why = f"fails on one device: {type(e).__name__}: {short(str(e), 160)}"
+                skipped.append({"family": fam, "reason": why})
+                print(f"{fam:22} skipped: {why}", flush=True)
                 dump()
                 continue
             full = sum(g.numel() for g in ref[1][0].values())
-            row = {"family": fam, "kind": kind(fam, cfg), "class": Z.model_class_name(fam),
-                   "params": full}
+            row = {"family": fam, "kind": kind(fam, cfg), "params": full}
             res = {}
             for lay in layouts:
                 if lay == "tp2pp2" and pp_subset is not None and fam not in pp_subset:
                     continue
                 res[lay] = run_layout(worlds, fam, lay, ref, full, a.rtol)
                 row[lay] = cell(res[lay])
-            bad = next(((lay, r) for lay, r in res.items() if r["status"] != "ok"), None)
-            warned = next(((lay, r) for lay, r in res.items() if r["warnings"]), None)
-            if bad:
-                row["reason"] = f"{bad[0]}: " + (f"{bad[1]['error']}: " if bad[1]["error"] else
-                                                 "") + short(bad[1]["message"])
-            elif warned:
-                row["reason"] = f"{warned[0]} warns: " + short(warned[1]["warnings"][0])
-            else:
-                row["reason"] = ""
-            heavy = [(lay, r["share"]) for lay, r in res.items() if r["status"] == "ok" and
-                     r["share"] > SHARE_LIMIT.get(lay, 1.0)]
-            if heavy and not row["reason"]:
-                row["reason"] = ", ".join(f"{lay} {s:.2f}" for lay, s in heavy) + \
-                    " of the parameters per rank (part replicated, no warning)"
+            row["reason"] = reason(res)
+            row["model"] = {"class": Z.model_class_name(fam),
+                            "config": type(cfg).__name__}
             row["layouts"] = res
             rows.append(row)
             dump()

@@ -70,6 +70,14 @@ KNOWN = {
                      "gloo there is little to hide; it is meant for async NCCL on GPUs",
                      ["config", "width", "step_ms_off", "step_ms_on", "speedup_on", "moved",
                       "collectives", "overlap_nodes_off", "overlap_nodes_on", "moved_ops"]),
+    "model_zoo": ("Model zoo: every causal-LM family of transformers, unmodified",
+                  "tiny random config of each family's own config class, 2 SGD steps against "
+                  "the same model on one device; per layout: ok (loss and every gradient "
+                  "match) / refused (a named error) / mismatch / crash, and the largest share "
+                  "of the parameters one rank holds (ok 0.50: fully sharded at tp=2). "
+                  "tp2pp2 runs on a subset; full messages, errors per step and warnings in "
+                  "the JSON",
+                  ["family", "kind", "params", "tp2", "tp2sp", "pp2", "tp2pp2", "reason"]),
     "gpu_throughput": ("GPU throughput / MFU (one H100, tp = pp = 1, selective recompute)",
                        "GPT h=4096, 32 heads, s=2048, bf16; one step = zero grads, forward, "
                        "loss, backward; modes timed in alternating rounds of one run (median). "
