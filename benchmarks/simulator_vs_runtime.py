@@ -76,7 +76,7 @@ def predict(name: str, cluster, configs: list, overheads) -> dict:
     """{(schedule, p, v, m): predicted makespan (s)} from the captured graph of one
     microbatch, the calibrated cluster and the simulator."""
     from ptdp_compiler.capture import capture
-    from ptdp_compiler.planner.calibrate import time_opaque_ops
+    from ptdp_compiler.calibrate import time_opaque_ops
     from ptdp_compiler.planner.cost_model import CostOptions
     from ptdp_compiler.planner.predict import chunk_costs, predict_pipeline
     ids, tgt = microbatch(name)
@@ -94,7 +94,7 @@ def calibrate_in_world(threads: int):
     """Rank 0 measures the device while the others wait (no contention); ranks 0 and 1
     measure the p2p link as the executor uses it. Returns the Cluster on every rank."""
     import torch.distributed as dist
-    from ptdp_compiler.planner.calibrate import device_spec, measure_p2p
+    from ptdp_compiler.calibrate import device_spec, measure_p2p
     from ptdp_compiler.planner.cluster import Cluster
     link = measure_p2p(0, 1)
     gpu = device_spec(threads) if dist.get_rank() == 0 else None
@@ -118,7 +118,7 @@ def pair_job(name: str, p: int, v: int, m: int, sched_a: str, sched_b: str, step
     cluster = calibrate_in_world(threads)
     cfgs = [(sched_a, p, v if sched_a == "interleaved" else 1, m),
             (sched_b, p, v if sched_b == "interleaved" else 1, m)]
-    from ptdp_compiler.planner.calibrate import measure_executor_overhead
+    from ptdp_compiler.calibrate import measure_executor_overhead
     overheads = Overheads(*measure_executor_overhead(p))
     pred = None
     if dist.get_rank() == 0:

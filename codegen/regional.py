@@ -159,34 +159,10 @@ def example_tensor(node: fx.Node, requires_grad: bool) -> torch.Tensor:
     return t.requires_grad_(requires_grad and v.dtype.is_floating_point)
 
 
-def sink_input_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` in which every op computed from graph inputs only (e.g. the tensor-
-    parallel ``f`` on parameters, emitted where the pass first met them, and its getitems)
-    sits right before its first user, so it is not live across earlier layer boundaries."""
-    g = fx.Graph()
-    g.output(g.graph_copy(gm.graph, {}))
-    order = {x: float(i) for i, x in enumerate(g.nodes)}
-    from_inputs: list = []
-    seen = set()
-    for n in g.nodes:
-        if n.op == "call_function" and n.all_input_nodes and all(
-                a.op == "placeholder" or a in seen for a in n.all_input_nodes):
-            seen.add(n)
-            from_inputs.append(n)
-    for n in reversed(from_inputs):       # users first, so chains move together
-        if not n.users:
-            continue
-        first = min(n.users, key=order.__getitem__)
-        if first.op != "output" and order[first] > order[n] + 1:
-            first.prepend(n)
-            order = {x: i for i, x in enumerate(g.nodes)}
-    g.lint()
-    return fx.GraphModule(gm, g)
-
-
 def split_regions(gm: fx.GraphModule, example_inputs: list) -> list:
     """Cut ``gm`` at layer boundaries; each region records where its inputs come from."""
     from ptdp_compiler.passes.pipeline_split import build_chunks
+    from ptdp_compiler.passes.sink_inputs import sink_input_ops
     gm = sink_input_ops(gm)
     cuts = layer_cuts(gm)
     if not cuts:

@@ -85,7 +85,7 @@ def _print_table(r, mc):
 
 
 def cmd_calibrate(a) -> int:
-    from .planner.calibrate import calibrate
+    from .calibrate import calibrate
     calibrate(a.out, a.world)
     return 0
 

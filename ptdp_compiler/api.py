@@ -431,9 +431,12 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                          scatter_gather=scatter_gather, comm_reorder=comm_reorder,
                          split_backward=split_backward).validate()
     if plan is not None:
-        from .planner.auto import parallelize_auto
-        return parallelize_auto(model, cfg, plan, cluster, global_batch, example_inputs,
-                                example_kwargs)
+        from .planner.auto import choose_config
+        chosen, result = choose_config(model, cfg, plan, cluster, global_batch,
+                                       example_inputs, example_kwargs)
+        pm = ParallelModule(model, chosen)
+        pm.auto_plan = result
+        return pm
     if model is None:
         return functools.partial(_wrap, cfg=cfg)
     return _wrap(model, cfg)

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .cluster import Cluster
-from .cost_model import GPUSpec, Link
+from .planner.cluster import Cluster
+from .planner.cost_model import GPUSpec, Link
 
 
 def _best(fn, reps=5):
@@ -93,9 +93,9 @@ def measure_call_overhead(codegen: str = "aot_eager", reps: int = 30) -> tuple:
     AOTAutograd runtime wrapper, the executor's per-(step, microbatch) RNG fork, autograd
     entry. Measured on a one-linear module compiled the way the runtime compiles chunks."""
     import torch.nn as nn
-    from ..capture import capture
-    from ..codegen import compile_graph
-    from ..runtime.rng import RNGTracker
+    from .capture import capture
+    from .codegen import compile_graph
+    from .runtime.rng import RNGTracker
 
     class One(nn.Module):
         def __init__(self):
@@ -139,7 +139,7 @@ def measure_executor_overhead(p: int = 2, m: int = 4, steps: int = 4) -> tuple:
     wrappers, autograd entry, Python), independent of the configuration being predicted."""
     import statistics
     import torch.nn as nn
-    from ..api import parallelize
+    from .api import parallelize
 
     class Tiny(nn.Module):
         def __init__(self):

@@ -88,10 +88,10 @@ def choose(model, example_inputs, example_kwargs: dict, cluster: Optional[Union[
     return plan(mc, cluster=cluster, global_batch=gb)
 
 
-def parallelize_auto(model, cfg, plan: str, cluster, global_batch, example_inputs,
-                     example_kwargs):
-    """Plan (rank 0), broadcast, build the ParallelModule with the chosen layout."""
-    from ..api import ParallelModule
+def choose_config(model, cfg, plan: str, cluster, global_batch, example_inputs,
+                  example_kwargs) -> tuple:
+    """``(ParallelConfig, PlanResult)``: plan on rank 0, broadcast, every rank gets ``cfg``
+    with the chosen layout (``parallelize(plan="auto")`` builds the ParallelModule)."""
     from ..config import ParallelConfig
     if plan != "auto":
         raise ConfigError(f"plan={plan!r}: the only planner mode is plan='auto'")
@@ -123,9 +123,7 @@ def parallelize_auto(model, cfg, plan: str, cluster, global_batch, example_input
     if isinstance(result, Exception):
         raise result
     chosen = dataclasses.replace(cfg, **result.parallel_config_kwargs()).validate()
-    pm = ParallelModule(model, chosen)
-    pm.auto_plan = result
-    return pm
+    return chosen, result
 
 
-__all__ = ["parallelize_auto", "choose", "default_cluster", "for_world", "CPU_NOMINAL"]
+__all__ = ["choose_config", "choose", "default_cluster", "for_world", "CPU_NOMINAL"]
