@@ -43,6 +43,20 @@ LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
               aten.logsumexp.default, aten.norm.ScalarOpt_dim}
+GROUPED_MM = {aten._grouped_mm.default}
+
+
+def is_grouped_mm(target) -> bool:
+    """Grouped (per-expert) matmuls: x [tokens, in] sorted by expert, W [experts, in, out],
+    offsets of each expert's tokens: aten's, and the fallback transformers registers once
+    it is imported (looked up then; a graph cannot hold it before)."""
+    if target in GROUPED_MM:
+        return True
+    if isinstance(target, torch._ops.OpOverload) and \
+            target._schema.name == "transformers::grouped_mm_fallback":
+        GROUPED_MM.add(target)
+        return True
+    return False
 # ops that mark a block as attention (its column width is heads·head_dim)
 ATTENTION = {aten.scaled_dot_product_attention.default, aten.softmax.int,
              aten._softmax.default, aten._safe_softmax.default}
@@ -61,10 +75,19 @@ class Linear:
     weight: fx.Node            # placeholder
     bias: Optional[fx.Node]    # placeholder or None
     w_out_dim: int             # 0: W is [out, in] (nn.Linear); 1: W is [in, out] (Conv1D)
+    # routed experts (grouped_mm): W is [experts, out, in] (w_out_dim 1) or [experts, in,
+    # out] (w_out_dim 2), read through a transpose or directly; tokens arrive sorted by
+    # expert, so partial sums are all-reduced, never reduce-scattered along a sequence
+    grouped: bool = False
 
     @property
     def out_features(self) -> int:
         return self.weight.meta["val"].shape[self.w_out_dim]
+
+    @property
+    def w_in_dim(self) -> int:
+        nd = self.weight.meta["val"].dim()
+        return 1 - self.w_out_dim if nd == 2 else 3 - self.w_out_dim
 
 
 @dataclasses.dataclass
@@ -104,6 +127,14 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
         x, w = n.args[:2]
         if param_name(w) and w.meta["val"].dim() == 2:
             return Linear(n, x, w, None, 1)
+    elif is_grouped_mm(n.target) and len(n.args) >= 2:
+        x, w = n.args[:2]
+        if param_name(w) and w.meta["val"].dim() == 3:
+            return Linear(n, x, w, None, 2, grouped=True)
+        if isinstance(w, fx.Node) and w.target is aten.transpose.int and \
+                param_name(w.args[0]) and w.args[0].meta["val"].dim() == 3 and \
+                sorted(d % 3 for d in w.args[1:3]) == [1, 2]:
+            return Linear(n, x, w.args[0], None, 1, grouped=True)
     return None
 
 
@@ -299,8 +330,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             a = parent[a]
         return a
 
+    # a linear whose own output is mixed (a barrier) stays replicated and joins no block:
+    # its replicated output may still feed a block (MLA's shared rotary key, a low-rank
+    # projection), where the rules slice it to each rank's part
     owner = {}
-    for n, (region, _, _) in walks.items():
+    for n, (region, _, barriers) in walks.items():
+        if barriers:
+            continue
         for r in region:
             if r in owner:
                 parent[find(n)] = find(owner[r])
@@ -312,6 +348,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     for members in groups.values():
         rows = set().union(*(walks[m][1] for m in members))
         barriers = [b for m in members for b in walks[m][2]]
+        if rows & set(members):   # a block may not end at one of its own starts
+            barriers = barriers or [min(rows & set(members), key=_order(gm))]
         if rows and not barriers:
             gid = len(an.groups)
             an.groups.append((sorted(members, key=_order(gm)), sorted(rows, key=_order(gm))))

@@ -196,11 +196,12 @@ class Rewriter:
             self.collectives.append(("all_gather", n, f"before {node.name}", node))
         return self._gathered[v]
 
-    def reduce_partial(self, v, node, bias=None):
-        """Partial sums of ``node``'s full shape -> g, or reduce-scatter along the sequence.
-        ``bias`` (SP only): a replicated bias added to the shard by the reduce-scatter op,
-        which takes its gradient from the gathered output gradient (no f needed)."""
-        if self.sp:
+    def reduce_partial(self, v, node, bias=None, scatter: bool = True):
+        """Partial sums of ``node``'s full shape -> g, or reduce-scatter along the sequence
+        (SP, unless ``scatter`` is False). ``bias`` (SP only): a replicated bias added to
+        the shard by the reduce-scatter op, which takes its gradient from the gathered
+        output gradient (no f needed)."""
+        if self.sp and scatter:
             seq = self.seq_placement(tuple(value(node).shape), node)
             if bias is None:
                 op, args = ptdp_ops.sp_scatter.default, (v,)

@@ -32,11 +32,11 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
             seeds[_an.param_name(lin.bias)] = Shard(0)
     for n in analysis.row:
         lin = analysis.linears[n]
-        check(n, lin.weight.meta["val"].shape[1 - lin.w_out_dim],
+        check(n, lin.weight.meta["val"].shape[lin.w_in_dim],
               "the input features (the attention width, the hidden size)"
               if analysis.group_kinds.get(analysis.row[n]) == "attention" else
               "the input features (the FFN size)")
-        seeds[_an.param_name(lin.weight)] = Shard(1 - lin.w_out_dim)
+        seeds[_an.param_name(lin.weight)] = Shard(lin.w_in_dim)
     if analysis.head is not None:
         h = analysis.head
         if analysis.vocab % t:   # Megatron's padding: zero rows up to a multiple of t

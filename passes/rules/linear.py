@@ -6,10 +6,15 @@
   reduce-scatter along the sequence under SP; a bias is added after the reduction (or
   joins the reduce-scatter).
 - replicated weight on a sharded input (not on its features): local, W wrapped in f.
+- routed experts (grouped_mm over 3-D expert weights): Megatron's expert tensor
+  parallelism — every expert's gate/up split by columns, its down projection by rows;
+  the partial sums of tokens sorted by expert are all-reduced (g), as they are in no
+  sequence order a reduce-scatter could keep.
 """
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ..sharding import moved
 from . import rule
@@ -25,8 +30,29 @@ def _args(node, lin, x, W, b):
     return (x, W)
 
 
+def _grouped(rw, node, lin):
+    """grouped_mm(x [tokens, in], W [experts, in, out], offsets): W's placement is read at
+    the op (after the transpose that made it [in, out])."""
+    x, W = rw.new(lin.x), rw.new(node.args[1])
+    xp, wp = rw.placement.get(x), rw.placement.get(W)
+    rest = [rw.new(a) if isinstance(a, fx.Node) else a for a in node.args[2:]]
+    if xp is not None and (wp is None or xp.dim != 1 or wp.dim != 1):
+        rw.fail(node, f"grouped matmul of tokens {xp} with expert weights {wp}: the tokens "
+                      "sorted by expert must be whole (replicated), or split on their "
+                      "features for a row-parallel expert weight")
+    if wp is not None and wp.dim == 2:                        # column-parallel experts
+        return rw.emit(node.target, (rw.f(x), W, *rest), node.kwargs,
+                       pl=moved(wp, 1), like=node)
+    if wp is not None:                                        # row-parallel experts
+        mm = rw.emit(node.target, (x, W, *rest), node.kwargs, pl=None, like=node)
+        return rw.reduce_partial(mm, node, scatter=False)
+    return rw.copy(node)
+
+
 @rule("linear")
 def linear(rw, node, lin):
+    if lin.grouped:
+        return _grouped(rw, node, lin)
     x, W = rw.new(lin.x), rw.new(lin.weight)
     b = rw.new(lin.bias) if lin.bias is not None else None
     wp, xp = rw.placement.get(W), rw.placement.get(x)

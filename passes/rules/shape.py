@@ -175,7 +175,15 @@ def slice_(rw, node):
     start = 0 if start is None else (start + size if start < 0 else min(start, size))
     end = size if end is None else (end + size if end < 0 else min(end, size))
     if step != 1:
-        rw.fail(node, "a strided slice of the sharded dimension")
+        # every rank's contiguous chunk starts at a multiple of the step: x[start::step]
+        # of the whole is, rank by rank, chunk[start::step] (gpt-oss's interleaved gate/up)
+        chunk = size // rw.t
+        if xp.outer != 1 or isinstance(xp, PaddedShard) or chunk % step or \
+                not 0 <= start < step or end != size:
+            rw.fail(node, f"the strided slice [{start}:{end}:{step}] of the sharded "
+                          f"dimension is not the same slice of every rank's chunk")
+        return rw.emit(aten.slice.Tensor, (rw.new(x), dim, start, chunk, step), pl=xp,
+                       like=node)
     if (start, end) == (0, size):
         return rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, pl=xp, like=node)
     p, lo, hi = _block_slice(rw, node, x, xp, dim, start, end)
@@ -311,3 +319,37 @@ def stack(rw, node):
             v = rw.localize(v, tuple(a.meta["val"].shape), shard, m - 1, node)
         new.append(v)
     return rw.emit(aten.stack.default, (new, dim), pl=out, like=node)
+
+
+@rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
+      aten.new_full.default, aten.new_empty_strided.default)
+def new_factory(rw, node):
+    """A fresh tensor shaped like the sharded one it is made from (the same extent on the
+    sharded dimension) is sharded alike and made at the local shape; any other shape is
+    a replicated tensor of its own."""
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    size, full = list(node.args[1]), _shape(x)
+    if len(size) == len(full) and size[xp.dim] == full[xp.dim]:
+        new = local_shape(size, xp, rw.t)
+        rw.shape_rewrite(node, size, new)
+        return rw.emit(node.target, (rw.new(x), new, *node.args[2:]), node.kwargs, pl=xp,
+                       like=node)
+    return rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, pl=None,
+                   like=node)
+
+
+@rule(aten.copy_.default, aten.copy.default)
+def copy_into(rw, node):
+    """dst.copy_(src): src takes dst's placement (a replicated src is sliced to it)."""
+    dst, src = node.args[:2]
+    dp, sp = rw.placement_of(dst), rw.placement_of(src)
+    if dp is None:
+        rw.fail(node, f"copying a sharded value ({sp}) into a replicated one")
+    nsrc = rw.new(src)
+    if sp is None:
+        nsrc = rw.localize(nsrc, _shape(src), dp, len(_shape(dst)), node)
+    elif moved(sp, sp.dim + len(_shape(dst)) - len(_shape(src))) != dp:
+        rw.fail(node, f"copying {sp} into {dp}")
+    return rw.emit(node.target, (rw.new(dst), nsrc, *node.args[2:]), node.kwargs, pl=dp,
+                   like=node)
