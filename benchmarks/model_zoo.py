@@ -25,8 +25,8 @@ the compiler emits on rank 0 (e.g. for a silently replicated weight) are kept pe
 The README table shows one row per family: each layout's status and share (``w`` marks a
 compiler warning) and the first non-ok layout's reason; the JSON keeps the full messages.
 
-    python benchmarks/model_zoo.py [--families a,b] [--layouts tp2,tp2sp,pp2,tp2pp2]
-        [--tp2pp2-families a,b] [--timeout 300] [--json PATH]
+    python benchmarks/model_zoo.py [--families a,b|design|others] [--layouts tp2,tp2sp,pp2,tp2pp2]
+        [--tp2pp2-families a,b|all] [--timeout 300] [--json PATH [--update]]
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import traceback
@@ -302,7 +303,9 @@ def summarize(rows: list, layouts: list) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", default="", help="comma-separated model_types (default all)")
+    ap.add_argument("--families", default="",
+                    help="comma-separated model_types, 'design' (the families DESIGN.md "
+                         "names) or 'others' (the rest); default all")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--tp2pp2-families", default=",".join(TP2PP2_FAMILIES),
                     help="families run at tp2pp2 ('all' for every family)")
@@ -323,7 +326,11 @@ def main(argv=None):
         if lay not in LAYOUTS:
             raise SystemExit(f"unknown layout {lay!r}; known: {', '.join(LAYOUTS)}")
     everything = Z.families()
-    if a.families:
+    if a.families == "design":     # the families DESIGN.md names
+        fams = [f for f in Z.DESIGN_FAMILIES if f in everything]
+    elif a.families == "others":   # every other family
+        fams = [f for f in everything if f not in Z.DESIGN_FAMILIES]
+    elif a.families:
         fams = [Z.ALIASES.get(f, f) for f in a.families.split(",") if f]
         unknown = [f for f in fams if f not in everything]
         if unknown:
@@ -398,6 +405,10 @@ def main(argv=None):
                 json.dump(doc, f, indent=1, default=str)
             os.replace(tmp, a.json)
 
+    def on_alarm(*_):
+        raise TimeoutError(f"the single-device step ran over {a.timeout:.0f} s")
+    signal.signal(signal.SIGALRM, on_alarm)
+
     worlds = Worlds(a.timeout)
     hdr = f"{'family':22} {'kind':18} " + " ".join(f"{lay:>15}" for lay in layouts)
     print(hdr, flush=True)
@@ -410,14 +421,17 @@ def main(argv=None):
                 dump()
                 continue
             try:
+                signal.alarm(int(a.timeout))   # the single-device step must not hang us
                 cfg = Z.tiny_config(fam)
                 ref = Z.reference(fam, GB)
             except Exception as e:  # noqa: BLE001
                 why = f"fails on one device: {type(e).__name__}: {short(str(e), 160)}"
+                signal.alarm(0)
                 skipped.append({"family": fam, "reason": why})
                 print(f"{fam:22} skipped: {why}", flush=True)
                 dump()
                 continue
+            signal.alarm(0)
             full = sum(g.numel() for g in ref[1][0].values())
             row = {"family": fam, "kind": kind(fam, cfg), "params": full}
             res = {}

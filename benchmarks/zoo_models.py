@@ -67,6 +67,8 @@ STATIC_SKIPS = {
     "trocr": "decoder of an image-to-text encoder-decoder (needs encoder states)",
     "whisper": "speech encoder-decoder",
     "llama4": "multimodal wrapper; its text decoder is llama4_text",
+    "blt": "byte-latent transformer (patcher + local encoder/decoder sub-models): no tiny "
+           "config from generic shrinking (the single-device step fails or runs > 60 s)",
     "xmod": "needs a language id per batch (XmodPreTrainedModel.set_default_language)",
 }
 
@@ -99,7 +101,8 @@ FIXED = {
     "vocab_size": VOCAB, "unpadded_vocab_size": VOCAB,
     "shape_vocab_size": 32, "pronunciation_vocab_size": 32, "shape_embed_dim": 32,
     "pronunciation_embed_dim": 32, "zero_expert_num": 2, "o_lora_rank": 16, "o_groups": 2,
-    "ssm_state_size": 16, "mamba_num_heads": 8, "mamba_head_dim": 16,
+    "vocab_size_per_layer_input": VOCAB,
+    "ssm_state_size": 16, "mamba_d_ssm": 128, "n_mamba_heads": 8, "mamba_num_heads": 8, "mamba_head_dim": 16,
     "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
     "v_head_dim": 16, "qk_head_dim": 24,
     "first_k_dense_replace": 1, "num_dense_layers": 1, "decoder_sparse_step": 1,
@@ -132,6 +135,7 @@ FAMILY_OVERRIDES: dict = {
     "mamba2": {"num_heads": 8},
     "zaya": {"num_experts_per_tok": 1},
     "reformer": {"is_decoder": True},
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
 }
 
 
@@ -161,6 +165,7 @@ def shrink(defaults: dict) -> dict:
     d = defaults
     layers = LAYERS
     moe = any(k in d for k in _MOE_INTER + _TOPK)
+    n_layers = next((d[k] for k in _LAYERS if isinstance(d.get(k), int)), None)
     for key in _PER_LAYER_UNIQUE:   # keep one layer of each distinct kind
         v = d.get(key)
         if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
@@ -186,8 +191,10 @@ def shrink(defaults: dict) -> dict:
             kw[key] = TOPK
         elif key in _MOE_INTER and isinstance(v, int) and v:
             kw[key] = MOE_INTER
-        elif key in _SHARED_EXPERTS and isinstance(v, int) and v:
+        elif key in _SHARED_EXPERTS and ((isinstance(v, int) and v) or (v is None and moe)):
             kw[key] = 1
+        elif key == "hidden_size_per_layer_input" and isinstance(v, int) and v:
+            kw[key] = 16
         elif key in ("sliding_window", "sliding_window_size") and isinstance(v, int) and v:
             kw[key] = 8
         elif key in FIXED and not isinstance(v, dict):
@@ -208,6 +215,14 @@ def shrink(defaults: dict) -> dict:
                      "decoder_start_token_id", "eod_token_id") and (
                 isinstance(v, int) or (isinstance(v, list) and v)):
             kw[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}.get(key, 3)
+        elif isinstance(v, list) and v and len(v) == n_layers and \
+                all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            # a per-layer size list (e.g. gemma3n's intermediate_size)
+            kw[key] = [INTER] * layers if key in _INTER else list(v[:layers])
+        elif key == "per_layer_config" and isinstance(v, dict) and v:
+            # per-layer overrides keyed by layer index: the first one lands on the last layer
+            first = min(v, key=lambda k: int(k))
+            kw[key] = {layers - 1: v[first]}
         elif key.endswith("_config") and isinstance(v, dict) and v:
             kw[key] = {**v, **shrink(v)}
     # MLA (DeepSeek-style): the rotary part of a head is qk_rope_head_dim wide
