@@ -19,6 +19,7 @@ that produced the saved tensor's storage (views are followed to their base).
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Any, Optional
 
 import torch
@@ -79,19 +80,26 @@ class TaggedPartitioner(CustomPartitionerFn):
         return ("ptdp-recompute-partition", 2, self.digest, self.free_pointwise)
 
 
-_VIEWS = {"view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice",
-          "select", "unsqueeze", "squeeze", "as_strided", "alias", "split", "split_with_sizes",
-          "unbind", "chunk", "detach", "narrow", "diagonal", "unflatten", "flatten"}
+aten = torch.ops.aten
+# ops whose output shares its input's storage (any overload)
+_VIEWS = frozenset({aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.t,
+                    aten.permute, aten.expand, aten.slice, aten.select, aten.unsqueeze,
+                    aten.squeeze, aten.as_strided, aten.alias, aten.split,
+                    aten.split_with_sizes, aten.unbind, aten.chunk, aten.detach, aten.narrow,
+                    aten.diagonal, aten.unflatten, aten.flatten})
+
+
+def _is_view(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and \
+        getattr(n.target, "overloadpacket", None) in _VIEWS
 
 
 def _base(n: fx.Node) -> fx.Node:
     """The node that owns the storage ``n`` views (getitems of multi-outputs are their own)."""
     while n.op == "call_function":
-        name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
-        if name in _VIEWS and n.args and isinstance(n.args[0], fx.Node):
+        if _is_view(n) and n.args and isinstance(n.args[0], fx.Node):
             n = n.args[0]
-        elif n.target is __import__("operator").getitem and \
-                getattr(n.args[0].target, "__name__", "").split(".")[0] in _VIEWS:
+        elif n.target is operator.getitem and _is_view(n.args[0]):
             n = n.args[0].args[0]
         else:
             break

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import difflib
 import functools
+import operator
 import os
 import re
 from typing import Optional
@@ -31,8 +32,9 @@ import torch
 import torch.fx as fx
 
 TORCH_COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional")
-_MATMULS = ("linear", "mm", "addmm", "bmm", "matmul", "scaled_dot_product_attention",
-            "embedding")
+_aten = torch.ops.aten
+_MATMULS = frozenset({_aten.linear, _aten.mm, _aten.addmm, _aten.bmm, _aten.matmul,
+                      _aten.scaled_dot_product_attention, _aten.embedding})   # drawn blue
 
 
 def is_collective(n: fx.Node) -> bool:
@@ -98,7 +100,7 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
     # parameters are left out (they would make a wide top row); getitem adds no information
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")
              and n.meta.get("ptdp_input_kind") != "param"
-             and not (n.op == "call_function" and getattr(n.target, "__name__", "") == "getitem")]
+             and not (n.op == "call_function" and n.target is operator.getitem)]
     keep = set(nodes)
     level = {}
     for n in gm.graph.nodes:
@@ -130,7 +132,7 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
         elif n.op == "placeholder":
             kind = n.meta.get("ptdp_input_kind", "in")
             face, label = "#d9d9d9", f"{kind}: {n.meta.get('ptdp_input_name', n.name)}"[-28:]
-        elif any(m == op for m in _MATMULS):
+        elif n.op == "call_function" and getattr(n.target, "overloadpacket", None) in _MATMULS:
             face, label = "#5b8def", op
         else:
             face, label = "#f4f4f4", op
@@ -352,7 +354,7 @@ def inspect_model(model, args, kwargs, out: str, tp: int = 1, pp: int = 1, dp: i
         try:
             coords = build_mesh(dp, pp, tp)
             program = build_program(model, cfg, (args, kwargs, None), coords, params,
-                                    compile=False)
+                                    until="passes")
             d = os.path.join(out, f"rank{rank}")
             hdr = (f"rank {rank}/{world}: dp={coords.dp_rank} pp={coords.pp_rank} "
                    f"tp={coords.tp_rank} (fake process group)")

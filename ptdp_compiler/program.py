@@ -9,7 +9,10 @@ compiled training program.
     chunks       this rank's pieces: pipeline chunk k runs on pipeline rank k mod p; with
                  pp = 1 the whole per-rank graph is chunk 0
     compile      codegen.compile_graph per chunk (AOTAutograd partition honouring the
-                 recompute tags, Inductor or aot_eager); ``compile=False`` stops before it
+                 recompute tags, Inductor or aot_eager)
+
+``until="capture"`` or ``"passes"`` stops after that step (the planner costs the captured
+graph; ``inspect`` draws the per-rank graphs of every rank without compiling them).
 
 A ``Program`` is plain data: per-rank chunk graphs, the plan (placements, collectives,
 pass log: the report ``explain`` prints), the stage map (which pipeline rank holds which
@@ -129,9 +132,12 @@ def input_value(key: tuple, params: Mapping, buffer: Callable, constants: Mappin
 
 
 # ---- building ---------------------------------------------------------------------------------
-def build_program(model_or_graph, config, example_inputs, coords, params: Optional[dict] = None,
-                  full_shapes: Optional[dict] = None, *, from_dynamo: bool = False,
-                  compile: bool = True) -> Program:
+STEPS = ("capture", "passes", "compile")
+
+
+def build_program(model_or_graph, config, example_inputs, coords=None,
+                  params: Optional[dict] = None, full_shapes: Optional[dict] = None, *,
+                  from_dynamo: bool = False, until: str = "compile") -> Program:
     """Capture, transform, split and compile for this rank (``coords``: its place in the
     mesh; its tp process group names the collectives).
 
@@ -139,8 +145,12 @@ def build_program(model_or_graph, config, example_inputs, coords, params: Option
     target)``, or (``from_dynamo=True``) a Dynamo graph with Dynamo's example input list.
     ``params``: canonical name → tensor, full-size or already this rank's shard (default:
     the module's, or the parameters among Dynamo's inputs); ``full_shapes`` gives the full
-    shapes when they differ. Read, never modified.
+    shapes when they differ. Read, never modified. ``until``: the last step to run (see
+    the module doc); ``"capture"`` needs no ``coords`` and returns the captured graph as
+    ``gm`` with an empty plan and no chunks.
     """
+    if until not in STEPS:
+        raise ValueError(f"until={until!r}: one of {STEPS}")
     if from_dynamo:
         captured = capture_dynamo_graph(model_or_graph, list(example_inputs),
                                         loss_only=config.tp > 1)
@@ -153,6 +163,8 @@ def build_program(model_or_graph, config, example_inputs, coords, params: Option
         params = params if params is not None else dict(model_or_graph.named_parameters())
         buffer = model_or_graph.get_buffer
         users = user_tensors(captured, args, kwargs, target)
+    if until == "capture":
+        return Program(captured, captured.gm, Plan(), None, {}, None, None)
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
     result = run_passes(captured, config, coords, params, full_shapes,
                         trial_partition=trial_partition)
@@ -164,7 +176,7 @@ def build_program(model_or_graph, config, example_inputs, coords, params: Option
         stage, chunks = _pipeline_chunks(result.split, config, coords)
     program = Program(captured, result.gm, result.plan, result.loss_weight, chunks, stage,
                       result.split)
-    if compile:
+    if until == "compile":
         _compile(program, config, params, buffer, users, coords.device)
     return program
 
