@@ -93,8 +93,9 @@ def measure_call_overhead(codegen: str = "aot_eager", reps: int = 30) -> tuple:
     AOTAutograd runtime wrapper, the executor's per-(step, microbatch) RNG fork, autograd
     entry. Measured on a one-linear module compiled the way the runtime compiles chunks."""
     import torch.nn as nn
-    from .capture import capture
     from .codegen import compile_graph
+    from .config import ParallelConfig
+    from .program import build_program
     from .runtime.rng import RNGTracker
 
     class One(nn.Module):
@@ -106,7 +107,7 @@ def measure_call_overhead(codegen: str = "aot_eager", reps: int = 30) -> tuple:
             return self.lin(x).sum()
     mod = One()
     x = torch.ones(2, 4)
-    cap = capture(mod, (x,), {})
+    cap = build_program(mod, ParallelConfig(), ((x,), {}, None), until="capture").captured
     params = dict(mod.named_parameters())
     users = {n: v for n, v in zip([n for k, n in cap.inputs if k == "user"], [x])}
     inputs = [params[n] if k == "param" else users[n] for k, n in cap.inputs]

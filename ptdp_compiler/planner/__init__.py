@@ -47,10 +47,12 @@ def model_cost(model, example_inputs=(), kwargs: Optional[dict] = None,
                dtype_bytes: int = 2) -> ModelCost:
     """Capture ``model(*example_inputs, **kwargs)`` and derive its per-sample costs."""
     import torch
-    from ..capture import capture
+    from ..config import ParallelConfig
+    from ..program import build_program
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    cap = capture(model, args, dict(kwargs or {}))
-    mc = model_cost_from_graph(cap.gm, name=type(model).__name__)
+    captured = build_program(model, ParallelConfig(), (args, dict(kwargs or {}), None),
+                             until="capture")
+    mc = model_cost_from_graph(captured.gm, name=type(model).__name__)
     leaves = [x for x in list(args) + list((kwargs or {}).values()) if isinstance(x, torch.Tensor)]
     batch = int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
     return scale_model_cost(mc, batch, dtype_bytes)

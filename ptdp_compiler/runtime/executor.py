@@ -121,7 +121,7 @@ def run_pipeline_step(prog, microbatches, buckets, rng, step: int, dp_group, pp_
     """One pipelined step: every microbatch's weight first (1F1B runs backwards before the
     last forward), then the schedule, then data-parallel and tied-weight gradient sums.
 
-    ``prog`` is a ``stages.PipelineProgram``. Returns the global-batch loss on every rank
+    ``prog`` is a ``stages.PipelineRunner``. Returns the global-batch loss on every rank
     (the last stage computes it; it is summed over pp — other stages add zero — and dp).
     """
     weights = microbatch_weights([prog] * len(microbatches), microbatches, dp_group)
