@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# the issue's configuration: s=512, h=256, a=8, b=2
+# the configuration the comparison with Korthikanti et al.'s formulas runs at
 S, H, A, B, VOCAB = 512, 256, 8, 2, 256
 
 
@@ -85,13 +85,31 @@ def formula_bytes(s, b, h, a, t, sp, recompute) -> float:
     return sbh * (34 / t + 5 * a * s / (h * t)) if sp else sbh * (10 + 24 / t + 5 * a * s / (h * t))
 
 
+def measure_saved_bytes(call, exclude=()) -> tuple:
+    """Run ``call()`` (a forward returning the loss) under ``saved_tensors_hooks`` and return
+    ``(bytes, loss)``: the bytes of the distinct storages saved for backward, leaving out
+    the storages of ``exclude`` (parameters)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = call()
+    return sum(seen.values()), loss
+
+
 def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager",
                 dtype=torch.bfloat16, pointwise=False):
     """Bytes this rank saves for backward in one forward (parameters excluded), and the
     recompute report's FLOP overhead. ``pointwise=False`` (``recompute_pointwise``) saves
     exactly the paper's set; True lets the partitioner recompute free pointwise ops."""
     import ptdp_compiler as ptdp
-    from ptdp_compiler.passes.recompute import measure_saved_bytes
     from ptdp_compiler.runtime.executor import split_microbatches
     torch.manual_seed(0)
     model = ExplicitGPT(layers, h, a).train().to(dtype)

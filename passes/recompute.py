@@ -529,23 +529,3 @@ def explain_lines(gm: fx.GraphModule, report: RecomputeReport, max_names: int = 
     lines.append(f"      outside layers (embedding, head, loss): "
                  f"{report.outside_saved_bytes:,} bytes saved")
     return lines
-
-
-# ---- measuring what autograd really keeps ------------------------------------------------------
-def measure_saved_bytes(call, exclude=()) -> tuple:
-    """Run ``call()`` (a forward returning the loss) under ``saved_tensors_hooks`` and return
-    ``(bytes, loss)``: the bytes of the distinct storages saved for backward, leaving out
-    the storages of ``exclude`` (parameters)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = call()
-    return sum(seen.values()), loss

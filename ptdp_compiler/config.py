@@ -11,9 +11,6 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 CODEGENS = ("inductor", "aot_eager")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# capabilities that later passes provide; until then a request for them is refused clearly
-IMPLEMENTED = {"tp": True, "pp": True, "sequence_parallel": True, "recompute": True}
-
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
@@ -93,17 +90,7 @@ class ParallelConfig:
             raise ConfigError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target)")
-        self._refuse_unimplemented()
         return self
-
-    def _refuse_unimplemented(self):
-        wanted = {"tp": self.tp > 1, "pp": self.pp > 1,
-                  "sequence_parallel": self.sequence_parallel,
-                  "recompute": self.recompute != "none"}
-        missing = [k for k, on in wanted.items() if on and not IMPLEMENTED[k]]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} not available in this version of "
-                              "ptdp_compiler; use data parallelism (dp) for now")
 
     def check_world(self, world_size: int):
         if self.world_size != world_size:

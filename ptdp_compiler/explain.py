@@ -51,7 +51,7 @@ def explain(pm) -> str:
         lines.append(f"    loss weighting: {plan.loss_weighting}")
         for name, summary in plan.pass_log:
             lines.append(f"    pass {name}: {summary}")
-        if hasattr(getattr(plan, "recompute", None), "layers"):   # issue 4: per-layer recompute
+        if hasattr(getattr(plan, "recompute", None), "layers"):   # a RecomputeReport
             from .passes.recompute import explain_lines
             lines.extend(explain_lines(gm, plan.recompute))
         lines.append("    parameter placements:")
@@ -63,7 +63,8 @@ def explain(pm) -> str:
                 extra += " (grad summed over tp)"
             if pp_.role:
                 extra += f"  [{pp_.role}]"
-            lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {pp_.placement}{extra}")
+            placement = pp_.placement or "Replicate"   # None: replicated
+            lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {placement}{extra}")
         rewrites = getattr(plan, "tp_rewrites", None)
         if rewrites:
             lines.append("    rewritten shapes (full -> this rank):")

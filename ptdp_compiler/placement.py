@@ -10,12 +10,6 @@ from typing import Optional
 
 
 @dataclasses.dataclass(frozen=True)
-class Replicate:
-    def __str__(self):
-        return "Replicate"
-
-
-@dataclasses.dataclass(frozen=True)
 class Shard:
     """Split along ``dim`` over the tp ranks. ``outer`` > 1: the dimension is laid out as
     ``(outer, t, inner)`` with the rank index in the middle — each of ``outer`` blocks
@@ -32,8 +26,7 @@ class Shard:
 class ParamPlan:
     name: str                     # as model.named_parameters() reports it
     full_shape: tuple
-    placement: object = Replicate()   # over the tp axis
-    stage: int = 0                # pipeline chunk that owns it
+    placement: Optional[Shard] = None     # over the tp axis; None: replicated
     role: str = ""                # what the tp analysis found it to be
     local_shape: Optional[tuple] = None   # this rank's shape (None: full)
     grad_tp_reduce: bool = False  # replicated, but sees tp-partial gradients (SP): summed over tp
@@ -61,6 +54,5 @@ class Plan:
     collectives: list = dataclasses.field(default_factory=list)     # CollectivePlan
     loss_weighting: str = ""
     pass_log: list = dataclasses.field(default_factory=list)        # (pass name, summary)
-    chunks: int = 1
     recompute: Optional[dict] = None
     pipeline: Optional[dict] = None   # chunks, cuts, boundary shapes, tied weights, schedule

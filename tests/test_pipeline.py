@@ -33,7 +33,7 @@ def parity_job(name, layers, cfg):
     return losses, grads, tl["peak_inflight"], pm.plan.pipeline
 
 
-# (model, layers, layout): the layouts with 1F1B and interleaved, m in {4, 8}
+# (model, layers, layout): pp 2 and 4, 1F1B and interleaved, m in {4, 8}
 PARITY = [
     ("gpt", 4, dict(pp=2, microbatches=4)),
     ("gpt", 4, dict(pp=4, microbatches=8)),
