@@ -54,7 +54,7 @@ from ptdp_compiler.collectives import TP_COLLECTIVES
 from ptdp_compiler.errors import ConfigError
 
 from ptdp_compiler.graph_utils import input_only as _input_only
-from ptdp_compiler.graph_utils import layer_spans, node_flops, numel
+from ptdp_compiler.graph_utils import DROPOUT_OPS, is_op, layer_spans, node_flops, numel
 
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
@@ -65,22 +65,18 @@ PREFER_SAVE = CheckpointPolicy.PREFER_SAVE
 
 _MATMUL2 = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-_VIEW_NAMES = {"view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand",
-               "slice", "select", "unsqueeze", "squeeze", "alias", "split", "split_with_sizes",
-               "unbind", "chunk", "detach", "narrow", "unflatten", "flatten", "contiguous",
-               "_assert_tensor_metadata"}
+# ops whose output shares its input's storage (contiguous: when already contiguous)
+_VIEWS = frozenset({aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.t,
+                    aten.permute, aten.expand, aten.slice, aten.select, aten.unsqueeze,
+                    aten.squeeze, aten.alias, aten.split, aten.split_with_sizes, aten.unbind,
+                    aten.chunk, aten.detach, aten.narrow, aten.unflatten, aten.flatten,
+                    aten.contiguous, aten._assert_tensor_metadata, operator.getitem})
 # bytes of the RNG state the partitioner saves per recomputed random op
 RNG_STATE_BYTES = {"cpu": int(torch.get_rng_state().numel()), "cuda": 16}
 
 
-def _opname(n: fx.Node) -> str:
-    if n.target is operator.getitem:
-        return "getitem"
-    return getattr(n.target, "__name__", str(n.target)).split(".")[0]
-
-
 def _is_view(n: fx.Node) -> bool:
-    return n.op == "call_function" and (_opname(n) in _VIEW_NAMES or n.target is operator.getitem)
+    return is_op(n, *_VIEWS)
 
 
 def _val(n):
@@ -99,8 +95,8 @@ def _bytes(n: fx.Node) -> int:
 def _is_random(n: fx.Node) -> bool:
     if n.op != "call_function":
         return False
-    if "dropout" in _opname(n) or (hasattr(n.target, "tags") and
-                                   torch.Tag.nondeterministic_seeded in n.target.tags):
+    if is_op(n, *DROPOUT_OPS) or (hasattr(n.target, "tags") and
+                                  torch.Tag.nondeterministic_seeded in n.target.tags):
         p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
         return not isinstance(p, (int, float)) or p > 0
     if n.target is aten.scaled_dot_product_attention.default:
@@ -390,7 +386,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     core_nodes = set().union(*cores) if cores else set()
     regather = set()
     if sp_regather:
-        regather = {n for n in in_layer if _opname(n) == "sp_gather"}
+        regather = {n for n in in_layer if n.target is torch.ops.ptdp.sp_gather.default}
     flops = {n: node_flops(n) for n in gm.graph.nodes}
     report = RecomputeReport(mode_name, [], budget_bytes=budget,
                              forward_flops=sum(flops.values()))

@@ -205,7 +205,9 @@ LOSS_OPS = _packets("cross_entropy_loss", "nll_loss", "nll_loss_forward", "nll_l
                     "cosine_embedding_loss", "poisson_nll_loss", "triplet_margin_loss",
                     "ctc_loss")
 EMBED_OPS = _packets("embedding", "embedding_bag")
-DROPOUT_OPS = _packets("dropout", "native_dropout", "feature_dropout", "alpha_dropout")
+DROPOUT_OPS = _packets("dropout", "dropout_", "native_dropout", "feature_dropout",
+                       "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+                       "feature_alpha_dropout", "feature_alpha_dropout_")
 # ops that move no data (views, metadata, factories of constants, shape queries)
 FREE_OPS = _packets(
     "view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze",
