@@ -260,7 +260,10 @@ def short(msg: str | None, n: int = 130) -> str:
 
 def cell(r: dict) -> str:
     if r["status"] == "ok":
-        return f"ok {r['share']:.2f}" + (" w" if r["warnings"] else "")
+        sh = r["share"]
+        # 3 digits where 2 would round a share over the 0.55 limit down onto it
+        txt = f"{sh:.3f}" if 0.545 <= sh < 0.56 and f"{sh:.2f}" == "0.55" else f"{sh:.2f}"
+        return f"ok {txt}" + (" w" if r["warnings"] else "")
     if r["status"] == "mismatch":
         return f"mismatch {r['worst_rel_err']:.1g}" if r["worst_rel_err"] else "mismatch"
     if r["status"] == "crash" and r["error"] == "timeout":
