@@ -188,3 +188,57 @@ def test_plan_auto_named_errors():
         ptdp.parallelize(build("gpt"), plan="auto", tp=2, example_inputs=(idx,))
     with pytest.raises(ptdp.ConfigError, match="plan='auto'"):
         ptdp.parallelize(build("gpt"), plan="best", example_inputs=(idx,))
+
+
+# ---- tensor-parallel shares from the pass's placements ----------------------------------------
+def test_cost_model_counts_replicated_parameters_in_full():
+    """The planner's per-rank parameter count at t>1 comes from the placements the
+    tensor-parallel pass gives the model: replicated parameters (layer norms, position
+    embedding, row-parallel biases of the GPT) count in full, sharded ones 1/t."""
+    from ptdp_compiler.planner import model_cost
+    from ptdp_compiler.planner.cost_model import tp_placements
+    from tests.models import batch, build
+    model = build("gpt")
+    args, kwargs = batch("gpt", 2)
+    placements, note = tp_placements(model, args, kwargs)
+    assert placements is not None, note
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    replicated = {n for n in numel if placements[n] is None}
+    assert replicated and len(replicated) < len(numel), placements
+    mc = model_cost(model, args, kwargs)
+    assert mc.tp_shares == "placements at t=2"
+    ev = Evaluator(mc, Cluster(nodes=1, gpus_per_node=2, gpu="A100-80GB"), 2)
+    one, two = (ev.params_on_rank(Candidate(t=t, p=1, d=1, v=1, b=1, m=1, sp=False,
+                                            recompute="none"), 0) for t in (1, 2))
+    # t=2 saves half of the sharded parameters and nothing of the replicated ones
+    sharded = sum(k for n, k in numel.items() if n not in replicated)
+    assert one - two == pytest.approx(sharded / 2)
+    assert two > one / 2
+
+
+def test_cost_model_replicated_linear_is_whole_on_every_rank():
+    """Placements in which one linear per layer (the MLP's first) stays replicated: its
+    weight and bias count in full on every rank and its GEMM is not divided over t; every
+    other linear's is."""
+    from ptdp_compiler.planner.cost_model import model_cost_from_graph
+    from ptdp_compiler.program import build_program
+    from tests.models import batch, build
+    model = build("gpt")
+    args, kwargs = batch("gpt", 2)
+    gm = build_program(model, ptdp.ParallelConfig(), (args, kwargs, None), until="capture").gm
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    lone = {n for n in numel if ".mlp.fc." in n}          # weight and bias, every layer
+    sharded = model_cost_from_graph(gm, placements={n: "sharded" for n in numel})
+    mc = model_cost_from_graph(gm, placements={n: None if n in lone else "sharded"
+                                               for n in numel})
+    assert sharded.replicated_pre + sharded.replicated_layer + sharded.replicated_post == 0
+    assert mc.replicated_layer * mc.num_layers == sum(numel[n] for n in lone)
+    cl = Cluster(nodes=1, gpus_per_node=2, gpu="A100-80GB")
+    c = Candidate(t=2, p=1, d=1, v=1, b=1, m=1, sp=False, recompute="none")
+    assert Evaluator(mc, cl, 2).params_on_rank(c, 0) == pytest.approx(
+        Evaluator(sharded, cl, 2).params_on_rank(c, 0) + sum(numel[n] for n in lone) / 2)
+    gemms = [(x.tp_split, x.param_elems) for l in mc.layers for x in l if x.kind == "gemm"
+             and x.param_elems]
+    per_layer = sum(numel[n] for n in lone) // mc.num_layers   # fc weight + bias
+    assert sorted(k for split, k in gemms if not split) == [per_layer] * mc.num_layers, gemms
+    assert sum(1 for split, _ in gemms if split) == 5 * mc.num_layers   # q, k, v, proj, out

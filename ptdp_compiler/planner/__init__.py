@@ -12,7 +12,7 @@ from typing import Optional
 
 from .cluster import Cluster
 from .cost_model import (GPU_SPECS, CostOptions, GPUSpec, Link, ModelCost, gpt_model_cost,
-                         model_cost_from_graph)
+                         model_cost_from_graph, tp_placements)
 from .search import Candidate, Estimate, Evaluator, PlanResult, search
 
 GPT_SHAPES = {  # name -> (hidden, heads, layers): Narayanan et al. 2021 Table 1 + GPT-3
@@ -45,14 +45,18 @@ def scale_model_cost(mc: ModelCost, batch: int, dtype_bytes: int = 2) -> ModelCo
 
 def model_cost(model, example_inputs=(), kwargs: Optional[dict] = None,
                dtype_bytes: int = 2) -> ModelCost:
-    """Capture ``model(*example_inputs, **kwargs)`` and derive its per-sample costs."""
+    """Capture ``model(*example_inputs, **kwargs)`` and derive its per-sample costs; the
+    tensor-parallel shares of its parameters and GEMMs come from the placements the
+    tensor-parallel pass gives it (``tp_placements``)."""
     import torch
     from ..config import ParallelConfig
     from ..program import build_program
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     captured = build_program(model, ParallelConfig(), (args, dict(kwargs or {}), None),
                              until="capture")
-    mc = model_cost_from_graph(captured.gm, name=type(model).__name__)
+    placements, note = tp_placements(model, args, dict(kwargs or {}))
+    mc = model_cost_from_graph(captured.gm, name=type(model).__name__, placements=placements)
+    mc = dataclasses.replace(mc, tp_shares=note)
     leaves = [x for x in list(args) + list((kwargs or {}).values()) if isinstance(x, torch.Tensor)]
     batch = int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
     return scale_model_cost(mc, batch, dtype_bytes)

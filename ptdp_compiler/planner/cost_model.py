@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import Counter, defaultdict
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -152,6 +153,13 @@ class ModelCost:
     params_post: int = 0         # LM head etc. (last stage; tied weights count again)
     tied_embedding: bool = True
     source: str = "graph"
+    # parameter elements that stay whole on every tensor-parallel rank (of params_layer,
+    # params_pre, params_post), from the placements the tensor-parallel pass produced;
+    # without them (no graph the pass ran on) every parameter counts as split over t
+    replicated_layer: int = 0
+    replicated_pre: int = 0
+    replicated_post: int = 0
+    tp_shares: str = "every parameter split over t (no placements)"
 
     @property
     def total_params(self) -> int:
@@ -188,13 +196,18 @@ def tp_allreduces_per_layer(layer: list) -> int:
     return max(1, sum(1 for c in layer if c.residual_add))
 
 
-def model_cost_from_graph(gm: fx.GraphModule, name: str = "model") -> ModelCost:
+def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
+                          placements: Optional[dict] = None) -> ModelCost:
     """Group a captured graph's node costs into pre / layers / post.
 
     Layers are ``graph_utils.layer_spans`` (the segmentation pipeline splitting and
     recomputation use; grouping only, costs come from the nodes); nodes before the first
     layer are "pre", the others outside any layer "post". A graph without layers becomes a
-    single "layer"."""
+    single "layer".
+
+    ``placements`` ({parameter name: Shard or None}, what the tensor-parallel pass made of
+    this graph, ``tp_placements``): a parameter left replicated counts in full on every
+    tensor-parallel rank, and a GEMM or embedding reading it is not split over t."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     spans = layer_spans(gm)
     layer_of = {n: i for i, (span, _out) in enumerate(spans) for n in span}
@@ -221,12 +234,25 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model") -> ModelCost:
     hidden = _residual_width(all_c)
     for l in [pre_c, post_c] + layers:
         _classify_tp(l, hidden)
+    replicated = set()
+    if placements is not None:
+        replicated = {ph for ph in gm.graph.find_nodes(op="placeholder")
+                      if ph.meta.get("ptdp_input_kind") == "param"
+                      and placements.get(ph.meta.get("ptdp_input_name"), "?") is None}
+        by_name = {c.name: c for l in [pre_c, post_c] + layers for c in l}
+        for n in nodes:
+            c = by_name.get(n.name)
+            if c is not None and c.kind in ("gemm", "embedding") and \
+                    any(a in replicated for a in n.all_input_nodes):
+                c.tp_split = c.sp_split = False   # every rank computes it whole
     heads, seq = _attention_shape(gm)
     vocab = 0
     for c in pre_c:
         if c.kind == "embedding" and c.param_elems:
             vocab = max(vocab, c.param_elems // max(hidden, 1))
     params = _param_elems_by_group(gm, layer_of)
+    rep = _param_elems_by_group(gm, layer_of, only=replicated) if placements is not None \
+        else {"layer": 0, "pre": 0, "post": 0}
     itemsize = 2
     for n in nodes:
         v = val(n)
@@ -236,7 +262,10 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model") -> ModelCost:
     return ModelCost(name, hidden, heads, seq, vocab, len(layers), layers, pre_c, post_c,
                      dtype_bytes=itemsize, params_layer=params["layer"],
                      params_pre=params["pre"], params_post=params["post"],
-                     tied_embedding=params["tied"])
+                     tied_embedding=params["tied"], replicated_layer=rep["layer"],
+                     replicated_pre=rep["pre"], replicated_post=rep["post"],
+                     tp_shares="placements of the tensor-parallel pass" if placements is not None
+                     else ModelCost.tp_shares)
 
 
 def _residual_width(costs) -> int:
@@ -256,17 +285,19 @@ def _attention_shape(gm) -> tuple:
     return 0, 0
 
 
-def _param_elems_by_group(gm, layer_of: dict) -> dict:
+def _param_elems_by_group(gm, layer_of: dict, only: Optional[set] = None) -> dict:
     """Parameter elements of one layer, before the layers and after them; a parameter used
     both before and after (tied embedding / LM head) counts in both and sets ``tied``.
-    ``layer_of``: {node: layer index} of the nodes inside layers."""
+    ``layer_of``: {node: layer index} of the nodes inside layers. ``only``: count just
+    these parameter placeholders."""
     per_layer = defaultdict(int)
     pre = post = 0
     tied = False
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     first_layer_pos = min((order[n] for n in layer_of), default=0)
     for ph in gm.graph.nodes:
-        if ph.op != "placeholder" or ph.meta.get("ptdp_input_kind") != "param":
+        if ph.op != "placeholder" or ph.meta.get("ptdp_input_kind") != "param" or \
+                (only is not None and ph not in only):
             continue
         v = val(ph)
         if not isinstance(v, torch.Tensor):
@@ -286,6 +317,40 @@ def _param_elems_by_group(gm, layer_of: dict) -> dict:
             tied = True
     layer = max(per_layer.values()) if per_layer else 0
     return {"layer": layer, "pre": pre, "post": post, "tied": tied}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProbeCoords:
+    """Rank 0 of a ``tp``-way tensor-parallel group in this one process, without a process
+    group: the passes only name the group in the collectives they insert."""
+    tp: int
+    rank: int = 0
+    world: int = 0
+    dp_rank: int = 0
+    pp_rank: int = 0
+    tp_rank: int = 0
+    dp: int = 1
+    pp: int = 1
+    mesh: None = None
+
+    def group(self, axis: str):
+        return None
+
+
+def tp_placements(model, args: tuple, kwargs: dict, t: int = 2) -> tuple:
+    """``({parameter name: Shard or None}, note)``: the placements the tensor-parallel pass
+    gives ``model``'s parameters at ``t`` (None: replicated on every rank), from
+    ``build_program(..., until="passes")`` on rank 0; ``(None, reason)`` when the pass
+    refuses the model."""
+    from ..config import ParallelConfig
+    from ..errors import PTDPError
+    from ..program import build_program
+    try:
+        prog = build_program(model, ParallelConfig(tp=t), (args, dict(kwargs), None),
+                             coords=_ProbeCoords(t, world=t), until="passes")
+    except PTDPError as e:
+        return None, f"tensor-parallel pass refused at t={t}: {str(e).splitlines()[0]}"
+    return {n: pp.placement for n, pp in prog.plan.params.items()}, f"placements at t={t}"
 
 
 @functools.lru_cache(maxsize=64)

@@ -139,13 +139,19 @@ class Evaluator:
 
     # ---- memory --------------------------------------------------------------------------
     def params_on_rank(self, c: Candidate, rank: int) -> float:
+        """Parameter elements on one rank of pipeline stage ``rank``: those the
+        tensor-parallel pass shards count 1/t, those it leaves replicated in full."""
         mc = self.mc
-        n = mc.params_layer * (mc.num_layers // c.p)
+        k = mc.num_layers // c.p
+        n = mc.params_layer * k
+        rep = mc.replicated_layer * k
         if rank == 0:
             n += mc.params_pre
-        if rank == c.p - 1:
-            n += mc.params_post if (c.p > 1 or not mc.tied_embedding) else 0
-        return n / c.t
+            rep += mc.replicated_pre
+        if rank == c.p - 1 and (c.p > 1 or not mc.tied_embedding):
+            n += mc.params_post
+            rep += mc.replicated_post
+        return (n - rep) / c.t + rep
 
     def act_per_chunk(self, c: Candidate) -> float:
         mc = self.mc
