@@ -16,7 +16,6 @@ import collections
 import dataclasses
 from typing import Callable, Optional
 
-import torch
 import torch.fx as fx
 
 from ptdp_compiler.placement import CollectivePlan, ParamPlan, Plan

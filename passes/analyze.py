@@ -102,6 +102,10 @@ class Analysis:
     replicated: dict = dataclasses.field(default_factory=dict)  # linear node -> reason
     embed_out_shape: Optional[tuple] = None         # the residual stream's [B, T, C]
     group_kinds: dict = dataclasses.field(default_factory=dict)  # group id -> attention | mlp
+    kept_replicated: dict = dataclasses.field(default_factory=dict)  # param -> why (kv < tp)
+    # attention cores inside tensor-parallel blocks: each rank computes its own heads even
+    # when q, k, v arrive replicated (a projection kept whole, kv heads < tp)
+    block_attention: set = dataclasses.field(default_factory=set)
 
 
 def param_name(node) -> Optional[str]:
@@ -109,6 +113,24 @@ def param_name(node) -> Optional[str]:
             node.meta.get("ptdp_input_kind") == "param":
         return node.meta["ptdp_input_name"]
     return None
+
+
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+
+
+def _transposed_param(w) -> Optional[fx.Node]:
+    """The parameter ``w`` is the transpose of (W.t(), W.T, W.transpose(-2, -1), the
+    last two dims swapped), or None."""
+    if not isinstance(w, fx.Node) or w.target not in _TRANSPOSES or not param_name(w.args[0]):
+        return None
+    nd = w.args[0].meta["val"].dim()
+    if w.target is aten.transpose.int:
+        ok = sorted(d % nd for d in w.args[1:3]) == [nd - 2, nd - 1]
+    elif w.target is aten.permute.default:
+        ok = [d % nd for d in w.args[1]] == list(range(nd - 2)) + [nd - 1, nd - 2]
+    else:
+        ok = nd == 2
+    return w.args[0] if ok else None
 
 
 def as_linear(n: fx.Node) -> Optional[Linear]:
@@ -127,14 +149,16 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
         x, w = n.args[:2]
         if param_name(w) and w.meta["val"].dim() == 2:
             return Linear(n, x, w, None, 1)
+        p = _transposed_param(w)
+        if p is not None and p.meta["val"].dim() == 2:   # x @ W.T (Falcon's linear)
+            return Linear(n, x, p, None, 0)
     elif is_grouped_mm(n.target) and len(n.args) >= 2:
         x, w = n.args[:2]
         if param_name(w) and w.meta["val"].dim() == 3:
             return Linear(n, x, w, None, 2, grouped=True)
-        if isinstance(w, fx.Node) and w.target is aten.transpose.int and \
-                param_name(w.args[0]) and w.args[0].meta["val"].dim() == 3 and \
-                sorted(d % 3 for d in w.args[1:3]) == [1, 2]:
-            return Linear(n, x, w.args[0], None, 1, grouped=True)
+        p = _transposed_param(w)
+        if p is not None and p.meta["val"].dim() == 3:
+            return Linear(n, x, p, None, 1, grouped=True)
     return None
 
 
@@ -356,6 +380,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             region = set().union(*(walks[m][0] for m in members))
             an.group_kinds[gid] = "attention" if any(r.target in ATTENTION for r in region) \
                 else "mlp"
+            an.block_attention |= {r for r in region
+                                   if r.target is aten.scaled_dot_product_attention.default}
             for m in members:
                 an.column[m] = gid
             for r in rows:

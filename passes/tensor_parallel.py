@@ -59,9 +59,9 @@ from ptdp_compiler.errors import ShardingError
 from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
-from .rules import RULES, Refine, find_rule
+from .rules import RULES, KeepReplicated, Refine, find_rule
 from .sharding import PaddedShard, local_shape, view_rule
-from .tp_seeds import buckets_by_layer, initial_seeds, refine_seeds
+from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
 
 aten = torch.ops.aten
 ptdp_ops = torch.ops.ptdp
@@ -285,6 +285,8 @@ class Rewriter:
         if lin is not None:
             return RULES["linear"](self, node, lin)
         placements = [self.placement_of(i) for i in node.all_input_nodes]
+        if node in self.analysis.block_attention:
+            return RULES[node.target](self, node)
         if all(p is None for p in placements):
             if node.target is aten.dropout.default:
                 self.dropouts["replicated"] += 1   # shared stream: same mask on every tp rank
@@ -314,6 +316,9 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
             g = rw.run()
         except Refine as ref:
             seeds = refine_seeds(seeds, analysis, ref)
+            continue
+        except KeepReplicated as keep:
+            seeds = keep_replicated(seeds, analysis, keep)
             continue
         if rw.params_with_own_f and bucket is None:
             bucket = buckets_by_layer(gm, rw.params_with_own_f)

@@ -80,6 +80,20 @@ def refine_seeds(seeds: dict, analysis: _an.Analysis, ref) -> dict:
     return seeds
 
 
+def keep_replicated(seeds: dict, analysis: _an.Analysis, keep) -> dict:
+    """``keep.param`` (and its bias) stays replicated: a key/value projection with fewer
+    heads than tp ranks. The reason is kept for ``explain``."""
+    seeds = dict(seeds)
+    for n, lin in analysis.linears.items():
+        if _an.param_name(lin.weight) == keep.param:
+            seeds.pop(keep.param, None)
+            if lin.bias is not None:
+                seeds.pop(_an.param_name(lin.bias), None)
+            analysis.kept_replicated[keep.param] = keep.reason
+            n.meta.setdefault("ptdp", {})["role"] = f"replicated linear: {keep.reason}"
+    return seeds
+
+
 def buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
     """{parameter: key}: parameters read by the same layer (the element of a layer
     container their first reader belongs to) share a bucket; outside the layers, those of

@@ -33,6 +33,16 @@ class Refine(Exception):
         self.param, self.outer = param, outer
 
 
+class KeepReplicated(Exception):
+    """Raised by a rule that found a projection whose heads tp cannot split (fewer
+    key/value heads than ranks): the pass restarts with that weight replicated; attention
+    then takes each rank's key/value head group from the replicated value."""
+
+    def __init__(self, param: str, reason: str):
+        super().__init__(f"keep {param} replicated: {reason}")
+        self.param, self.reason = param, reason
+
+
 def rule(*targets):
     """Register the decorated function as the rule of each of ``targets``."""
     def register(fn: Callable) -> Callable:

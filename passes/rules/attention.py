@@ -17,18 +17,37 @@ from . import rule
 aten = torch.ops.aten
 
 
+def heads_of(rw, a, node):
+    """This rank's heads of q, k or v ([B, heads, T, D]): its own if sharded on the heads;
+    a replicated one is sliced to them, or, with fewer key/value heads than ranks, to
+    the one head the rank's query heads share (MQA / GQA, kv heads replicated)."""
+    v, p = rw.new(a), rw.placement_of(a)
+    if p is not None and rw.sp and (p.dim != 1 or p.outer != 1):
+        # a projection kept whole ran on the sequence shard: gather it (the all-gather's
+        # backward reduce-scatters the partial gradients of each rank's heads)
+        v, p = rw.gathered(v, node), None
+    if p is not None:
+        if p.dim != 1 or p.outer != 1:
+            rw.fail(node, f"attention needs q, k, v split on the heads dimension; got {p}")
+        return v
+    shape = tuple(a.meta["val"].shape)
+    heads, t = shape[1], rw.t
+    if heads % t == 0:
+        return rw.localize(v, shape, Shard(1), len(shape), node)
+    if t % heads:
+        rw.fail(node, f"tp={t} neither divides nor is a multiple of the {heads} key/value "
+                      "heads", ConfigError)
+    g = rw.rank // (t // heads)
+    return rw.emit(aten.slice.Tensor, (rw.f(v), 1, g, g + 1), pl=None, like=node)
+
+
 @rule(aten.scaled_dot_product_attention.default)
 def sdpa(rw, node):
     q, k, v = node.args[:3]
-    ps = [rw.placement_of(a) for a in (q, k, v)]
-    if any(p is None or p.dim != 1 or p.outer != 1 for p in ps):
-        rw.fail(node, "attention needs q, k, v split on the heads dimension; got "
-                      f"{', '.join(str(p) for p in ps)}")
-    for a, what in ((q, "attention heads"), (k, "key/value heads")):
-        if a.meta["val"].shape[1] % rw.t:
-            rw.fail(node, f"tp={rw.t} does not divide the {a.meta['val'].shape[1]} {what}",
-                    ConfigError)
-    args = [rw.new(q), rw.new(k), rw.new(v)]
+    if q.meta["val"].shape[1] % rw.t:
+        rw.fail(node, f"tp={rw.t} does not divide the {q.meta['val'].shape[1]} attention "
+                      "heads", ConfigError)
+    args = [heads_of(rw, a, node) for a in (q, k, v)]
     rest, kwargs = list(node.args[3:]), dict(node.kwargs)
     mask = rest[0] if rest else kwargs.get("attn_mask")
     if isinstance(mask, fx.Node):

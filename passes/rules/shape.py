@@ -15,7 +15,7 @@ from ptdp_compiler.errors import ConfigError
 
 from .. import analyze as _an
 from ..sharding import PaddedShard, local_shape, moved, view_rule
-from . import Refine, rule
+from . import KeepReplicated, Refine, rule
 from .pointwise import PASSTHROUGH
 
 aten = torch.ops.aten
@@ -46,6 +46,15 @@ def _heads_kind(node) -> str:
                 return "attention heads"
             if u.op == "call_function" and len(seen) < 64:
                 stack.append(u)
+    return ""
+
+
+def _heads_kind_of(node) -> str:
+    """_heads_kind of ``node`` or of the first view that reshapes it into heads."""
+    for n in [node] + list(node.users):
+        what = _heads_kind(n)
+        if what:
+            return what
     return ""
 
 
@@ -84,6 +93,11 @@ def _refuse_view(rw, node, xp, full_in, full_out):
     for o in full_out:
         if before == outer_total and o % t:
             what = _heads_kind(node)
+            if what == "key/value heads" and t % o == 0:
+                # kv heads < tp (MQA, GQA): replicate them, as Megatron does
+                raise KeepReplicated(_producing_weight(rw, node.args[0], node),
+                                     f"{o} key/value heads < tp={t}: each rank uses the "
+                                     "head its query heads share")
             if what:
                 rw.fail(node, f"tp={t} does not divide the {o} {what} (view {list(full_in)} -> "
                               f"{list(full_out)}); tensor parallelism gives each rank whole "
@@ -98,7 +112,8 @@ def _refuse_view(rw, node, xp, full_in, full_out):
                   f"dimension {xp} with others")
 
 
-@rule(aten.transpose.int, aten.t.default, aten.permute.default, aten.unsqueeze.default,
+@rule(aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.permute.default,
+      aten.unsqueeze.default,
       aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.select.int)
 def layout(rw, node):
     tgt, x = node.target, rw.new(node.args[0])
@@ -111,6 +126,8 @@ def layout(rw, node):
         p = moved(xp, b if d == a else a if d == b else d)
     elif tgt is aten.t.default:
         p = moved(xp, 1 - d) if nd == 2 else xp
+    elif tgt is aten.numpy_T.default:
+        p = moved(xp, nd - 1 - d)
     elif tgt is aten.permute.default:
         p = moved(xp, [i % nd for i in args[0]].index(d))
     elif tgt is aten.unsqueeze.default:
@@ -151,6 +168,7 @@ def _block_slice(rw, node, x, xp, dim, start, end):
     if isinstance(xp, PaddedShard):
         rw.fail(node, "a slice of the padded vocabulary dimension")
     if start % block or end % block:
+        _refuse_fused_kv(rw, x, dim)
         need = full // math.gcd(full, start, end)
         if full % (need * rw.t):
             rw.fail(node, f"tp={rw.t} cannot split the piece [{start}:{end}] of the "
@@ -220,6 +238,7 @@ def split(rw, node):
     if isinstance(xp, PaddedShard):
         rw.fail(node, "a split of the padded vocabulary dimension")
     if any(s % block for s in sizes):
+        _refuse_fused_kv(rw, x, dim)
         need = full // math.gcd(full, *sizes)
         if full % (need * rw.t):
             rw.fail(node, f"tp={rw.t} cannot split each of the pieces {sizes}", ConfigError)
@@ -244,6 +263,52 @@ def unbind(rw, node):
     return n
 
 
+def _pieces(x: fx.Node, dim: int):
+    """(piece node, extent along ``dim``) of every cut of ``x`` along ``dim``: slices,
+    narrows, index_select-like indexing and split outputs."""
+    for u in x.users:
+        nd = len(_shape(x))
+        if u.target in (aten.slice.Tensor, aten.narrow.default) and \
+                (u.args[1] if len(u.args) > 1 else 0) % nd == dim:
+            yield u, u.meta["val"].shape[dim]
+        elif u.target is aten.index.Tensor and len(u.args[1]) > dim and \
+                isinstance(u.args[1][dim], fx.Node):
+            yield u, u.args[1][dim].meta["val"].numel()
+        elif u.target in SPLITS and (u.args[2] if len(u.args) > 2 else 0) % nd == dim:
+            for g in u.users:
+                yield g, g.meta["val"].shape[dim]
+
+
+def _head_dim(node) -> int:
+    """The head size of the attention ``node`` flows into (0 if none is found)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen or len(seen) > 64:
+                continue
+            seen.add(u)
+            if u.target is aten.scaled_dot_product_attention.default:
+                return u.args[0].meta["val"].shape[-1]
+            stack.append(u)
+    return 0
+
+
+def _refuse_fused_kv(rw, x, dim):
+    """A fused q/k/v projection whose key/value piece holds fewer heads than tp cannot be
+    split by blocks: keep the projection replicated (attention takes each rank's heads)."""
+    trailing = math.prod(_shape(x)[dim + 1:])
+    for piece, extent in _pieces(x, dim):
+        if _heads_kind_of(piece) != "key/value heads":
+            continue
+        hd = _head_dim(piece)
+        heads = extent * trailing // hd if hd else 0
+        if hd and heads % rw.t:
+            raise KeepReplicated(_producing_weight(rw, x, piece),
+                                 f"its key/value part has {heads} head(s) < tp={rw.t}: "
+                                 "each rank uses the head its query heads share")
+
+
 def _producing_weight(rw, x, node) -> str:
     """The parameter whose output rows ``x``'s sharded dimension is (through copies and
     views): the weight to re-seed as block-sharded."""
@@ -253,7 +318,7 @@ def _producing_weight(rw, x, node) -> str:
         if lin is not None:
             return _an.param_name(lin.weight)
         if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
-                m.target not in PASSTHROUGH | VIEWS:
+                m.target not in PASSTHROUGH | VIEWS | {aten.unsqueeze.default}:
             rw.fail(node, "a split of the sharded dimension into pieces the producing "
                           "weight cannot be permuted for")
         m = m.args[0]
@@ -353,3 +418,19 @@ def copy_into(rw, node):
         rw.fail(node, f"copying {sp} into {dp}")
     return rw.emit(node.target, (rw.new(dst), nsrc, *node.args[2:]), node.kwargs, pl=dp,
                    like=node)
+
+
+@rule(aten.index.Tensor)
+def index(rw, node):
+    """x[..., idx, ...] with one index tensor on a dimension that is not sharded (an
+    expert's bias rows, a gathered position): local."""
+    x, indices = node.args[0], list(node.args[1])
+    xp = rw.placement_of(x)
+    if xp is None or any(rw.placement_of(i) is not None for i in indices if
+                         isinstance(i, fx.Node)):
+        rw.fail(node, "indexing with sharded indices")
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or used[0] == xp.dim or indices[used[0]].meta["val"].dim() != 1:
+        rw.fail(node, f"indexing dimension(s) {used} of a tensor sharded {xp}")
+    new_idx = [rw.new(i) if isinstance(i, fx.Node) else i for i in indices]
+    return rw.emit(node.target, (rw.new(x), new_idx), pl=xp, like=node)
