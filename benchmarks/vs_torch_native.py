@@ -261,7 +261,7 @@ def _apply_tp(model_name, model, tp_mesh, sp, loss_par=True):
     return model
 
 
-def _compile_blocks(model_name: str, model: nn.Module) -> int:
+def _compile_blocks(model_name: str, model: nn.Module, tp: int, sp: bool) -> int:
     """torchtitan's recipe (``apply_compile`` in its parallelize files): once the TP plan is
     applied, each transformer block is wrapped in its own ``torch.compile(block,
     fullgraph=True)`` (Inductor) and registered back under its name; embeddings, the head and
@@ -269,7 +269,15 @@ def _compile_blocks(model_name: str, model: nn.Module) -> int:
     if model_name == "gpt":
         blocks = model.blocks
     else:
-        blocks = (model.m if isinstance(model, _LlamaStage) else model).model.layers
+        lm = model.m if isinstance(model, _LlamaStage) else model
+        blocks = lm.model.layers
+        emb = lm.model.embed_tokens
+        if emb is not None and tp > 1 and not sp:
+            # HF Llama hands the embedding's to_local() view straight to the first compiled
+            # block; on torch 2.13 that block's backward then gives the embedding's
+            # Redistribute a plain-tensor gradient (AttributeError: '_local_tensor'). A copy
+            # in between avoids it (GPT adds the position embedding there anyway).
+            emb.register_forward_hook(lambda mod, args, out: out.clone())
     for name, blk in list(blocks.named_children()):
         blocks.register_module(name, torch.compile(blk, fullgraph=True))
     return len(blocks)
@@ -289,7 +297,7 @@ class NativeRunner:
             mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
             self.model = _apply_tp(model_name, build_model(model_name), mesh, self.sp)
             if compiled:
-                _compile_blocks(model_name, self.model)
+                _compile_blocks(model_name, self.model, tp, self.sp)
             self.modules = [self.model]
             return
         mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
@@ -310,7 +318,7 @@ class NativeRunner:
             if tp > 1:
                 _apply_tp(model_name, m, mesh["tp"], self.sp, loss_par=LOSS_PARALLEL_PP)
             if compiled:    # torchtitan compiles each stage's blocks after TP, before pipelining
-                _compile_blocks(model_name, m)
+                _compile_blocks(model_name, m, tp, self.sp)
             self.modules.append(m)
             # shapes given up front, as the pipelining docs' manual split does: the stage
             # then needs no shape-inference forward (which cannot run TP collectives)
@@ -516,6 +524,8 @@ def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
                         break
                 if "error" in runs[0]:
                     rows.append(runs[0])
+                    print(f"[{time.strftime('%H:%M:%S')}] {model_name} {cfg_name}: error "
+                          f"{runs[0]['error'][:300]}", file=sys.stderr, flush=True)
                     continue
                 for row in runs:
                     for side in ("eager", "compiled"):
@@ -534,6 +544,9 @@ def run(models, configs, steps=5, warmup=2, codegen="aot_eager", timeout=900,
                 row["ptdp_model_lines"] = 0
                 row["ptdp_codegen"] = codegen
                 rows.append(row)
+                print(f"[{time.strftime('%H:%M:%S')}] {model_name} {cfg_name}: ratio_eager "
+                      f"{_fmt(row['ratio_eager'], '.2f')}, ratio_compiled "
+                      f"{_fmt(row['ratio_compiled'], '.2f')}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -614,8 +627,10 @@ def main(argv=None):
         os.environ[SIZE_ENV] = a.size
         global HIDDEN, SEQ, BATCH, LAYERS
         HIDDEN, SEQ, BATCH, LAYERS = (int(x) for x in a.size.split(","))
+    load_before = os.getloadavg()[0]
     rows = run(a.models.split(","), a.configs.split(","), a.steps, a.warmup, a.codegen,
                repeats=a.repeats)
+    load_after = os.getloadavg()[0]
     print_table(rows)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
@@ -624,6 +639,10 @@ def main(argv=None):
                        "torch": torch.__version__,
                        "command": "python benchmarks/vs_torch_native.py " + " ".join(
                            sys.argv[1:] if argv is None else argv),
+                       # the machine's 1-minute load average before / after the run
+                       # (other jobs on the same cores make the ratios noisier)
+                       "load_average": [round(load_before, 1), round(load_after, 1)],
+                       "cpus": os.cpu_count(),
                        "size": {"hidden": HIDDEN, "seq": SEQ, "batch": BATCH,
                                 "layers": LAYERS, "vocab": VOCAB},
                        "note": NOTE.format(codegen=a.codegen, steps=a.steps, warmup=a.warmup,
