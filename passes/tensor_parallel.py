@@ -59,6 +59,7 @@ from ptdp_compiler.errors import ShardingError
 from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
+from . import tp_coverage
 from .rules import RULES, KeepReplicated, Refine, find_rule
 from .sharding import PaddedShard, local_shape, view_rule
 from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
@@ -361,6 +362,9 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     plan.collectives.extend(collective_plans(rw, t))
     plan.tp_rewrites = rw.rewrites
     plan.analysis = analysis
+    plan.coverage = tp_coverage.coverage(gm, analysis, plan, params)
+    tp_coverage.check(plan.coverage, t, strict=getattr(cfg, "strict", False),
+                      warn=getattr(coords, "rank", 0) == 0)
     _log(plan, analysis, seeds, rw, t, cfg.sequence_parallel)
     return new
 

@@ -408,7 +408,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                 comm_reorder: bool = False, split_backward: bool = True,
                 plan: str | None = None, cluster=None,
                 global_batch: int | None = None, example_inputs=None,
-                example_kwargs: dict | None = None):
+                example_kwargs: dict | None = None, strict: bool = False):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
     ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
@@ -421,6 +421,11 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
     calibrated cluster file, default this machine), capturing the model once with
     ``example_inputs`` / ``example_kwargs``; ``global_batch`` defaults to their batch
     size. ``pm.auto_plan`` holds the choice and why (ptdp_compiler/planner/auto.py).
+
+    A large weight matrix that tensor parallelism leaves whole on every rank (>= 1 MiB or
+    >= 2% of the model) is named in a ``ReplicatedWeightWarning`` with the reason;
+    ``strict=True`` makes it a ``ShardingError``. ``pm.explain()`` lists every
+    parameter's placement and why each replicated one is.
     """
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
@@ -429,7 +434,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
                          recompute_pointwise=recompute_pointwise, schedule=schedule,
                          codegen=codegen, loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb,
                          scatter_gather=scatter_gather, comm_reorder=comm_reorder,
-                         split_backward=split_backward).validate()
+                         split_backward=split_backward, strict=strict).validate()
     if plan is not None:
         from .planner.auto import choose_config
         chosen, result = choose_config(model, cfg, plan, cluster, global_batch,

@@ -44,6 +44,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     precision: str = "fp32"              # fp32 | bf16 | fp16 (runtime/precision.py)
     distributed_optimizer: bool = False  # shard optimizer state + master weights over dp
+    # a large weight matrix left replicated at tp > 1 is a ShardingError, not a warning
+    # (passes/tp_coverage.py)
+    strict: bool = False
 
     @property
     def world_size(self) -> int:
@@ -56,7 +59,7 @@ class ParallelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer",
-                     "recompute_pointwise"):
+                     "recompute_pointwise", "strict"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be True or False")

@@ -65,6 +65,9 @@ def explain(pm) -> str:
                 extra += f"  [{pp_.role}]"
             placement = pp_.placement or "Replicate"   # None: replicated
             lines.append(f"      {pp_.name:<40} {str(pp_.full_shape):<16} {placement}{extra}")
+        if getattr(plan, "coverage", None):
+            from .passes.tp_coverage import table
+            lines.extend(table(plan.coverage))
         rewrites = getattr(plan, "tp_rewrites", None)
         if rewrites:
             lines.append("    rewritten shapes (full -> this rank):")
