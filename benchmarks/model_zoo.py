@@ -231,7 +231,9 @@ def kind(family: str, cfg) -> str:
     d = cfg.to_dict()
     if getattr(cfg, "is_encoder_decoder", False) or "decoder_layers" in d:
         return "seq2seq decoder"
-    if "is_decoder" in d and not type(cfg)().to_dict().get("is_decoder", True):
+    if family == "reformer":
+        return "decoder"
+    if Z.encoder_like(family):
         return "encoder as decoder"
     types = [t for k in Z._PER_LAYER_UNIQUE for t in (d.get(k) or [])
              if isinstance(t, str)]
@@ -308,7 +310,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="",
                     help="comma-separated model_types, 'design' (the families DESIGN.md "
-                         "names) or 'others' (the rest); default all")
+                         "names), 'others' (the rest, decoders before encoder / seq2seq "
+                         "families) or 'rest' (with --update: the others the JSON lacks); "
+                         "default all")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--tp2pp2-families", default=",".join(TP2PP2_FAMILIES),
                     help="families run at tp2pp2 ('all' for every family)")
@@ -331,8 +335,15 @@ def main(argv=None):
     everything = Z.families()
     if a.families == "design":     # the families DESIGN.md names
         fams = [f for f in Z.DESIGN_FAMILIES if f in everything]
-    elif a.families == "others":   # every other family
-        fams = [f for f in everything if f not in Z.DESIGN_FAMILIES]
+    elif a.families in ("others", "rest"):   # every other family, decoders first
+        fams = sorted((f for f in everything if f not in Z.DESIGN_FAMILIES),
+                      key=lambda f: (Z.encoder_like(f), f))
+        if a.families == "rest" and a.update and a.json and os.path.exists(a.json):
+            with open(a.json) as f:   # only the families the JSON has no row for yet
+                have = json.load(f)
+            have = {r["family"] for r in have.get("rows", [])} | \
+                {s["family"] for s in have.get("skipped", [])}
+            fams = [f for f in fams if f not in have]
     elif a.families:
         fams = [Z.ALIASES.get(f, f) for f in a.families.split(",") if f]
         unknown = [f for f in fams if f not in everything]

@@ -151,6 +151,18 @@ def model_class_name(family: str) -> str:
     return name if isinstance(name, str) else name[0]
 
 
+def encoder_like(family: str) -> bool:
+    """An encoder used as a decoder (BERT-style ``is_decoder`` flag) or the decoder of an
+    encoder-decoder model, judged from the config's defaults (nothing is built)."""
+    from transformers import CONFIG_MAPPING
+    try:
+        d = CONFIG_MAPPING[family]().to_dict()
+    except Exception:
+        return False
+    return bool(d.get("is_encoder_decoder")) or "decoder_layers" in d or \
+        ("is_decoder" in d and not d["is_decoder"] and "add_cross_attention" in d)
+
+
 def _uniq(seq) -> list:
     out = []
     for x in seq:

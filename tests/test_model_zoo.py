@@ -18,8 +18,7 @@ FAST = {
     "mixtral": None,    # MoE: expert tensor parallelism (3-D expert weights)
     "falcon": "multi-query attention (1 kv head < tp): the attention stays replicated "
               "(share > 0.55)",
-    "gpt_oss": "MoE with attention sinks (aten.max.dim): experts stay whole on every rank "
-               "(share > 0.55)",
+    "gpt_oss": None,    # MoE with attention sinks, interleaved gate/up (strided slice)
 }
 
 
