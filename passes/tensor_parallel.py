@@ -87,6 +87,7 @@ class Rewriter:
         self.requires_grad = requires_grad
         self.graph = fx.Graph()
         self.env, self.placement, self.needs_grad = {}, {}, {}
+        self.full_shape = {}              # new node -> the captured value's full shape
         self.grad_summed = set()          # new nodes whose gradient is already complete
         self._f, self._gathered = {}, {}
         self.collectives = []             # (kind, new node, note, captured node)
@@ -195,6 +196,9 @@ class Rewriter:
             self.grad_summed.add(n)
             self._gathered[v] = n
             self.collectives.append(("all_gather", n, f"before {node.name}", node))
+            # the layout the block's input was sequence-sharded in: its row-parallel end
+            # reduce-scatters back to the same layout (MHA works on [T, B, E])
+            self.last_gathered = (p, self.full_shape.get(v))
         return self._gathered[v]
 
     def reduce_partial(self, v, node, bias=None, scatter: bool = True):
@@ -203,7 +207,7 @@ class Rewriter:
         the shard by the reduce-scatter op, which takes its gradient from the gathered
         output gradient (no f needed)."""
         if self.sp and scatter:
-            seq = self.seq_placement(tuple(value(node).shape), node)
+            seq = self.block_seq_placement(tuple(value(node).shape), node)
             if bias is None:
                 op, args = ptdp_ops.sp_scatter.default, (v,)
             else:
@@ -217,6 +221,16 @@ class Rewriter:
                           like=node)
             self.collectives.append(("all_reduce", n, f"after {node.name}", node))
         return n
+
+    def block_seq_placement(self, full_shape, node) -> Shard:
+        """Where a block's output keeps the sequence split: the layout of the input its
+        column-parallel linears gathered, carried to ``full_shape``; else the embedding's."""
+        p, shape = getattr(self, "last_gathered", (None, None))
+        if p is not None and shape is not None:
+            q = view_rule(shape, p, full_shape, self.t)
+            if q is not None:
+                return q
+        return self.seq_placement(full_shape, node)
 
     def seq_placement(self, full_shape, node) -> Shard:
         e = self.analysis.embed_out_shape
@@ -278,7 +292,9 @@ class Rewriter:
                 if any(self.placement.get(a) is not None for a in out.all_input_nodes):
                     self.fail(node, "the model's output is still sharded")
             else:
-                self.env[node] = self.call(node)
+                self.env[node] = new = self.call(node)
+                if isinstance(value(node), torch.Tensor):
+                    self.full_shape[new] = tuple(value(node).shape)
         return self.graph
 
     def call(self, node):

@@ -90,9 +90,15 @@ def _refuse_view(rw, node, xp, full_in, full_out):
     t = rw.t
     outer_total = math.prod(full_in[:xp.dim]) * xp.outer
     before = 1
-    for o in full_out:
+    for i, o in enumerate(full_out):
         if before == outer_total and o % t:
             what = _heads_kind(node)
+            rest, hd = math.prod(full_out[i + 1:]), _head_dim(node)
+            if hd and rest != hd and xp.outer == 1 and not isinstance(xp, PaddedShard) and \
+                    full_in[xp.dim] % (o * t) == 0 and rest % t == 0:
+                # [.., 3·E] -> [.., 3, E]: a fused q/k/v whose blocks hold several heads
+                # each (nn.MultiheadAttention's in_proj): split every block
+                raise Refine(_producing_weight(rw, node.args[0], node), o)
             if what == "key/value heads" and t % o == 0:
                 # kv heads < tp (MQA, GQA): replicate them, as Megatron does
                 raise KeepReplicated(_producing_weight(rw, node.args[0], node),
