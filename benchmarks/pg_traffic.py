@@ -66,12 +66,11 @@ def ring_bytes(kind: str, n: float, t: int) -> float:
             "reduce_scatter": (t - 1) / t * n}[kind]
 
 
-def _numel(dims) -> int:
-    """Elements of a shape, or of a list of shapes (a TensorList argument)."""
-    if not dims:
-        return 0
-    if isinstance(dims[0], list):
-        return sum(_numel(d) for d in dims)
+def _numel(dims, kind: str) -> int:
+    """Elements of a tensor argument's shape, or of a TensorList argument's shapes (a 0-d
+    tensor's shape is [], one element)."""
+    if kind == "TensorList":
+        return sum(math.prod(d) for d in dims)
     return math.prod(dims)
 
 
@@ -118,14 +117,15 @@ class ProcessGroupTraffic:
         for e in c10d:
             name = e["name"][6:]
             kind, arg = C10D_OPS[name]
-            dims = e["args"]["Input Dims"][arg]
-            numel = _numel(dims)
+            numel = _numel(e["args"]["Input Dims"][arg], e["args"]["Input type"][arg])
             match = None
             for i, g in enumerate(gloo):
                 if used[i] or g["ts"] < e["ts"]:
                     continue
                 algo = g["name"][5:]
-                if algo in GLOO_RUNS[kind] and _numel(g["args"]["Input Dims"]) == numel:
+                # a gloo event lists the shapes of the buffers it ran on
+                if algo in GLOO_RUNS[kind] and \
+                        _numel(g["args"]["Input Dims"], "TensorList") == numel:
                     match = i
                     break
             if match is None:

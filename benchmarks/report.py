@@ -167,6 +167,8 @@ FIGURES = {
     "native_eager_pp": ("vs_torch_native", lambda d: _native(d, "ratio_eager", PP_CONFIGS)),
     "native_compiled_pp": ("vs_torch_native",
                            lambda d: _native(d, "ratio_compiled", PP_CONFIGS)),
+    "native_load": ("vs_torch_native", lambda d: "{} CPUs, 1-minute load average {}".format(
+        d["cpus"], _span(d["load_average"], ".0f"))),
 }
 FIGURE = re.compile(r"<!-- fig:([A-Za-z0-9_]+) -->(.*?)<!-- /fig -->", re.S)
 

@@ -87,8 +87,10 @@ def test_pg_traffic_counts_what_gloo_ran():
     ops = rows[0]
     assert [(o["kind"], o["phase"], o["gloo_algorithm"]) for o in ops] == [
         ("all_gather", "forward", "all_gather"), ("reduce_scatter", "forward", "all_reduce"),
-        ("all_reduce", "forward", "all_reduce"), ("all_reduce", "backward", "all_reduce")]
-    ag, rs, ar, ar_bwd = ops
+        ("all_reduce", "forward", "all_reduce"), ("all_reduce", "backward", "all_reduce"),
+        ("all_reduce", "forward", "all_reduce")]
+    ag, rs, ar, ar_bwd, scalar = ops
+    assert scalar["payload_bytes"] == 8 and scalar["nccl_bytes"] == 8   # 2·(t−1)/t·8
     assert ag["payload_bytes"] == 4 * 8 * 4 and ag["gloo_bytes"] == ag["nccl_bytes"] == 128
     assert rs["payload_bytes"] == 4 * 8 * 4 and rs["gloo_bytes"] == 2 * rs["nccl_bytes"] == 128
     assert ar["gloo_bytes"] == ar["nccl_bytes"] == ar_bwd["nccl_bytes"] == 128
@@ -113,6 +115,7 @@ def _pg_traffic_job():
         _rs_inside(x.detach())
         y = fc.all_reduce(x * 2, "sum", dist.group.WORLD)   # its backward all-reduces
         fc.wait_tensor(y).sum().backward()
+        dist.all_reduce(torch.zeros((), dtype=torch.float64))   # a 0-d tensor: 8 bytes
     return traffic.ops
 
 
