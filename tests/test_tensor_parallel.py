@@ -124,13 +124,14 @@ def _check_parity(world, name, tp, dp, sp, codegen="aot_eager"):
 
 # (model, tp, dp, sequence_parallel): every model at tp 2 and 4, SP off and on, dp 1 and 2
 # (world <= 8). Llama is grouped-query attention (4 heads / 2 kv heads at tp 2; 8 / 4 at
-# tp 4; kv heads < tp is refused, see the error tests). The *_v1xx variants have a
+# tp 4; 4 / 2 at tp 4 replicates the kv heads, as Megatron does). The *_v1xx variants have a
 # vocabulary tp does not divide: padded rows on tied (GPT-2, BERT with a head bias) and
 # untied (Llama) embeddings / LM heads.
 PARITY = [
     ("gpt", 2, 1, False), ("gpt", 2, 1, True), ("gpt", 4, 1, True), ("gpt", 4, 2, False),
     ("gpt2", 2, 1, False), ("gpt2", 4, 2, True), ("gpt2_v129", 4, 1, False),
     ("llama", 2, 1, False), ("llama", 2, 2, True), ("llama_gqa_v130", 4, 1, True),
+    ("llama", 4, 1, True),   # 2 kv heads < tp=4: replicated, each rank uses its group's
     ("bert", 2, 2, False), ("bert", 4, 1, True), ("bert_v131", 2, 1, True),
     ("neox", 2, 1, True), ("neox", 4, 1, False),
 ]
@@ -222,9 +223,7 @@ class CumsumMLP(nn.Module):
 
 def error_job(case):
     tp = 4
-    if case == "kv_heads":          # 4 heads, 2 kv heads
-        model, name = build("llama"), "llama"
-    elif case == "heads":           # 2 heads of 16
+    if case == "heads":           # 2 heads of 16
         model, name = build("gpt", n_head=2), "gpt"
     elif case == "hidden":          # attention width 30
         model, name = build("gpt", n_embd=30, n_head=2), "gpt"
@@ -248,8 +247,7 @@ def error_job(case):
     return None, ""
 
 
-ERRORS = {"kv_heads": ("ConfigError", "tp=4 does not divide the 2 key/value heads"),
-          "heads": ("ConfigError", "tp=4 does not divide the 2 attention heads"),
+ERRORS = {"heads": ("ConfigError", "tp=4 does not divide the 2 attention heads"),
           "hidden": ("ConfigError", "the attention width (heads·head_dim, the hidden size) (30)"),
           "ffn": ("ConfigError", "the FFN size (66)"),
           "sequence": ("ConfigError", "sequence length 14"),
