@@ -36,10 +36,11 @@ KNOWN = {
     "tp_comm": ("Tensor-parallel communication vs Megatron's formula",
                 "bytes one rank sends per decoder layer per microbatch, read from the "
                 "profiler's c10d / gloo events of the step (benchmarks/pg_traffic.py), vs "
-                "8·b·s·h·(t−1)/t: nccl_bytes counts each collective as NCCL's ring sends it, "
+                "8·b·s·h·(t−1)/t: measured_bytes counts each collective the group ran as NCCL's "
+                "ring sends it, "
                 "gloo_bytes what gloo sent (gloo runs a reduce-scatter as a full-size "
                 "all-reduce)",
-                ["t", "sequence_parallel", "formula_bytes", "nccl_bytes", "ratio", "gloo_bytes",
+                ["t", "sequence_parallel", "formula_bytes", "measured_bytes", "ratio", "gloo_bytes",
                  "gloo_ratio"]),
     "activation_memory": ("Activation memory vs Korthikanti et al. 2022",
                           "saved-for-backward bytes per layer, measured / the paper's formula",

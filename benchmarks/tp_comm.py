@@ -11,7 +11,7 @@ rank sends under a ring of t ranks:
 
 - ``gloo_bytes``: the work gloo actually ran. gloo has no reduce-scatter: it runs an
   all-reduce of the full-size input (2(t−1)/t·n sent instead of (t−1)/t·n);
-- ``nccl_bytes``: the collective asked for, as NCCL's ring runs it (all-reduce
+- ``measured_bytes``: the collective asked for, as NCCL's ring runs it (all-reduce
   2(t−1)/t·n, all-gather (t−1)·n_local, reduce-scatter (t−1)/t·n_full).
 
 One decoder layer's forward + backward traffic is the 2-layer step minus the 1-layer
@@ -20,7 +20,7 @@ step. Megatron's analysis gives 8·b·s·h·(t−1)/t elements per layer per mic
 - tensor parallel: 4 all-reduces of b·s·h (2 forward g, 2 backward f);
 - with sequence parallelism: 4 all-gathers + 4 reduce-scatters of b·s·h.
 
-``nccl_bytes`` / ``gloo_bytes`` are that per-layer difference for those activation
+``measured_bytes`` / ``gloo_bytes`` are that per-layer difference for those activation
 collectives (all-reduces without SP; all-gathers + reduce-scatters with SP); ``ratio``
 (NCCL's count / the formula) must be 1.00; ``gloo_ratio`` is what this CPU run moved
 (1.50 with SP: its reduce-scatters are all-reduces). A collective's phase is "backward"
@@ -100,7 +100,7 @@ def job(t, sp, b=B, s=S, h=H, v=V, heads=HEADS, sp_regather=True):
     formula = 8 * b * s * h * (t - 1) / t * 4    # elements × 4 bytes (fp32)
     return {"config": f"gpt b={b} s={s} h={h} fp32, one decoder layer, one microbatch",
             "t": t, "sequence_parallel": sp, "formula_bytes": int(formula),
-            "nccl_bytes": int(nccl), "ratio": round(nccl / formula, 4),
+            "measured_bytes": int(nccl), "ratio": round(nccl / formula, 4),
             "gloo_bytes": int(gloo), "gloo_ratio": round(gloo / formula, 4),
             "regather_bytes": int(regather), "param_grad_bytes": int(param),
             "outside_layers_bytes": int(outside),
@@ -127,7 +127,7 @@ def main(argv=None):
           f"{'gloo/f':>6} {'re-gather B':>11} {'norm/bias grad B':>16} {'outside layers B':>16}")
     for r in rows:
         print(f"{r['t']:>2} {str(r['sequence_parallel']):>5} {r['formula_bytes']:>10} "
-              f"{r['nccl_bytes']:>10} {r['ratio']:>6.2f} {r['gloo_bytes']:>10} "
+              f"{r['measured_bytes']:>10} {r['ratio']:>6.2f} {r['gloo_bytes']:>10} "
               f"{r['gloo_ratio']:>6.2f} {r['regather_bytes']:>11} {r['param_grad_bytes']:>16} "
               f"{r['outside_layers_bytes']:>16}")
     print("bytes one rank sends per decoder layer per microbatch, from the profiler's events; "
