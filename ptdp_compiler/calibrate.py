@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .planner.cluster import Cluster
-from .planner.cost_model import GPUSpec, Link
+from .planner.hardware import GPUSpec, Link
 
 
 def _best(fn, reps=5):

@@ -11,8 +11,9 @@ import dataclasses
 from typing import Optional
 
 from .cluster import Cluster
-from .cost_model import (GPU_SPECS, CostOptions, GPUSpec, Link, ModelCost, gpt_model_cost,
-                         model_cost_from_graph, tp_placements)
+from .cost_model import (CostOptions, ModelCost, gpt_model_cost, model_cost_from_graph,
+                         tp_placements)
+from .hardware import GPU_SPECS, GPUSpec, Link
 from .search import Candidate, Estimate, Evaluator, PlanResult, search
 
 GPT_SHAPES = {  # name -> (hidden, heads, layers): Narayanan et al. 2021 Table 1 + GPT-3

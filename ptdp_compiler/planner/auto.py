@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from .cluster import Cluster
-from .cost_model import GPU_SPECS, GPUSpec, Link
+from .hardware import GPU_SPECS, GPUSpec, Link
 
 # A CPU rank as the cost model sees it when no calibration file is given: one core's
 # GEMM rate, elementwise ops bound by arithmetic, gloo p2p between local processes

@@ -5,7 +5,7 @@ import dataclasses
 import json
 from typing import Optional, Union
 
-from .cost_model import GPU_SPECS, INFINIBAND, NVLINK, GPUSpec, Link, gpu_spec
+from .hardware import GPU_SPECS, INFINIBAND, NVLINK, GPUSpec, Link, gpu_spec
 
 
 def _family(name: str) -> str:

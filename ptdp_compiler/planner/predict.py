@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from .cluster import Cluster
-from .cost_model import BACKWARD_FACTOR, CostOptions, graph_costs, node_time, p2p_time
+from .cost_model import BACKWARD_FACTOR, CostOptions, graph_costs, node_time
+from .hardware import p2p_time
 from .simulator import SimResult, simulate_config
 from ..schedules import SEND_ACT
 

@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Optional
 from ..errors import ConfigError
 from .cluster import Cluster
 from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_bytes_per_layer,
-                         all_gather_time, all_reduce_time, model_flops_per_iteration,
-                         nodes_time, p2p_time, param_bytes_per_gpu, tp_allreduces_per_layer,
-                         weight_grad_time)
+                         model_flops_per_iteration, nodes_time, param_bytes_per_gpu,
+                         tp_allreduces_per_layer, weight_grad_time)
+from .hardware import all_gather_time, all_reduce_time, p2p_time
 from .simulator import SimResult, simulate_config
 from ..schedules import SEND_ACT, expected_peak_inflight
 
