@@ -242,3 +242,31 @@ def test_cost_model_replicated_linear_is_whole_on_every_rank():
     per_layer = sum(numel[n] for n in lone) // mc.num_layers   # fc weight + bias
     assert sorted(k for split, k in gemms if not split) == [per_layer] * mc.num_layers, gemms
     assert sum(1 for split, _ in gemms if split) == 5 * mc.num_layers   # q, k, v, proj, out
+
+
+def test_cost_model_counts_a_replicated_linear_of_the_pass_in_full():
+    """Falcon's fused q/k/v holds one kv head (multi-query) < t=2, and the tensor-parallel
+    pass leaves it whole: the planner counts its weight in full on every rank and does not
+    divide its GEMM over t."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    from benchmarks import zoo_models as Z
+    from ptdp_compiler.planner import model_cost
+    model = Z.build("falcon")
+    args, kwargs = Z.batch("falcon", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mc = model_cost(model, args, kwargs)
+    assert not [w for w in caught if "replicated" in str(w.message).lower()], \
+        "the planner's probe of the pass does not warn the user"
+    qkv = model.get_parameter("transformer.h.0.self_attention.query_key_value.weight")
+    assert mc.tp_shares == "placements at t=2"
+    assert mc.replicated_layer >= qkv.numel()
+    qkv_out = qkv.shape[0]
+    whole = [c for c in mc.layers[0] if c.kind == "gemm" and not c.tp_split]
+    assert [c.gemm_dims[1] for c in whole] == [qkv_out], [(c.name, c.gemm_dims) for c in whole]
+    ev = Evaluator(mc, Cluster(nodes=1, gpus_per_node=2, gpu="A100-80GB"), 2)
+    one, two = (ev.params_on_rank(Candidate(t=t, p=1, d=1, v=1, b=1, m=1, sp=False,
+                                            recompute="none"), 0) for t in (1, 2))
+    assert two - one / 2 >= qkv.numel() * mc.num_layers / 2

@@ -155,7 +155,7 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
         for n in nodes:
             c = by_name.get(n.name)
             if c is not None and c.kind in ("gemm", "embedding") and \
-                    any(a in replicated for a in n.all_input_nodes):
+                    any(_weight_of(a) in replicated for a in n.all_input_nodes):
                 c.tp_split = c.sp_split = False   # every rank computes it whole
     heads, seq = _attention_shape(gm)
     vocab = 0
@@ -178,6 +178,14 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
                      replicated_pre=rep["pre"], replicated_post=rep["post"],
                      tp_shares="placements of the tensor-parallel pass" if placements is not None
                      else ModelCost.tp_shares)
+
+
+def _weight_of(a: fx.Node) -> fx.Node:
+    """The placeholder ``a`` is computed from through single-input ops (``W.T``, a view,
+    a cast), else ``a`` itself."""
+    while a.op == "call_function" and len(a.all_input_nodes) == 1:
+        a = a.all_input_nodes[0]
+    return a
 
 
 def _residual_width(costs) -> int:
@@ -254,12 +262,17 @@ def tp_placements(model, args: tuple, kwargs: dict, t: int = 2) -> tuple:
     gives ``model``'s parameters at ``t`` (None: replicated on every rank), from
     ``build_program(..., until="passes")`` on rank 0; ``(None, reason)`` when the pass
     refuses the model."""
+    import warnings
+
     from ..config import ParallelConfig
     from ..errors import PTDPError
+    from ..passes.tp_coverage import ReplicatedWeightWarning
     from ..program import build_program
     try:
-        prog = build_program(model, ParallelConfig(tp=t), (args, dict(kwargs), None),
-                             coords=_ProbeCoords(t, world=t), until="passes")
+        with warnings.catch_warnings():   # a probe: parallelize warns the user itself
+            warnings.simplefilter("ignore", ReplicatedWeightWarning)
+            prog = build_program(model, ParallelConfig(tp=t), (args, dict(kwargs), None),
+                                 coords=_ProbeCoords(t, world=t), until="passes")
     except PTDPError as e:
         return None, f"tensor-parallel pass refused at t={t}: {str(e).splitlines()[0]}"
     return {n: pp.placement for n, pp in prog.plan.params.items()}, f"placements at t={t}"
