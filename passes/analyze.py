@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import ancestors  # noqa: F401  (re-exported)
 from ptdp_compiler.placement import Shard
 
 aten = torch.ops.aten
@@ -309,17 +310,6 @@ def _reaches_loss_only(lin: Linear) -> Optional[fx.Node]:
             else:
                 return None
     return loss
-
-
-def ancestors(roots) -> set:
-    """Every node the values ``roots`` are computed from, ``roots`` included."""
-    seen, stack = set(), [r for r in roots if isinstance(r, fx.Node)]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _from_user_inputs(n: fx.Node) -> bool:

@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 
 import ptdp_compiler.collectives  # noqa: F401  (registers the ptdp:: ops)
-import ptdp_compiler.runtime.rng  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
+import ptdp_compiler.ops  # noqa: F401  (registers ptdp::tp_rank_dropout_mask)
 from ptdp_compiler.capture import source_line
 from ptdp_compiler.errors import ShardingError
 from ptdp_compiler.placement import CollectivePlan, Shard
@@ -98,6 +98,8 @@ class Rewriter:
         self.bucket = dict(bucket or {})
         self.params_with_own_f = []
         self.dropouts = {"sharded": 0, "replicated": 0}
+        self.sequence_gathered = []       # ops run on the whole sequence under SP
+        self.sequence_split, self.scattered = set(), set()
 
     # ---- lookups -------------------------------------------------------------------------
     def new(self, old):
@@ -185,8 +187,10 @@ class Rewriter:
         self.collectives.append(("all_reduce", s, what, node))
         return s
 
-    def gathered(self, v, node):
-        """A sequence-sharded value made whole (SP all-gather; its backward reduce-scatters)."""
+    def gathered(self, v, node, block_input: bool = True):
+        """A sequence-sharded value made whole (SP all-gather; its backward reduce-scatters).
+        ``block_input``: it is a column-parallel linear's input, whose layout the block's
+        row-parallel end reduce-scatters back to."""
         p = self.placement[v]
         if p is None:
             return v
@@ -196,6 +200,7 @@ class Rewriter:
             self.grad_summed.add(n)
             self._gathered[v] = n
             self.collectives.append(("all_gather", n, f"before {node.name}", node))
+        if block_input:
             # the layout the block's input was sequence-sharded in: its row-parallel end
             # reduce-scatters back to the same layout (MHA works on [T, B, E])
             self.last_gathered = (p, self.full_shape.get(v))
@@ -214,6 +219,7 @@ class Rewriter:
                 op, args = ptdp_ops.sp_scatter_bias.default, (v, bias)
             n = self.emit(op, (*args, seq.dim, seq.outer, self.group_name, self.t), pl=seq,
                           like=node)
+            self.scattered.add(n)
             self.collectives.append(("reduce_scatter", n, f"after {node.name}" +
                                      (" (+ bias)" if bias is not None else ""), node))
         else:
@@ -293,6 +299,7 @@ class Rewriter:
                     self.fail(node, "the model's output is still sharded")
             else:
                 self.env[node] = new = self.call(node)
+                self.note_sequence_split(node, new)
                 if isinstance(value(node), torch.Tensor):
                     self.full_shape[new] = tuple(value(node).shape)
         return self.graph
@@ -311,11 +318,55 @@ class Rewriter:
         if node.target is aten._assert_tensor_metadata.default:
             return None                            # full-shape metadata check: dropped
         rule = find_rule(node.target)
-        if rule is None:
-            self.fail(node, f"no sharding rule for {node.target} with sharded inputs "
-                            f"({', '.join(str(p) for p in placements)}); it is not local "
-                            "on the sharded dimension as far as the compiler knows")
-        return rule(self, node)
+        try:
+            if rule is None:
+                self.fail(node, f"no sharding rule for {node.target} with sharded inputs "
+                                f"({', '.join(str(p) for p in placements)}); it is not "
+                                "local on the sharded dimension as far as the compiler knows")
+            return rule(self, node)
+        except ShardingError:
+            if not self.sequence_sharded_only(node):
+                raise
+        return self.on_whole_sequence(node)
+
+    def sequence_sharded_only(self, node) -> bool:
+        """Under SP: every sharded input of ``node`` is split along the sequence (derived
+        from a reduce-scatter by ops that kept the token split, not from a weight's)."""
+        sharded = [a for a in node.all_input_nodes if self.placement_of(a) is not None]
+        return self.sp and bool(sharded) and all(a in self.sequence_split for a in sharded)
+
+    def note_sequence_split(self, node, new):
+        """Track which captured values are split along the sequence (for the fallback
+        above): a reduce-scatter's result, and what ops make of such values alone."""
+        if new is None or self.placement.get(new) is None:
+            return
+        sharded = [a for a in node.all_input_nodes if self.placement_of(a) is not None]
+        if new in self.scattered or (sharded and all(a in self.sequence_split
+                                                     for a in sharded)):
+            self.sequence_split.add(node)
+
+    def on_whole_sequence(self, node):
+        """An op that mixes tokens across the sequence (a mixture-of-experts block sorting
+        and gathering tokens): its sequence-sharded inputs are all-gathered and it runs
+        replicated, as Megatron's MoE all-gathers under SP. Recorded for explain."""
+        def whole(a):
+            v = self.env[a]
+            p = self.placement.get(v)
+            if p is None:
+                return v
+            if ("whole", v) not in self._gathered:
+                n = self.emit(ptdp_ops.sp_gather_whole.default,
+                              (v, p.dim, p.outer, self.group_name, self.t, self.rank),
+                              pl=None, like=node)
+                self._gathered[("whole", v)] = n
+                self.collectives.append(("all_gather", n, f"whole sequence for {node.name}",
+                                         node))
+            return self._gathered[("whole", v)]
+        n = self.graph.node_copy(node, whole)
+        self.placement[n] = None
+        self.needs_grad[n] = any(self.needs_grad.get(a, False) for a in n.all_input_nodes)
+        self.sequence_gathered.append(node)
+        return n
 
 
 def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: int,
@@ -398,6 +449,13 @@ def _log(plan, analysis, seeds, rw, t, sp):
                           f"operators, {len(rw.rewrites)} shape constants rewritten"))
     if sp:
         plan.pass_log.append(("sequence_parallel", describe_sequence_parallel(rw)))
+    if rw.sequence_gathered:
+        ops = sorted({str(n.target) for n in rw.sequence_gathered})
+        plan.pass_log.append(("sequence_parallel", (
+            f"{len(rw.sequence_gathered)} op(s) that mix tokens across the sequence "
+            f"({', '.join(ops)}) run on the all-gathered sequence, as Megatron's "
+            "mixture-of-experts does under SP; their results are sliced back where they "
+            "meet the sequence shard")))
     for size, pad in sorted({(pl.size, pl.padded) for pl in seeds.values()
                              if isinstance(pl, PaddedShard)}):
         plan.pass_log.append(("vocabulary padding", (

@@ -99,7 +99,7 @@ def buckets_by_layer(gm: fx.GraphModule, names: list) -> dict:
     container their first reader belongs to) share a bucket; outside the layers, those of
     one module (e.g. the final norm's weight and bias) do. Per layer, so regional
     compilation sees identical layers and no bucket spans two pipeline stages."""
-    from ptdp_compiler.passes.pipeline_split import _layer_key as layer_key
+    from ptdp_compiler.graph_utils import layer_key
     wanted = set(names)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     out = {}

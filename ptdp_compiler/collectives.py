@@ -189,6 +189,38 @@ sp_gather.register_autograd(_gather_backward, setup_context=_setup_sp)
 sp_scatter.register_autograd(_scatter_backward, setup_context=_setup_sp)
 
 
+# SP values that a replicated computation needs whole (a mixture-of-experts block sorts and
+# gathers tokens across the sequence): all-gather forward. Every rank then computes the
+# same complete gradient of the whole value, so the backward keeps this rank's slice of
+# it and sends nothing (sp_gather's reduce-scatter would sum t equal copies).
+@torch.library.custom_op("ptdp::sp_gather_whole", mutates_args=())
+def sp_gather_whole(x: torch.Tensor, dim: int, outer: int, group_name: str, t: int,
+                    rank: int) -> torch.Tensor:
+    return _all_gather(x, dim, outer, t, group_name)
+
+
+@sp_gather_whole.register_fake
+def _(x, dim, outer, group_name, t, rank):
+    return x.new_empty(_scaled_shape(x, dim, t))
+
+
+def _whole_setup(ctx, inputs, output):
+    ctx.dim, ctx.outer, ctx.t, ctx.rank = inputs[1], inputs[2], inputs[4], inputs[5]
+
+
+def _whole_backward(ctx, grad):
+    dim = ctx.dim % grad.dim()
+    shape = list(grad.shape)
+    n = shape[dim] // (ctx.outer * ctx.t)
+    mine = grad.reshape(shape[:dim] + [ctx.outer, ctx.t, n] + shape[dim + 1:]).select(
+        dim + 1, ctx.rank)
+    return mine.reshape(shape[:dim] + [ctx.outer * n] + shape[dim + 1:]), None, None, None, \
+        None, None
+
+
+sp_gather_whole.register_autograd(_whole_backward, setup_context=_whole_setup)
+
+
 # A row-parallel linear's bias under SP. Added after the reduce-scatter, the bias acts on
 # the sequence shard and its gradient (the shard's sum) would need an all-reduce over tp,
 # as Megatron does. But the backward of the reduce-scatter all-gathers the output gradient
@@ -237,6 +269,7 @@ TP_COLLECTIVES = {
     torch.ops.ptdp.tp_g.default: "g (all-reduce fwd / identity bwd)",
     torch.ops.ptdp.tp_f_bucket.default: "f over a parameter bucket (one all-reduce bwd)",
     torch.ops.ptdp.sp_gather.default: "all-gather (fwd) / reduce-scatter (bwd)",
+    torch.ops.ptdp.sp_gather_whole.default: "all-gather (fwd) / own slice, no send (bwd)",
     torch.ops.ptdp.sp_scatter.default: "reduce-scatter (fwd) / all-gather (bwd)",
     torch.ops.ptdp.sp_scatter_bias.default: "reduce-scatter + bias (fwd) / all-gather, the "
                                             "bias gradient from the gathered rows (bwd)",
@@ -249,6 +282,7 @@ FORWARD_KIND = {
     torch.ops.ptdp.tp_g.default: "all_reduce",
     torch.ops.ptdp.tp_f_bucket.default: None,
     torch.ops.ptdp.sp_gather.default: "all_gather",
+    torch.ops.ptdp.sp_gather_whole.default: "all_gather",
     torch.ops.ptdp.sp_scatter.default: "reduce_scatter",
     torch.ops.ptdp.sp_scatter_bias.default: "reduce_scatter",
     torch.ops.ptdp.all_reduce_max.default: "all_reduce",

@@ -25,7 +25,7 @@ def heads_of(rw, a, node):
     if p is not None and rw.sp and (p.dim != 1 or p.outer != 1):
         # a projection kept whole ran on the sequence shard: gather it (the all-gather's
         # backward reduce-scatters the partial gradients of each rank's heads)
-        v, p = rw.gathered(v, node), None
+        v, p = rw.gathered(v, node, block_input=False), None
     if p is not None:
         if p.dim != 1 or p.outer != 1:
             rw.fail(node, f"attention needs q, k, v split on the heads dimension; got {p}")

@@ -418,6 +418,12 @@ def copy_into(rw, node):
     if dp is None:
         rw.fail(node, f"copying a sharded value ({sp}) into a replicated one")
     nsrc = rw.new(src)
+    if sp is not None and rw.sp and src in rw.sequence_split and \
+            moved(sp, sp.dim + len(_shape(dst)) - len(_shape(src))) != dp:
+        # a replicated projection that ran on the sequence shard (MLA's shared rotary key)
+        # copied into head-sharded storage: gather the sequence (the all-gather's backward
+        # reduce-scatters each rank's partial gradient)
+        nsrc, sp = rw.gathered(nsrc, node, block_input=False), None
     if sp is None:
         nsrc = rw.localize(nsrc, _shape(src), dp, len(_shape(dst)), node)
     elif moved(sp, sp.dim + len(_shape(dst)) - len(_shape(src))) != dp:
