@@ -51,6 +51,7 @@ from benchmarks import zoo_models as Z  # noqa: E402
 
 GB = 4                 # global batch: 2 microbatches of 2 under pp
 RTOL = 1e-4            # relative to each tensor's largest entry ...
+MAX_MESSAGE = 3000     # characters of an error message kept in the JSON
 FLOOR = 1e-3           # ... or to FLOOR x the step's largest gradient entry, if larger
 LAYOUTS = {
     "tp2": (2, dict(tp=2)),
@@ -281,8 +282,8 @@ def reason(res: dict) -> str:
         return f"{bad[0]}: " + (f"{bad[1]['error']}: " if bad[1]["error"] else "") + \
             short(bad[1]["message"])
     warned = next(((lay, r) for lay, r in res.items() if r["warnings"]), None)
-    if warned:
-        return f"{warned[0]} warns: " + short(warned[1]["warnings"][0])
+    if warned:   # a warning's first lines name the weights: keep them on one line
+        return f"{warned[0]} warns: " + short(" ".join(warned[1]["warnings"][0].split()), 160)
     heavy = [(lay, r["share"]) for lay, r in res.items()
              if r["share"] is not None and r["share"] > SHARE_LIMIT.get(lay, 1.0)]
     if heavy:
@@ -344,6 +345,8 @@ def main(argv=None):
             have = {r["family"] for r in have.get("rows", [])} | \
                 {s["family"] for s in have.get("skipped", [])}
             fams = [f for f in fams if f not in have]
+    elif a.families == "none":     # with --update: re-render the JSON only
+        fams = []
     elif a.families:
         fams = [Z.ALIASES.get(f, f) for f in a.families.split(",") if f]
         unknown = [f for f in fams if f not in everything]
@@ -403,6 +406,13 @@ def main(argv=None):
     def dump():
         if old_rows or old_skipped:
             doc["rows"], doc["skipped"] = merged()
+        for r in doc["rows"]:    # cells and reasons as this version renders them
+            for lay, res in r.get("layouts", {}).items():
+                msg = res.get("message")
+                if isinstance(msg, str) and len(msg) > MAX_MESSAGE:   # e.g. a whole graph
+                    res["message"] = msg[:MAX_MESSAGE] + f" … ({len(msg)} characters)"
+                r[lay] = cell(res)
+            r["reason"] = reason(r.get("layouts", {}))
         summary = summarize(doc["rows"], all_layouts)
         doc["summary"] = summary
         doc["note"] = ("Cells: status and share of parameters per rank (max over ranks; "

@@ -16,8 +16,8 @@ FAST = {
     "bloom": None,      # aten.baddbmm with ALiBi biases (sharded with the heads)
     "qwen3": None,      # per-head q/k RMSNorm over head_dim is not a barrier
     "mixtral": None,    # MoE: expert tensor parallelism (3-D expert weights)
-    "falcon": "multi-query attention (1 kv head < tp): the attention stays replicated "
-              "(share > 0.55)",
+    "falcon": "multi-query attention (1 kv head < tp) runs, but its fused qkv keeps the "
+              "shared kv head replicated: 0.60 of the parameters per rank (warned)",
     "gpt_oss": None,    # MoE with attention sinks, interleaved gate/up (strided slice)
 }
 
