@@ -265,7 +265,7 @@ class Rewriter:
             return self.emit(aten.slice.Tensor, (v, j, lo, lo + n // t), pl=None, like=node)
         # block layout (outer, t, inner): keep index `rank` of the middle factor
         shape = list(full_shape)
-        blocks = self.emit(aten.view.default, (v, shape[:j] + [o, t, n // (o * t)] +
+        blocks = self.emit(aten.reshape.default, (v, shape[:j] + [o, t, n // (o * t)] +
                                                shape[j + 1:]), pl=None, like=node)
         mine = self.emit(aten.select.int, (blocks, j + 1, self.rank), pl=None, like=node)
         return self.emit(aten.reshape.default, (mine, shape[:j] + [n // t] + shape[j + 1:]),

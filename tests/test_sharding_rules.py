@@ -31,8 +31,7 @@ def nn_job(block, sp):
     return losses, grads, sum(p.numel() for p in pm.parameters())
 
 
-@pytest.mark.parametrize("block", ["sdpa", "mha"])
-@pytest.mark.parametrize("sp", [False, True])
+@pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head."""

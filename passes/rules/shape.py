@@ -61,8 +61,9 @@ def _heads_kind_of(node) -> str:
 def _emit_view(rw, node, p, full_out):
     new = local_shape(full_out, p, rw.t)
     rw.shape_rewrite(node, full_out, new)
-    tgt = node.target if node.target in (aten.view.default, aten._unsafe_view.default) \
-        else aten.reshape.default
+    # reshape, not view: a rank's shard can be strided where the full tensor was not
+    # (a slice of a fused projection), and so can the gradient AOTAutograd views back
+    tgt = aten.reshape.default
     return rw.emit(tgt, (rw.new(node.args[0]), new), pl=p, like=node)
 
 
