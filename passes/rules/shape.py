@@ -352,6 +352,17 @@ def _joined(rw, node, tensors):
     return shard
 
 
+def _localized(rw, node, pieces, shard, ndim) -> list:
+    """The pieces of a cat / stack on this rank: replicated ones sliced to ``shard``."""
+    out = []
+    for a in pieces:
+        v = rw.new(a)
+        if rw.placement.get(v) is None:
+            v = rw.localize(v, tuple(a.meta["val"].shape), shard, ndim, node)
+        out.append(v)
+    return out
+
+
 @rule(aten.cat.default)
 def cat(rw, node):
     tensors = node.args[0]
@@ -368,13 +379,8 @@ def cat(rw, node):
                           "sharded alike")
         out = moved(shard, dim, shard.outer * len(pieces))
         return rw.emit(aten.cat.default, ([rw.new(a) for a in pieces], dim), pl=out, like=node)
-    new = []
-    for a in pieces:
-        v = rw.new(a)
-        if rw.placement.get(v) is None:
-            v = rw.localize(v, tuple(a.meta["val"].shape), shard, m, node)
-        new.append(v)
-    return rw.emit(aten.cat.default, (new, dim), pl=shard, like=node)
+    return rw.emit(aten.cat.default, (_localized(rw, node, pieces, shard, m), dim), pl=shard,
+                   like=node)
 
 
 @rule(aten.stack.default)
@@ -384,13 +390,8 @@ def stack(rw, node):
     dim = (node.args[1] if len(node.args) > 1 else 0) % m
     shard = _joined(rw, node, tensors)
     out = moved(shard, shard.dim + 1 if dim <= shard.dim else shard.dim)
-    new = []
-    for a in tensors:
-        v = rw.new(a)
-        if rw.placement.get(v) is None:
-            v = rw.localize(v, tuple(a.meta["val"].shape), shard, m - 1, node)
-        new.append(v)
-    return rw.emit(aten.stack.default, (new, dim), pl=out, like=node)
+    return rw.emit(aten.stack.default, (_localized(rw, node, tensors, shard, m - 1), dim),
+                   pl=out, like=node)
 
 
 @rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
