@@ -75,12 +75,14 @@ def microbatch(name: str, m: int = 1):
 def predict(name: str, cluster, configs: list, overheads) -> dict:
     """{(schedule, p, v, m): predicted makespan (s)} from the captured graph of one
     microbatch, the calibrated cluster and the simulator."""
-    from ptdp_compiler.capture import capture
     from ptdp_compiler.calibrate import time_opaque_ops
+    from ptdp_compiler.config import ParallelConfig
+    from ptdp_compiler.program import build_program
     from ptdp_compiler.planner.cost_model import CostOptions
     from ptdp_compiler.planner.predict import chunk_costs, predict_pipeline
     ids, tgt = microbatch(name)
-    cap = capture(build_model(name), (ids,), {"targets": tgt})
+    cap = build_program(build_model(name), ParallelConfig(), ((ids,), {"targets": tgt}, None),
+                        until="capture")
     measured = time_opaque_ops(cap.gm)
     opts = CostOptions(attention="flash")   # CPU SDPA is a fused kernel
     out = {}

@@ -284,7 +284,6 @@ def gpt_model_cost(hidden: int, heads: int, layers: int, seq: int = 2048, vocab:
     """Graph-derived costs of a standard GPT (h, a, l, s, V) without building it: capture
     ONE layer of examples/models/gpt.py at full width on the meta device, then repeat that
     layer's node costs ``layers`` times."""
-    from ..capture import capture
     try:
         from examples.models.gpt import GPT, GPTConfig
     except ImportError:  # run from outside the repository root
@@ -302,7 +301,10 @@ def gpt_model_cost(hidden: int, heads: int, layers: int, seq: int = 2048, vocab:
         model = GPT(cfg).to(dtype)
     model.train()
     idx = torch.zeros(1, seq, dtype=torch.long, device="meta")
-    cap = capture(model, (idx,), {"targets": idx})
+    from ..config import ParallelConfig
+    from ..program import build_program
+    cap = build_program(model, ParallelConfig(), ((idx,), {"targets": idx}, None),
+                        until="capture")
     mc = model_cost_from_graph(cap.gm, name=f"GPT(h={hidden},a={heads},l={layers},s={seq},V={vocab})")
     layer = mc.layers[0]
     return dataclasses.replace(mc, num_layers=layers, layers=[layer] * layers, vocab=vocab,
