@@ -81,19 +81,6 @@ def _compiler_warning(w) -> bool:
     return fn.startswith(_COMPILER_DIRS) or fn == os.path.abspath(__file__)
 
 
-def _parallel_sgd(pm, args, kwargs, steps, lr):
-    args = tuple(pm.dp_shard(a) for a in args)
-    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
-    opt = torch.optim.SGD(pm.parameters(), lr=lr)
-    losses, grads = [], []
-    for _ in range(steps):
-        opt.zero_grad()
-        losses.append(pm.train_step(*args, **kwargs).detach())
-        grads.append(pm.full_grads())
-        opt.step()
-    return losses, grads
-
-
 def zoo_job(family: str, cfg: dict, gb: int = GB, steps: int = Z.STEPS, lr: float = Z.LR,
             return_grads_from: int = 0):
     """Run on every rank of a LocalWorld: compile ``family`` with ``cfg``, train ``steps``
@@ -104,7 +91,7 @@ def zoo_job(family: str, cfg: dict, gb: int = GB, steps: int = Z.STEPS, lr: floa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = ptdp.parallelize(Z.build(family), codegen="aot_eager", **cfg)
-        losses, grads = _parallel_sgd(pm, *Z.batch(family, gb), steps, lr)
+        losses, grads = Z.parallel_sgd(pm, *Z.batch(family, gb), steps, lr)
     seen, warns = set(), []
     for w in caught:
         if _compiler_warning(w):

@@ -311,6 +311,24 @@ def sgd(model, args, kwargs, steps: int = STEPS, lr: float = LR):
     return losses, grads
 
 
+def parallel_sgd(pm, args, kwargs, steps: int, lr: float, after_step=None):
+    """The same SGD loop on a ParallelModule (this rank's dp slice of the batch); returns
+    global losses and full-shape gradients per step. ``after_step(pm)`` runs after each
+    step's gradients are gathered."""
+    args = tuple(pm.dp_shard(a) for a in args)
+    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
+    opt = torch.optim.SGD(pm.parameters(), lr=lr)
+    losses, grads = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(pm.train_step(*args, **kwargs).detach())
+        grads.append(pm.full_grads())
+        if after_step is not None:
+            after_step(pm)
+        opt.step()
+    return losses, grads
+
+
 def reference(family: str, global_batch: int = 4, steps: int = STEPS, lr: float = LR):
     """The specification: the same model trained on one device."""
     return sgd(build(family), *batch(family, global_batch), steps, lr)
