@@ -103,10 +103,13 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         from functorch.compile import make_boxed_func
         from torch._functorch.aot_autograd import aot_module_simplified
 
+        from ptdp_compiler.passes.views_as_reshapes import views_as_reshapes
+
         def nop(g, _inputs):
-            return make_boxed_func(g.forward)
+            return make_boxed_func(views_as_reshapes(g).forward)
 
         def bw_nop(g, _inputs):
+            g = views_as_reshapes(g)
             sg = split_of(g) if weights else None
             if sg is None:
                 return make_boxed_func(g.forward)
