@@ -196,13 +196,18 @@ def compile_regional(gm: fx.GraphModule, example_inputs: list, codegen: str,
     regions = split_regions(gm, example_inputs)
     if len(regions) < 2:
         return compile_one(gm, example_inputs, codegen)
+    from ptdp_compiler import progress
     compiled: dict = {}
     boundary_examples: list = []
+    distinct = len({r.key for r in regions})
     for r in regions:
         args = [example_inputs[i] if kind == "graph" else boundary_examples[i]
                 for kind, i in r.inputs]
         if r.key not in compiled:
-            compiled[r.key] = compile_one(r.gm, args, codegen)
+            with progress.phase(f"region {len(compiled) + 1}/{distinct}") as info:
+                before = progress.cache_counts()
+                compiled[r.key] = compile_one(r.gm, args, codegen)
+                info["note"] = progress.cache_note(before)
         r.fn = compiled[r.key]
         out_node = next(iter(r.gm.graph.find_nodes(op="output")))
         rg = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)

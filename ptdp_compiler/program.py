@@ -40,6 +40,7 @@ from .codegen import compile_graph
 from .codegen.partition import trial_partition
 from .errors import InputShapeError
 from .passes import run_passes
+from . import progress
 from .placement import Plan, Shard
 
 
@@ -151,23 +152,28 @@ def build_program(model_or_graph, config, example_inputs, coords=None,
     """
     if until not in STEPS:
         raise ValueError(f"until={until!r}: one of {STEPS}")
-    if from_dynamo:
-        captured = capture_dynamo_graph(model_or_graph, list(example_inputs),
-                                        loss_only=config.tp > 1)
-        params = params if params is not None else captured.params(example_inputs)
-        buffer = captured.buffers(example_inputs).__getitem__
-        users = captured.users(example_inputs)
-    else:
-        args, kwargs, target = example_inputs
-        captured = capture(model_or_graph, args, kwargs, target, config.loss_fn)
-        params = params if params is not None else dict(model_or_graph.named_parameters())
-        buffer = model_or_graph.get_buffer
-        users = user_tensors(captured, args, kwargs, target)
+    if until == "compile":
+        progress.say(f"building rank 0's program (dp={config.dp} tp={config.tp} "
+                     f"pp={config.pp}): capture -> passes -> compile")
+    with progress.phase("capture"):
+        if from_dynamo:
+            captured = capture_dynamo_graph(model_or_graph, list(example_inputs),
+                                            loss_only=config.tp > 1)
+            params = params if params is not None else captured.params(example_inputs)
+            buffer = captured.buffers(example_inputs).__getitem__
+            users = captured.users(example_inputs)
+        else:
+            args, kwargs, target = example_inputs
+            captured = capture(model_or_graph, args, kwargs, target, config.loss_fn)
+            params = params if params is not None else dict(model_or_graph.named_parameters())
+            buffer = model_or_graph.get_buffer
+            users = user_tensors(captured, args, kwargs, target)
     if until == "capture":
         return Program(captured, captured.gm, Plan(), None, {}, None, None)
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
-    result = run_passes(captured, config, coords, params, full_shapes,
-                        trial_partition=trial_partition)
+    with progress.phase("passes"):
+        result = run_passes(captured, config, coords, params, full_shapes,
+                            trial_partition=trial_partition)
     if result.split is None:
         chunks = {0: ChunkProgram(0, result.gm, [("graph", key) for key in captured.inputs],
                                   [], [], sorted(n for k, n in captured.inputs if k == "param"))}
@@ -177,7 +183,8 @@ def build_program(model_or_graph, config, example_inputs, coords=None,
     program = Program(captured, result.gm, result.plan, result.loss_weight, chunks, stage,
                       result.split)
     if until == "compile":
-        _compile(program, config, params, buffer, users, coords.device)
+        with progress.phase("compile"):
+            _compile(program, config, params, buffer, users, coords.device)
     return program
 
 
@@ -236,13 +243,16 @@ def _compile(program: Program, config, params: dict, buffer: Callable, users,
             else:
                 example.append(_real(input_value(ref, params, buffer, program.captured.constants,
                                                  users), device))
-        if program.stage is None:
-            ch.fn = compile_graph(ch.gm, example, config.codegen, config.comm_reorder)
-        else:
-            # a chunk that sends no input gradient (chunk 0) gains nothing from a split
-            ch.fn = compile_graph(ch.gm, example, config.codegen, config.comm_reorder,
-                                  split_backward=config.split_backward
-                                  and program.stage.receives_from_peer(k))
+        with progress.phase(f"chunk {k}") as info:
+            before = progress.cache_counts()
+            if program.stage is None:
+                ch.fn = compile_graph(ch.gm, example, config.codegen, config.comm_reorder)
+            else:
+                # a chunk that sends no input gradient (chunk 0) gains nothing from a split
+                ch.fn = compile_graph(ch.gm, example, config.codegen, config.comm_reorder,
+                                      split_backward=config.split_backward
+                                      and program.stage.receives_from_peer(k))
+            info["note"] = progress.cache_note(before)
 
 
 def _param_example(p: torch.Tensor, plan, device: torch.device) -> torch.Tensor:
