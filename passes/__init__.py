@@ -5,6 +5,7 @@ and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
     tensor_parallel    placements, f/g, shape rewrite (+ sequence_parallel rules)    (tp > 1)
     fake-tensor check  the per-rank graph re-run with FakeTensor at local shapes     (tp > 1)
+    expert_parallel    routed experts -> all-to-all dispatch / combine over ep       (ep > 1)
     recompute          save / recompute tags for the partitioner
     pipeline_split     p·v chunks balanced by cost, boundary tensors, tied weights   (pp > 1)
 
@@ -55,6 +56,9 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     if cfg.tp > 1:
         from .tensor_parallel import tensor_parallel_pass
         gm = tensor_parallel_pass(gm, cfg, coords, params, plan)
+    if getattr(cfg, "ep", 1) > 1:
+        from .expert_parallel import expert_parallel_pass
+        gm = expert_parallel_pass(gm, cfg, coords, params, plan)
     # recompute: tag nodes save / recompute for the partitioner
     from .recompute import recompute_pass
     gm, plan.recompute = recompute_pass(gm, cfg.recompute,

@@ -62,11 +62,12 @@ class ParallelModule:
         self.module = module
         from .runtime.precision import cast_module
         cast_module(module, config.precision)  # bf16/fp16: capture sees low-precision weights
-        self.coords = build_mesh(config.dp, config.pp, config.tp)
+        self.coords = build_mesh(config.dp, config.pp, config.tp, config.ep)
+        self._expert_names: set | None = None  # ep > 1: routed-expert tensors, once compiled
         self._params = dict(module.named_parameters())
         self._full_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
         self._placements: dict | None = None   # name -> Shard over tp, once compiled
-        if config.tp > 1:
+        if config.tp > 1 or config.ep > 1:
             # this rank's parameters are Parameters of their own, sharing the module's
             # storage (no copy); once the first Program is built the sharded ones shrink to
             # this rank's shard and the module's full copies are released (_apply_placements)
@@ -108,6 +109,7 @@ class ParallelModule:
         """Lay this rank's parameters out as ``program`` says: tp shards, then (pp > 1)
         the pipeline stage's parameters."""
         self._apply_placements(program.placements)
+        self._apply_experts(program.plan)
         if program.stage is not None:
             self._apply_stage(program.stage.local_params)
 
@@ -137,7 +139,33 @@ class ParallelModule:
             h.remove()
         self._buckets = self._make_buckets()
 
+    def _apply_experts(self, plan):
+        """ep > 1: keep this rank's block of every routed expert's tensors (once) and bucket
+        their gradients over the ranks holding the same experts (runtime/expert_parallel)."""
+        if self.config.ep == 1:
+            return
+        from .runtime import expert_parallel as _ep
+        names = _ep.expert_names(plan)
+        if self._expert_names is not None:
+            if names != self._expert_names:
+                raise ConfigError("a new input signature found different routed experts; "
+                                  "keep the model's inputs uniform")
+            return
+        with torch.no_grad():
+            for n in names:
+                p = self._params[n]
+                p.data = _ep.shard_experts(p.data, self.config.ep, self.coords.ep_rank)
+                m = self.module.get_parameter(n)
+                m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
+        self._expert_names = names
+        for h in self._buckets._hooks:
+            h.remove()
+        self._buckets = self._make_buckets()
+
     def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        if name in (self._expert_names or ()):
+            from .runtime.expert_parallel import gather_experts
+            local = gather_experts(local, self.coords.group("ep"), self.config.ep)
         pl = (self._placements or {}).get(name)
         if pl is None:
             return local
@@ -355,9 +383,20 @@ class ParallelModule:
         reduce-scatter for the distributed optimizer (runtime/optimizer.py)."""
         from .runtime.optimizer import make_buckets
         self._materialize_meta()
-        b = make_buckets(list(self._params.values()), self._dp_group,
-                         int(self.config.bucket_mb * 2**20), self.config.precision,
-                         self.config.distributed_optimizer, self.config.dp)
+        args = (int(self.config.bucket_mb * 2**20), self.config.precision,
+                self.config.distributed_optimizer)
+        if self._expert_names:   # ep > 1: expert gradients are summed over edp, not dp
+            from .runtime.expert_parallel import ExpertBuckets
+            c, experts = self.coords, self._expert_names
+            edp = self.config.dp // self.config.ep
+            b = ExpertBuckets(
+                make_buckets([p for n, p in self._params.items() if n not in experts],
+                             self._dp_group, *args, self.config.dp),
+                make_buckets([p for n, p in self._params.items() if n in experts],
+                             c.group("edp") if edp > 1 else None, *args, edp),
+                self._dp_group, self.config.dp, c.dp_rank, c.group("edp"), edp, c.edp_rank)
+        else:
+            b = make_buckets(list(self._params.values()), self._dp_group, *args, self.config.dp)
         old = getattr(self, "_buckets", None)
         if old is not None and hasattr(old, "loss_scale"):
             b.loss_scale = old.loss_scale
@@ -400,7 +439,8 @@ class ParallelModule:
         return load(self, path)
 
 
-def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_stages: int = 1,
+def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
+                virtual_stages: int = 1,
                 precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, sp_regather: bool = True,
                 recompute="none", recompute_pointwise: bool = True,
@@ -426,8 +466,12 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, virtual_st
     >= 2% of the model) is named in a ``ReplicatedWeightWarning`` with the reason;
     ``strict=True`` makes it a ``ShardingError``. ``pm.explain()`` lists every
     parameter's placement and why each replicated one is.
+
+    ``ep`` > 1 (expert parallelism): the routed experts of a mixture-of-experts model are
+    split over ep of the dp ranks (ep divides dp), tokens reach them by all-to-all
+    (passes/expert_parallel.py); an ``ExpertParallelError`` names what does not fit.
     """
-    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
+    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          sp_regather=sp_regather, recompute=recompute,

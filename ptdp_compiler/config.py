@@ -17,6 +17,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # expert parallelism: routed experts split over ep of the dp ranks (ep divides dp; the
+    # world stays tp·pp·dp; passes/expert_parallel.py)
+    ep: int = 1
     virtual_stages: int = 1
     microbatches: int = 1
     sequence_parallel: bool = False
@@ -54,7 +57,7 @@ class ParallelConfig:
 
     def validate(self) -> "ParallelConfig":
         """Raise a named error for any impossible or unsupported setting."""
-        for name in ("tp", "pp", "dp", "virtual_stages", "microbatches"):
+        for name in ("tp", "pp", "dp", "ep", "virtual_stages", "microbatches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
@@ -84,6 +87,11 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("sequence_parallel=True needs tp > 1 (it splits the tensor-parallel "
                               "all-reduces); set tp >= 2 or sequence_parallel=False")
+        if self.dp % self.ep:
+            from .errors import ExpertParallelError
+            raise ExpertParallelError(
+                f"ep={self.ep} does not divide dp={self.dp}: expert-parallel ranks are "
+                "data-parallel ranks of the dense part; choose ep dividing dp (e.g. dp=ep)")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
         if self.pp > 1:

@@ -14,6 +14,11 @@ class WorldSizeError(ConfigError):
     """dp·tp·pp differs from the number of ranks."""
 
 
+class ExpertParallelError(ConfigError):
+    """ep cannot split the model's experts: ep does not divide dp or the number of experts,
+    or the model has no routed experts."""
+
+
 class CaptureError(PTDPError):
     """The model's forward could not be captured as one graph."""
 

@@ -30,6 +30,7 @@ class ParamPlan:
     role: str = ""                # what the tp analysis found it to be
     local_shape: Optional[tuple] = None   # this rank's shape (None: full)
     grad_tp_reduce: bool = False  # replicated, but sees tp-partial gradients (SP): summed over tp
+    ep: int = 1                   # > 1: a routed expert's tensor, dim 0 split over the ep ranks
 
     @property
     def numel(self) -> int:
