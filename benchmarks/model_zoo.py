@@ -15,7 +15,9 @@ under each layout, unmodified, with ``ptdp.parallelize(model, ..., codegen="aot_
 - ``tp2pp2``: tp=2 × pp=2, 2 microbatches (a fixed subset, ``--tp2pp2-families``)
 
 Per family and layout: ``status`` is ok (loss and every gradient gathered to full shape
-match the single-device model within ``--rtol`` of each tensor's largest entry), refused
+match the single-device model within ``--rtol`` of each tensor's largest entry, or within
+``NOISE``× the single-device fp32 run's own error against float64 where the model is so
+ill-conditioned that rounding alone exceeds ``--rtol``; the row then says so), refused
 (the compiler raised one of its named errors: class and message), mismatch, or crash (any
 other exception, a dead rank, or a timeout: "crash: timeout"); ``worst_rel_err`` is the
 largest max|g − g_ref| / max|g_ref| over losses and gradients; ``share`` is the largest,
@@ -53,6 +55,7 @@ GB = 4                 # global batch: 2 microbatches of 2 under pp
 RTOL = 1e-4            # relative to each tensor's largest entry ...
 MAX_MESSAGE = 3000     # characters of an error message kept in the JSON
 FLOOR = 1e-3           # ... or to FLOOR x the step's largest gradient entry, if larger
+NOISE = 4              # ... or, past rtol, within NOISE x the single-device fp32 run's own error
 LAYOUTS = {
     "tp2": (2, dict(tp=2)),
     "tp2sp": (2, dict(tp=2, sequence_parallel=True)),
@@ -185,6 +188,20 @@ class Worlds:
                 pass
 
 
+def fp32_noise(family: str, ref) -> list:
+    """Per step, how far the single-device fp32 run itself is from the same run in float64
+    (worst relative error, as ``compare`` measures it). Some tiny random models are so
+    ill-conditioned after one SGD step that rounding alone moves a gradient by 1e-3..1e-1
+    (cpmant, gemma4_unified_text): there a parallel run can only be held to that noise."""
+    model = Z.build(family).double()
+    args, kwargs = Z.batch(family, GB)
+    f64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    losses, grads = Z.sgd(model, tuple(f64(a) for a in args),
+                          {k: f64(v) for k, v in kwargs.items()})
+    as_result = {"rank": "fp64", "losses": [float(x) for x in losses], "grads": grads}
+    return compare(ref[0], ref[1], [as_result])[3]
+
+
 def run_layout(worlds: Worlds, family: str, layout: str, ref, full: int, rtol: float) -> dict:
     n, cfg = LAYOUTS[layout]
     t0 = time.perf_counter()
@@ -206,11 +223,20 @@ def run_layout(worlds: Worlds, family: str, layout: str, ref, full: int, rtol: f
         row["worst_at"] = where
         row["rel_err_per_step"] = [e if e != float("inf") else None for e in per_step]
         row["warnings"] = results[0]["warnings"]
-        if problem is not None or not worst <= rtol:
+        noise = None
+        if problem is None and not worst <= rtol:   # rounding, or a real error?
+            noise = row["fp32_noise_per_step"] = fp32_noise(family, ref)
+        if problem is not None or not worst <= rtol and not all(
+                e <= max(rtol, NOISE * n) for e, n in zip(per_step, noise)):
             row.update(status="mismatch",
-                       message=problem or f"{where}: relative error {worst:.3g} > {rtol:g}")
+                       message=problem or f"{where}: relative error {worst:.3g} > {rtol:g}" +
+                       (f" (one device, fp32 vs fp64: {max(noise):.3g})" if noise else ""))
         else:
             row["status"] = "ok"
+            if noise:
+                row["note"] = (f"error {worst:.3g} > {rtol:g}, but within {NOISE}x of the "
+                               f"single-device fp32 run's own error vs fp64 "
+                               f"({', '.join(f'{n:.2g}' for n in noise)} per step)")
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
