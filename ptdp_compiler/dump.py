@@ -74,19 +74,119 @@ def _diff(a: str, b: str, name_a: str, name_b: str) -> str:
 
 
 # ---- drawing --------------------------------------------------------------------------------
-def pick_layer(gm: fx.GraphModule) -> fx.GraphModule:
-    """The most repeated compiled region (a transformer layer), or the whole graph."""
+@dataclasses.dataclass
+class Segment:
+    """One region of a chunk (the regional compiler's cut: one layer, or the embedding /
+    head around them), classified from its dataflow."""
+    kind: str               # "layer" | "embedding" | "head" | joined ("embedding+layer") | "other"
+    gm: fx.GraphModule
+    count: int              # regions of the chunk with the same structure (this one included)
+    weight_matmuls: int     # matmuls / linears / lookups that read a parameter
+    collectives: int
+
+
+def _weight_derived(gm: fx.GraphModule) -> set:
+    """Parameters, and values computed from parameters alone (a transpose, an ``f`` on a
+    weight): what a matmul reading a weight reads."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.meta.get("ptdp_input_kind") == "param":
+                out.add(n)
+        elif n.op == "call_function" and n.all_input_nodes and \
+                all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def classify(gm: fx.GraphModule, count: int = 1) -> Segment:
+    """What a region is, by dataflow (never by names): a lookup on a weight: the
+    embedding; attention or two or more matmuls on weights: a transformer layer; a scalar
+    output (the loss): the head."""
+    weights = _weight_derived(gm)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    packets = [getattr(n.target, "overloadpacket", n.target) for n in calls]
+    reads_weight = [any(a in weights for a in n.all_input_nodes) for n in calls]
+    lookups = sum(1 for p, w in zip(packets, reads_weight) if p is _aten.embedding and w)
+    matmuls = sum(1 for p, w in zip(packets, reads_weight) if w and
+                  (p in _MATMULS or "grouped_mm" in str(p)) and p is not _aten.embedding)
+    attention = any(p in (_aten.scaled_dot_product_attention, _aten._softmax, _aten.softmax)
+                    for p in packets)
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    scalar = any(isinstance(getattr(a, "meta", {}).get("val"), torch.Tensor)
+                 and a.meta["val"].dim() == 0 for a in out.all_input_nodes)
+    # a region can hold two of them where the cutter found no single-tensor cut between
+    # (Hugging Face Llama: the embedding and the first layer share one region)
+    parts = [name for name, present in (("embedding", lookups), ("layer", attention or
+                                                                  matmuls >= 2),
+                                        ("head", scalar)) if present]
+    return Segment("+".join(parts) or "other", gm, count, matmuls + lookups,
+                   sum(1 for n in calls if is_collective(n)))
+
+
+SEGMENT_TITLES = {"layer": "one transformer layer", "embedding": "the embedding",
+                  "head": "the head and loss",
+                  "embedding+layer": "the embedding and the first layer (one region)",
+                  "layer+head": "the last layer, head and loss (one region)"}
+
+
+def segments(gm: fx.GraphModule) -> list:
+    """Every region of ``gm`` in order, classified (``classify``); the whole graph as one
+    region when the cutter finds no cut."""
     from .codegen.regional import split_regions
     ph = list(gm.graph.find_nodes(op="placeholder"))
     try:
         regions = split_regions(gm, [None] * len(ph))
-    except Exception:   # a graph the region cutter cannot handle: draw it whole
+    except Exception:   # a graph the region cutter cannot handle: one segment
         regions = []
     if not regions:
-        return gm
+        return [classify(gm)]
     counts = collections.Counter(r.key for r in regions)
-    key = counts.most_common(1)[0][0]
-    return next(r.gm for r in regions if r.key == key)
+    return [classify(r.gm, counts[r.key]) for r in regions]
+
+
+def pick_layer(gm: fx.GraphModule) -> fx.GraphModule:
+    """The transformer layer ``dump`` draws (see ``dump_rank``); the whole graph when no
+    region is a layer."""
+    seg = _pick(segments(gm), "layer")
+    return gm if seg is None else seg.gm
+
+
+def _pick(segs: list, kind: str) -> Optional[Segment]:
+    """The segment of ``kind`` to draw: a region that is only that, else one that holds it
+    with another; the most repeated, then the one with most weight matmuls (a full
+    attention + MLP block over a dense-only first layer of an MoE model)."""
+    mine = [s for s in segs if s.kind == kind] or \
+        [s for s in segs if kind in s.kind.split("+")]
+    return max(mine, key=lambda s: (s.count, s.weight_matmuls, s.collectives), default=None)
+
+
+def _from_inputs_alone(gm: fx.GraphModule) -> set:
+    """Nodes computed from token ids, buffers and constants only: no parameter and no
+    activation (a region's boundary input carries no input kind) among their sources."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if n.meta.get("ptdp_input_kind") in ("user", "buffer", "constant"):
+                out.add(n)
+        elif n.op == "get_attr" or (n.op == "call_function" and
+                                    all(a in out for a in n.all_input_nodes)):
+            out.add(n)
+    return out
+
+
+def weight_name(n: fx.Node) -> str:
+    """The module a matmul's weight belongs to (``q_proj`` of ``model.layers.1.self_attn
+    .q_proj.weight``), for the drawing's labels only: roles are decided by dataflow."""
+    for a in n.all_input_nodes:
+        for src in [a] + list(a.all_input_nodes):   # the weight, or an f / view of it
+            name = src.meta.get("ptdp_input_name") if src.op == "placeholder" and \
+                src.meta.get("ptdp_input_kind") == "param" else None
+            if isinstance(name, str):
+                parts = name.split(".")
+                return parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") \
+                    else parts[-1]
+    return ""
 
 
 def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
@@ -97,9 +197,12 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    # parameters are left out (they would make a wide top row); getitem adds no information
+    # parameters are left out (they would make a wide top row); getitem adds no information;
+    # values computed from the inputs alone (masks, positions, rotary tables: recomputed in
+    # every region) are counted in the title, not drawn: the picture is the layer's dataflow
+    hidden = _from_inputs_alone(gm)
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "get_attr")
-             and n.meta.get("ptdp_input_kind") != "param"
+             and n.meta.get("ptdp_input_kind") != "param" and n not in hidden
              and not (n.op == "call_function" and n.target is operator.getitem)]
     keep = set(nodes)
     level = {}
@@ -133,7 +236,7 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
             kind = n.meta.get("ptdp_input_kind", "in")
             face, label = "#d9d9d9", f"{kind}: {n.meta.get('ptdp_input_name', n.name)}"[-28:]
         elif n.op == "call_function" and getattr(n.target, "overloadpacket", None) in _MATMULS:
-            face, label = "#5b8def", op
+            face, label = "#5b8def", f"{op} {weight_name(n)}".rstrip()
         else:
             face, label = "#f4f4f4", op
         v = n.meta.get("val")
@@ -145,7 +248,10 @@ def draw_graph(gm: fx.GraphModule, path: str, title: str = "") -> Optional[str]:
     ax.set_ylim(-len(rows), 1)
     ax.axis("off")
     ncoll = sum(1 for n in nodes if is_collective(n))
-    ax.set_title(f"{title} — {len(nodes)} nodes, {ncoll} collectives (red)", fontsize=9)
+    nhid = sum(1 for n in hidden if n.op == "call_function")
+    ax.set_title(f"{title} — {len(nodes)} nodes, {ncoll} collectives (red)" +
+                 (f"; {nhid} ops on the inputs alone (masks, positions, rotary) not drawn"
+                  if nhid else ""), fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
@@ -293,11 +399,19 @@ def dump_rank(out_dir: str, program, kernels: bool = True, header: str = "") -> 
             _write(os.path.join(out_dir, f"02_chunk{k}.py"), text)
             _write(os.path.join(out_dir, f"02_chunk{k}.diff"),
                    _diff(after, text, f"01_{name}.py", f"02_chunk{k}.py"))
-        layer = pick_layer(cgm)
-        svg = draw_graph(layer, os.path.join(out_dir, f"layer_chunk{k}.svg"),
-                         f"chunk {k}: one layer")
-        if svg:
-            info["files"].append(svg)
+        segs = segments(cgm)
+        drawn: list = []
+        for kind in ("layer", "embedding", "head"):
+            seg = _pick(segs, kind)
+            if seg is None or any(seg is d for d in drawn):
+                continue
+            drawn.append(seg)
+            alike = f" ({seg.count} alike in this chunk)" if seg.count > 1 else ""
+            svg = draw_graph(seg.gm, os.path.join(out_dir, f"{kind}_chunk{k}.svg"),
+                             f"chunk {k}: {SEGMENT_TITLES.get(seg.kind, seg.kind)}{alike}")
+            if svg:
+                info["files"].append(svg)
+        lines.append(f"chunk {k} segments: " + ", ".join(s.kind for s in segs))
         ncoll = sum(1 for n in cgm.graph.nodes if is_collective(n))
         lines.append(f"chunk {k}: {sum(1 for n in cgm.graph.nodes if n.op == 'call_function')} "
                      f"ops, {ncoll} collectives in the forward graph")
