@@ -42,13 +42,54 @@ class MHABlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ShapeOpsBlock(nn.Module):
+    """Attention with complex-form rotary embeddings (view_as_complex / view_as_real /
+    polar), L2-normalised per-head q/k (linalg.vector_norm), an in-place masked_fill_ with
+    a mask taken expand_as the scores, shapes taken from other tensors (reshape_as,
+    view_as, zeros_like) and a log-sigmoid-gated MLP."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width, bias=False) for _ in range(4))
+        self.gate = nn.Linear(width, 2 * width, bias=False)
+        self.up = nn.Linear(width, 2 * width, bias=False)
+        self.down = nn.Linear(2 * width, width, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H, D = self.heads, C // self.heads
+        h = self.norm1(x)
+        q, k, v = (p(h).view(B, T, H, D) for p in (self.q, self.k, self.v))
+        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device=x.device).float() / D)
+        freqs = torch.polar(torch.ones(T, D // 2, device=x.device), torch.outer(pos, inv))
+
+        def rope(z):
+            zc = torch.view_as_complex(z.float().reshape(B, T, H, D // 2, 2))
+            return torch.view_as_real(zc * freqs[None, :, None, :]).flatten(3).type_as(z)
+
+        q, k = (z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-6)
+                for z in (rope(q), rope(k)))
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * D ** 0.5
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        scores.masked_fill_(mask.expand_as(scores), float("-inf"))
+        y = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape_as(x)
+        x = x + self.o(y)
+        h = self.norm2(x)
+        g, u = self.gate(h), self.up(h)
+        acc = torch.zeros_like(u) + torch.exp(F.logsigmoid(g)) * g * u
+        return x + self.down(acc.view_as(u))
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
     def __init__(self, block="sdpa", width=32, heads=4, depth=2):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, width)
-        cls = SDPABlock if block == "sdpa" else MHABlock
+        cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -31,10 +31,12 @@ def nn_job(block, sp):
     return losses, grads, sum(p.numel() for p in pm.parameters())
 
 
-@pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True)])
+@pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
-    F.scaled_dot_product_attention, tied embedding / LM head."""
+    F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
+    vector norms, view_as / reshape_as / expand_as / zeros_like, masked_fill_ and
+    log_sigmoid (nn_models.ShapeOpsBlock)."""
     torch.manual_seed(0)
     model = TorchNNLM(block)
     full = sum(p.numel() for p in model.parameters())

@@ -26,7 +26,13 @@ def passthrough(rw, node):
     return rw.copy(node, xp)
 
 
-@rule("pointwise", aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+# element-wise, though ATen does not tag them pointwise
+UNTAGGED_POINTWISE = {aten.log_sigmoid.default, aten.complex.default, aten.polar.default,
+                      aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
+
+
+@rule("pointwise", aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+      *UNTAGGED_POINTWISE)
 def pointwise(rw, node):
     out = node.meta["val"]
     m = out.dim()
@@ -51,6 +57,15 @@ def pointwise(rw, node):
     args = [local(a) for a in node.args]
     kwargs = {k: local(v) for k, v in node.kwargs.items()}
     return rw.emit(node.target, args, kwargs, pl=shard, like=node)
+
+
+@rule(aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default,
+      aten.full_like.default)
+def like(rw, node):
+    """A deterministic fresh tensor shaped like a sharded one (RWKV's zero state): made at
+    the local shape, sharded alike. (rand_like has no rule: its numbers would depend on
+    the layout.)"""
+    return rw.copy(node, rw.placement_of(node.args[0]))
 
 
 @rule(aten.dropout.default)

@@ -52,6 +52,21 @@ def reduction(rw, node):
     return total
 
 
+@rule(aten.linalg_vector_norm.default)
+def vector_norm(rw, node):
+    """‖x‖ over dimensions that are not sharded: local (a per-head L2 norm)."""
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    nd = x.meta["val"].dim()
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    dims = list(range(nd)) if dims is None else [dims] if isinstance(dims, int) else dims
+    dims = [d % nd for d in dims]
+    keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    if xp.dim in dims:
+        rw.fail(node, f"a vector norm over the sharded dimension {xp}")
+    return rw.copy(node, _kept(xp, dims, keep))
+
+
 @rule(aten.max.dim, aten.min.dim, aten.sort.default, aten.topk.default, aten.argmax.default,
       aten.argmin.default, aten.cumsum.default)
 def along_dim(rw, node):

@@ -21,7 +21,8 @@ from .pointwise import PASSTHROUGH
 aten = torch.ops.aten
 
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-         aten.flatten.using_ints, aten.unflatten.int}
+         aten.flatten.using_ints, aten.unflatten.int,
+         aten.view_as.default, aten.reshape_as.default}   # the shape of another tensor
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.tensor_split.indices}
 
@@ -71,6 +72,9 @@ def _emit_view(rw, node, p, full_out):
 def view(rw, node):
     xp = rw.placement_of(node.args[0])
     full_in, full_out = _shape(node.args[0]), _shape(node)
+    if xp is None:   # a replicated tensor viewed as a sharded one's (full) shape
+        return rw.emit(aten.reshape.default, (rw.new(node.args[0]), list(full_out)), pl=None,
+                       like=node)
     if isinstance(xp, PaddedShard):
         # the padded vocabulary must stay one whole trailing dimension (logits views
         # between the LM head and the loss: [B, T, V] <-> [B·T, V])
@@ -155,16 +159,30 @@ def layout(rw, node):
     return rw.emit(tgt, (x, *args), node.kwargs, pl=p, like=node)
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, aten.expand_as.default)
 def expand(rw, node):
     xp = rw.placement_of(node.args[0])
     shape, full_out = _shape(node.args[0]), _shape(node)
+    if xp is None:   # expand_as(replicated, sharded): the full shape, replicated
+        return rw.emit(aten.expand.default, (rw.new(node.args[0]), list(full_out)), pl=None,
+                       like=node)
     p = moved(xp, xp.dim + len(full_out) - len(shape))
     if shape[xp.dim] != full_out[p.dim]:
         rw.fail(node, "expand of the sharded dimension")
     new = local_shape(full_out, p, rw.t)
     rw.shape_rewrite(node, full_out, new)
-    return rw.emit(node.target, (rw.new(node.args[0]), new), pl=p, like=node)
+    return rw.emit(aten.expand.default, (rw.new(node.args[0]), new), pl=p, like=node)
+
+
+@rule(aten.view_as_complex.default, aten.view_as_real.default)
+def complex_view(rw, node):
+    """Complex rotary embeddings: the trailing (re, im) pair is folded into / unfolded
+    from a complex element; local unless that pair is the sharded dimension."""
+    xp = rw.placement_of(node.args[0])
+    nd = len(_shape(node.args[0]))
+    if node.target is aten.view_as_complex.default and xp.dim == nd - 1:
+        rw.fail(node, "view_as_complex of the sharded (re, im) dimension")
+    return rw.copy(node, xp)
 
 
 def _block_slice(rw, node, x, xp, dim, start, end):
