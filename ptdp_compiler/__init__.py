@@ -10,6 +10,7 @@ from .backend import backend
 from .config import ParallelConfig
 from .errors import (CaptureError, CheckpointError, ConfigError, InputShapeError, PTDPError,
                      RankError, ShardingError, WorldSizeError, WorldTimeoutError)
+from .errors import MemoryLimitError
 from .runtime.checkpoint import load_hf
 from .runtime.launch import LocalWorld, launch
 
@@ -20,4 +21,4 @@ from .planner import Cluster, plan  # noqa: E402
 __all__ = ["parallelize", "backend", "launch", "LocalWorld", "ParallelModule", "ParallelConfig", "errors",
            "PTDPError", "ConfigError", "WorldSizeError", "CaptureError", "InputShapeError",
            "ShardingError", "RankError", "WorldTimeoutError", "plan", "Cluster", "load_hf",
-           "CheckpointError"]
+           "CheckpointError", "MemoryLimitError"]

@@ -54,7 +54,8 @@ def cmd_plan(a) -> int:
         raise SystemExit("give --gpt SIZE or --model FILE.py")
     opts = CostOptions(distributed_optimizer=a.distributed_optimizer,
                        attention="flash" if a.flash else "unfused", dp_overlap=a.dp_overlap)
-    r = plan(mc, cluster=cl, global_batch=a.global_batch, options=opts, progress=True)
+    r = plan(mc, cluster=cl, global_batch=a.global_batch, options=opts, progress=True,
+             memory_limit=a.memory_limit)
     _print_table(r, mc)
     return 0
 
@@ -80,6 +81,8 @@ def _print_table(r, mc):
                     f"{e.samples_per_s:.1f}", f"{e.model_tflops_per_gpu:.0f}", f"{e.mfu:.1%}",
                     f"{e.bubble:.1%}", f"{e.memory / 2**30:.1f}")
     con.print(tab)
+    if r.memory_prediction is not None:   # the chosen layout's peak per stage, broken down
+        con.print("\n".join(r.memory_prediction.lines("")), markup=False)
     con.print(r.explain().split("  rejected:")[1].join(["rejected:", ""]))
     con.print("ParallelConfig:", r.parallel_config_kwargs(), f"microbatch size {r.microbatch_size}")
 
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--flash", action="store_true", help="fused (flash) attention kernels")
     p.add_argument("--dp-overlap", action="store_true", help="overlap DP all-reduce")
+    p.add_argument("--memory-limit", help="bytes per GPU or e.g. '40GiB': no layout over it")
     p.set_defaults(fn=cmd_plan)
     c = sub.add_parser("calibrate", help="measure this machine and write a cluster JSON")
     c.add_argument("--out", default="cluster.json")

@@ -195,6 +195,8 @@ class ParallelModule:
         prog = self._programs.get(key)
         if prog is None:
             self._check_meta_buffers()
+            if self.config.memory_limit is not None:   # refused before anything is compiled
+                self._check_memory_limit(mb)
             program = build_program(self.module, self.config, mb, self.coords, self._params,
                                     self._full_shapes)
             self._apply(program)
@@ -291,6 +293,39 @@ class ParallelModule:
             prog.program.estimate_saved_bytes()
         return explain(self)
 
+    def predict_memory(self, limit=None, program=None, mb=None):
+        """This rank's predicted peak memory per step, broken down (planner/memory.py):
+        from the latest compiled program, or ``program``; ``mb`` sizes the microbatch."""
+        from .planner.memory import parse_bytes, predict_program
+        if program is None:
+            if not self._programs:
+                raise RuntimeError("nothing compiled yet: call pm.compile(batch) first")
+            program = list(self._programs.values())[-1].program
+        limit = parse_bytes(limit if limit is not None else self.config.memory_limit)
+        users = [x for x in getattr(program.captured, "example_user_inputs", ()) or ()
+                 if isinstance(x, torch.Tensor) and x.dim()]
+        return predict_program(program, self.config, users[0].shape[0] if users else 1,
+                               pp_rank=self.coords.pp_rank, limit=limit)
+
+    def _check_memory_limit(self, mb):
+        """``memory_limit=``: predict from the transformed graphs (no kernel compiled, no
+        gradient, optimizer state or activation allocated) and refuse with the breakdown
+        and the cheapest change that fits."""
+        from .errors import MemoryLimitError
+        from .planner.memory import cheapest_fit_program, refusal
+        program = build_program(self.module, self.config, mb, self.coords, self._params,
+                                self._full_shapes, until="passes")
+        pred = self.predict_memory(program=program)
+        worst = torch.tensor([pred.peak], dtype=torch.float64)
+        if self.coords.mesh is not None and dist.is_initialized():
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)   # every rank refuses together
+        if worst.item() > pred.limit:
+            if pred.peak < worst.item():
+                raise MemoryLimitError(f"another rank is predicted to need "
+                                       f"{worst.item() / 2**30:.2f} GiB, over memory_limit; "
+                                       "see that rank's error for the breakdown")
+            raise MemoryLimitError(refusal(pred, pred.limit, cheapest_fit_program(pred)))
+
     def dump(self, path: str, kernels: bool = True) -> str:
         """Write this rank's graphs (per pass, as diffs), one layer drawn, and the generated
         kernel source under ``path/rank{r}``; see ``ptdp_compiler/dump.py``."""
@@ -319,8 +354,9 @@ class ParallelModule:
             pl = (self._placements or {}).get(n)
             first_stage = owners is None or min(owners.get(n, {self.coords.pp_rank})) == \
                 self.coords.pp_rank
+            ep = self.config.ep if n in (self._expert_names or ()) else 1
             yield LocalParam(n, p, pl, (pl is not None or r == 0) and first_stage,
-                             tuple(self._full_shapes[n]), t, r)
+                             tuple(self._full_shapes[n]), t, r, ep, self.coords.ep_rank)
 
     def _layout_final(self) -> bool:
         """Whether ``_local_layout`` is settled (tp shards and pp stages appear on the
@@ -448,7 +484,8 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
                 comm_reorder: bool = False, split_backward: bool = True,
                 plan: str | None = None, cluster=None,
                 global_batch: int | None = None, example_inputs=None,
-                example_kwargs: dict | None = None, strict: bool = False):
+                example_kwargs: dict | None = None, strict: bool = False,
+                memory_limit=None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
     ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
@@ -470,6 +507,12 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
     ``ep`` > 1 (expert parallelism): the routed experts of a mixture-of-experts model are
     split over ep of the dp ranks (ep divides dp), tokens reach them by all-to-all
     (passes/expert_parallel.py); an ``ExpertParallelError`` names what does not fit.
+
+    ``memory_limit`` (bytes per rank, or a string such as "80GiB"): the layout's peak is
+    predicted from the transformed graphs before anything is compiled or allocated
+    (planner/memory.py); over the limit, ``MemoryLimitError`` gives the breakdown and the
+    cheapest change that fits. With ``plan="auto"`` the planner only proposes layouts
+    predicted to fit. ``pm.predict_memory()`` / ``pm.explain()`` show the prediction.
     """
     cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
@@ -478,7 +521,8 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
                          recompute_pointwise=recompute_pointwise, schedule=schedule,
                          codegen=codegen, loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb,
                          scatter_gather=scatter_gather, comm_reorder=comm_reorder,
-                         split_backward=split_backward, strict=strict).validate()
+                         split_backward=split_backward, strict=strict,
+                         memory_limit=memory_limit).validate()
     if plan is not None:
         from .planner.auto import choose_config
         chosen, result = choose_config(model, cfg, plan, cluster, global_batch,

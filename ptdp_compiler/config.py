@@ -12,6 +12,24 @@ CODEGENS = ("inductor", "aot_eager")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def parse_bytes(limit) -> Optional[int]:
+    """``memory_limit=``: an int (bytes) or a string such as "80GiB", "512 MiB", "1.5GB"."""
+    import re
+    if limit is None:
+        return None
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+        return int(limit)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(limit), re.I)
+    if isinstance(limit, bool) or isinstance(limit, (int, float)) or not m:
+        raise ValueError(f"memory_limit={limit!r}: give a positive number of bytes or a "
+                         "string like '80GiB' / '512MiB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1}
+    for i, p in enumerate("KMGT"):
+        scale[f"{p}IB"], scale[f"{p}B"] = 1024 ** (i + 1), 1000 ** (i + 1)
+    return int(float(m.group(1)) * scale[unit])
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1
@@ -50,6 +68,9 @@ class ParallelConfig:
     # a large weight matrix left replicated at tp > 1 is a ShardingError, not a warning
     # (passes/tp_coverage.py)
     strict: bool = False
+    # bytes per rank (or "80GiB"): a layout predicted to need more is refused with
+    # MemoryLimitError before anything is compiled (planner/memory.py)
+    memory_limit: Optional[Union[int, str]] = None
 
     @property
     def world_size(self) -> int:
@@ -99,6 +120,11 @@ class ParallelConfig:
             check_schedule_args(self.schedule, self.pp, self.virtual_stages, self.microbatches)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {PRECISIONS}")
+        if self.memory_limit is not None:
+            try:
+                object.__setattr__(self, "memory_limit", parse_bytes(self.memory_limit))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target)")
         return self

@@ -19,6 +19,11 @@ class ExpertParallelError(ConfigError):
     or the model has no routed experts."""
 
 
+class MemoryLimitError(ConfigError):
+    """The layout is predicted to need more memory per rank than ``memory_limit=``; the
+    message gives the predicted breakdown and the cheapest change that fits."""
+
+
 class CaptureError(PTDPError):
     """The model's forward could not be captured as one graph."""
 

@@ -80,6 +80,10 @@ def explain(pm) -> str:
                     if col.bytes_per_microbatch else ""
                 lines.append(f"      {col.kind} over {col.axis} at {col.where}{b}"
                              f"{' — ' + col.note if col.note else ''}")
+    try:   # this rank's predicted peak, broken down (planner/memory.py)
+        lines.extend(pm.predict_memory().lines("  "))
+    except Exception as e:   # a report must not fail on its estimate
+        lines.append(f"  predicted peak memory: not available ({type(e).__name__}: {e})")
     lines.append(f"  compiles so far in this process: {compile_stats['compiles']} "
                  f"({compile_stats['seconds']:.1f} s)")
     return "\n".join(lines)

@@ -65,13 +65,17 @@ def model_cost(model, example_inputs=(), kwargs: Optional[dict] = None,
 
 def plan(model, example_inputs=(), cluster: Optional[Cluster] = None, global_batch: int = 0,
          kwargs: Optional[dict] = None, options: CostOptions = CostOptions(),
-         progress: bool = False, **search_kw) -> PlanResult:
+         progress: bool = False, memory_limit=None, **search_kw) -> PlanResult:
     """Choose (t, p, d, v, b, m, sp, recompute) for ``model`` on ``cluster``.
 
     ``model`` is an nn.Module (captured with ``example_inputs``/``kwargs``) or a ModelCost
     (e.g. ``gpt_model_cost(h, a, l)``). Returns a PlanResult whose
     ``to_parallel_config()`` gives a ParallelConfig and ``explain()`` the top-5 and the
-    rejected configurations."""
+    rejected configurations; its ``memory_prediction`` each pipeline stage's peak broken
+    down. ``memory_limit`` (bytes, or a string such as "80GiB"): no layout predicted over it
+    per rank is proposed; if none fits, ``MemoryLimitError`` with the least-memory layout."""
+    from ..config import parse_bytes
+    search_kw["memory_limit"] = parse_bytes(memory_limit)
     cluster = cluster or Cluster()
     mc = model if isinstance(model, ModelCost) else model_cost(model, example_inputs, kwargs)
     if global_batch <= 0:

@@ -73,7 +73,8 @@ def _global_batch(example_inputs, example_kwargs) -> int:
 
 
 def choose(model, example_inputs, example_kwargs: dict, cluster: Optional[Union[Cluster, str]],
-           global_batch: Optional[int], world: int, precision: str = "fp32"):
+           global_batch: Optional[int], world: int, precision: str = "fp32",
+           memory_limit: Optional[int] = None):
     """Run the planner for ``world`` ranks (on this rank only) and return its PlanResult."""
     from . import model_cost, plan
     if isinstance(cluster, str):
@@ -85,7 +86,7 @@ def choose(model, example_inputs, example_kwargs: dict, cluster: Optional[Union[
     gb = global_batch or _global_batch(example_inputs, example_kwargs)
     mc = model_cost(model, example_inputs, example_kwargs,
                     dtype_bytes=4 if precision == "fp32" else 2)
-    return plan(mc, cluster=cluster, global_batch=gb)
+    return plan(mc, cluster=cluster, global_batch=gb, memory_limit=memory_limit)
 
 
 def choose_config(model, cfg, plan: str, cluster, global_batch, example_inputs,
@@ -113,7 +114,8 @@ def choose_config(model, cfg, plan: str, cluster, global_batch, example_inputs,
     result = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            result = choose(model, args, kwargs, cluster, global_batch, world, cfg.precision)
+            result = choose(model, args, kwargs, cluster, global_batch, world, cfg.precision,
+                            cfg.memory_limit)
         except Exception as e:   # every rank must learn it, not hang in the broadcast
             result = e
     if dist.is_initialized():

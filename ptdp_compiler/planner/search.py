@@ -13,6 +13,8 @@ from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_byt
                          model_flops_per_iteration, nodes_time, param_bytes_per_gpu,
                          tp_allreduces_per_layer, weight_grad_time)
 from .hardware import all_gather_time, all_reduce_time, p2p_time
+from .memory import Layout, MemoryPrediction
+from .memory import predict as predict_memory
 from .simulator import SimResult, simulate_config
 from ..schedules import SEND_ACT, expected_peak_inflight
 
@@ -64,8 +66,9 @@ class Evaluator:
     """Predicts step time and memory of one configuration for a model on a cluster."""
 
     def __init__(self, mc: ModelCost, cluster: Cluster, global_batch: int,
-                 opts: CostOptions = CostOptions()):
+                 opts: CostOptions = CostOptions(), memory_limit: Optional[int] = None):
         self.mc, self.cl, self.B, self.o = mc, cluster, global_batch, opts
+        self.user_limit = memory_limit   # memory_limit= (bytes): a hard cap below the GPU's
         self.gpu = cluster.gpu
         self.pairs = tp_allreduces_per_layer(mc.layers[0])
         self._cache: dict = {}
@@ -159,7 +162,20 @@ class Evaluator:
                                                c.sp, c.recompute)
         return per_layer * mc.num_layers / (c.p * c.v)
 
+    def layout(self, c: Candidate) -> Layout:
+        return Layout(c.t, c.p, c.d, c.v, c.m, c.b, c.sp, c.recompute, "bf16",
+                      self.o.distributed_optimizer, self.o.split_backward, c.schedule)
+
+    def memory_prediction(self, c: Candidate) -> MemoryPrediction:
+        """Every pipeline stage's peak, broken down (planner/memory.py)."""
+        return predict_memory(self.mc, self.layout(c), self.user_limit)
+
     def memory(self, c: Candidate) -> float:
+        """Peak bytes on the busiest rank: the larger of memory.predict's breakdown and
+        Korthikanti-style bound below, so a layout over either is never proposed."""
+        return max(self.memory_prediction(c).peak, self._memory_bound(c))
+
+    def _memory_bound(self, c: Candidate) -> float:
         """Peak bytes on the worst of the first and last pipeline ranks."""
         mc = self.mc
         sbh = mc.seq * c.b * mc.hidden
@@ -180,7 +196,8 @@ class Evaluator:
 
     @property
     def memory_limit(self) -> float:
-        return self.gpu.memory - self.gpu.reserved_memory
+        device = self.gpu.memory - self.gpu.reserved_memory
+        return device if self.user_limit is None else min(device, self.user_limit)
 
     # ---- step time -----------------------------------------------------------------------
     def dp_time(self, c: Candidate) -> float:
@@ -316,6 +333,7 @@ class PlanResult:
     rejected: list               # (description, reason)
     num_candidates: int
     cluster: Cluster
+    memory_prediction: Optional[MemoryPrediction] = None   # the chosen layout, per stage
 
     def parallel_config_kwargs(self) -> dict:
         return dict(tp=self.tp, pp=self.pp, dp=self.dp, virtual_stages=self.virtual_stages,
@@ -332,6 +350,8 @@ class PlanResult:
                  f"  predicted step {self.step_time_s:.3f} s, {self.samples_per_s:.1f} samples/s, "
                  f"{self.tflops_per_gpu:.0f} model TFLOP/s/GPU, MFU {self.mfu:.1%}, "
                  f"peak memory {self.memory_gib:.1f} GiB", "  top 5:"]
+        if self.memory_prediction is not None:
+            lines[2:2] = self.memory_prediction.lines("  ")
         for i, e in enumerate(self.top):
             lines.append(f"   {i + 1}. {e.cand.short():60s} step {e.step_time:8.3f} s  "
                          f"bubble {e.bubble:5.1%}  mem {e.memory / 2**30:6.1f} GiB  "
@@ -357,8 +377,10 @@ class PlanResult:
 
 
 def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions = CostOptions(),
-           top_k: int = 5, progress: Optional[Callable] = None, **enum_kw) -> PlanResult:
-    """Fastest legal configuration that fits in memory."""
+           top_k: int = 5, progress: Optional[Callable] = None,
+           memory_limit: Optional[int] = None, **enum_kw) -> PlanResult:
+    """Fastest legal configuration that fits in memory (the GPU's, and ``memory_limit``
+    bytes per rank when given: no layout predicted over it is ever proposed)."""
     rejected: list = []
     cands = enumerate_candidates(mc, cluster.num_gpus, cluster.gpus_per_node, global_batch,
                                  rejected=rejected, **enum_kw)
@@ -366,7 +388,7 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
         raise ConfigError(f"no legal configuration for {mc.name} on {cluster.num_gpus} GPUs with "
                           f"global batch {global_batch}: " +
                           "; ".join(f"{d}: {w}" for d, w in rejected[:5]))
-    ev = Evaluator(mc, cluster, global_batch, opts)
+    ev = Evaluator(mc, cluster, global_batch, opts, memory_limit)
     fitting = []
     it = progress(cands) if progress else cands
     for c in it:
@@ -377,8 +399,15 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
             continue
         fitting.append(e)
     if not fitting:
-        raise ConfigError(f"no configuration of {mc.name} fits in {cluster.gpu.name} memory on "
-                          f"{cluster.num_gpus} GPUs; add GPUs or use a GPU with more memory")
+        from ..errors import MemoryLimitError
+        least = min((ev.evaluate(c) for c in cands), key=lambda e: e.memory)
+        raise MemoryLimitError(
+            f"no configuration of {mc.name} fits in {ev.memory_limit / 2**30:.2f} GiB per "
+            f"rank ({cluster.gpu.name}" + (f", memory_limit" if memory_limit else "") +
+            f") on {cluster.num_gpus} GPUs; the least memory is {least.cand.short()} at "
+            f"{least.memory / 2**30:.2f} GiB:\n" +
+            "\n".join(ev.memory_prediction(least.cand).lines("  ")) +
+            "\nadd GPUs, use a GPU with more memory or a smaller global batch")
     fitting.sort(key=lambda e: e.step_time)
     finalists = [ev.evaluate(e.cand, simulate=True) for e in fitting[:top_k + 3]]
     finalists.sort(key=lambda e: e.step_time)
@@ -392,7 +421,8 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     c = best.cand
     return PlanResult(c.t, c.p, c.d, c.v, c.b, c.m, c.sp, c.recompute, c.schedule, best.step_time,
                       best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
-                      best.memory / 2**30, best, top, rejected, len(cands), cluster)
+                      best.memory / 2**30, best, top, rejected, len(cands), cluster,
+                      ev.memory_prediction(c))
 
 
 __all__ = ["Candidate", "Estimate", "Evaluator", "enumerate_candidates", "search", "PlanResult",

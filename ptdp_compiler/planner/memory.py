@@ -1,0 +1,434 @@
+"""Per-rank peak memory, predicted before launch.
+
+One rank's peak during a training step is modelled as
+
+    params + grads (+ fp32 main grads) + optimizer states       (static: alive all step)
+  + activations saved for backward × the microbatches in flight on that pipeline stage
+  + the layer being recomputed (``recompute="full"``)
+  + the weight-gradient halves a split backward defers
+  + p2p receive buffers (pipeline boundaries)
+  + backward workspace (the largest transient: the loss's logits and their gradient)
+
+What decides each term (the runtime's own choices, read from ``runtime/optimizer.py`` and
+``runtime/precision.py``):
+
+- parameters: this rank's elements (tp shares, pp stage) × 4 (fp32) or 2 (bf16 / fp16);
+- gradients: fp32 always (``main_grad`` under bf16/fp16). Without buckets (fp32, dp = 1,
+  no ZeRO) they do not exist between steps (``train_step`` clears them) and grow while the
+  activations shrink in backward, so the peak holds max(activations, gradients);
+- optimizer: AdamW's two fp32 states, plus fp32 master weights under bf16/fp16; with
+  ZeRO-1 (``distributed_optimizer=True``) masters and states are 1/d, and the gradient
+  bucket gains this rank's reduce-scattered 1/d shard;
+- in flight: 1 for pp = 1 (microbatches run forward+backward one after the other), else
+  ``schedules.expected_peak_inflight`` (1F1B: p − r on stage r; interleaved: its warm-up + 1).
+
+Two sources feed the same arithmetic. ``predict(mc, layout)`` uses a captured
+``ModelCost`` and Korthikanti et al.'s per-layer activation bytes (the planner, ``ptdp.plan``,
+``python -m ptdp_compiler plan``). ``predict_program(program, config, ...)`` uses this
+rank's transformed chunk graphs: the bytes a trial partition of each chunk saves for
+backward (``codegen.partition.trial_partition``), with no kernel compiled and no tensor of
+the training state allocated (``pm.explain()``, ``parallelize(memory_limit=...)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from ..config import parse_bytes  # noqa: F401  (re-exported: memory_limit=)
+from ..schedules import expected_peak_inflight
+
+GiB = 2 ** 30
+PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+COMPONENTS = ("params", "grads", "optimizer", "activations", "recompute_workspace",
+              "deferred_wgrad", "p2p_buffers", "workspace")
+
+
+def fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The knobs memory depends on (a ParallelConfig or a planner Candidate reduced to them)."""
+    t: int = 1
+    p: int = 1
+    d: int = 1
+    v: int = 1
+    m: int = 1
+    b: int = 1                   # microbatch size (samples)
+    sp: bool = False
+    recompute: str = "none"
+    precision: str = "bf16"
+    zero: bool = False           # distributed optimizer (ZeRO-1) over d
+    split_backward: bool = True
+    schedule: Optional[str] = None
+    optimizer_states: int = 2    # fp32 tensors per parameter the optimizer keeps (AdamW: 2)
+
+    @property
+    def sched(self) -> str:
+        return self.schedule or ("interleaved" if self.v > 1 else "1f1b")
+
+    def short(self) -> str:
+        return (f"t={self.t} p={self.p} d={self.d} v={self.v} m={self.m} b={self.b} "
+                f"sp={'on' if self.sp else 'off'} recompute={self.recompute} "
+                f"{self.precision}{' zero1' if self.zero else ''}")
+
+    @classmethod
+    def from_config(cls, config, microbatch_size: int = 1) -> "Layout":
+        rc = config.recompute if isinstance(config.recompute, str) else "budget"
+        return cls(config.tp, config.pp, config.dp, config.virtual_stages, config.microbatches,
+                   microbatch_size, config.sequence_parallel, rc, config.precision,
+                   config.distributed_optimizer, config.split_backward, config.schedule)
+
+
+@dataclasses.dataclass
+class StageMemory:
+    """Predicted peak of one rank of pipeline stage ``stage`` (bytes per component)."""
+    stage: int
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0         # per_microbatch × inflight
+    recompute_workspace: float = 0.0
+    deferred_wgrad: float = 0.0
+    p2p_buffers: float = 0.0
+    workspace: float = 0.0
+    per_microbatch: float = 0.0      # activation bytes one microbatch keeps on this stage
+    inflight: int = 1
+    grads_bucketed: bool = True      # gradients alive through the whole step
+    # facts the what-if estimates of a refusal use (cheapest_fit_program)
+    elems: float = 0.0               # local parameter elements
+    layers: int = 0                  # transformer layers on this stage, per microbatch
+    residual: float = 0.0            # bytes of one layer's output (its full-recompute checkpoint)
+    outside: float = 0.0             # per-microbatch bytes saved outside layers
+
+    @property
+    def peak(self) -> float:
+        dynamic = self.activations + self.recompute_workspace + self.deferred_wgrad + \
+            self.p2p_buffers
+        if self.grads_bucketed:
+            return self.params + self.optimizer + self.grads + dynamic + self.workspace
+        # gradients appear in backward while the saved activations are freed
+        return self.params + self.optimizer + max(dynamic, self.grads) + self.workspace
+
+    def row(self) -> dict:
+        return {k: getattr(self, k) for k in COMPONENTS} | {
+            "stage": self.stage, "inflight": self.inflight,
+            "per_microbatch": self.per_microbatch, "peak": self.peak}
+
+
+@dataclasses.dataclass
+class MemoryPrediction:
+    layout: Layout
+    stages: list                     # StageMemory per pipeline stage predicted
+    source: str                      # "model cost (Korthikanti formulas)" | "trial partition"
+    limit: Optional[int] = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(s.peak for s in self.stages)
+
+    @property
+    def worst(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.peak)
+
+    def fits(self, limit: Optional[int] = None) -> bool:
+        limit = self.limit if limit is None else limit
+        return limit is None or self.peak <= limit
+
+    def lines(self, indent: str = "  ") -> list:
+        out = [f"{indent}predicted peak memory per rank ({self.layout.short()}; from "
+               f"{self.source}): {fmt(self.peak)} on pipeline stage {self.worst.stage}" +
+               (f", limit {fmt(self.limit)}" if self.limit else "")]
+        head = f"{indent}  {'stage':>5} " + "".join(f"{c.replace('_', ' '):>13}"
+                                                   for c in ("params", "grads", "optimizer",
+                                                             "activations", "recompute",
+                                                             "deferred W", "p2p", "workspace",
+                                                             "peak"))
+        out.append(head)
+        for s in self.stages:
+            vals = [s.params, s.grads, s.optimizer, s.activations, s.recompute_workspace,
+                    s.deferred_wgrad, s.p2p_buffers, s.workspace, s.peak]
+            out.append(f"{indent}  {s.stage:>5} " + "".join(f"{fmt(v):>13}" for v in vals) +
+                       f"   ({s.inflight} microbatch(es) in flight × "
+                       f"{fmt(s.per_microbatch)})")
+        out += [f"{indent}  note: {n}" for n in self.notes]
+        return out
+
+    def explain(self) -> str:
+        return "\n".join(self.lines(""))
+
+    def rows(self) -> list:
+        return [s.row() for s in self.stages]
+
+
+# ---- the arithmetic both sources share ------------------------------------------------------
+def state_bytes(elems: float, lay: Layout) -> tuple:
+    """(params, grads, optimizer) bytes of ``elems`` local parameter elements."""
+    e = PARAM_BYTES[lay.precision]
+    low = lay.precision != "fp32"
+    params = e * elems
+    states = 4.0 * lay.optimizer_states * elems
+    if lay.zero:
+        # the bucket keeps every local fp32 gradient; the reduce-scatter lands this rank's 1/d
+        grads = 4.0 * elems + (4.0 * elems / lay.d if lay.d > 1 else 0.0)
+        optimizer = states / lay.d + (4.0 * elems / lay.d if low else 0.0)
+    else:
+        grads = 4.0 * elems
+        optimizer = states + (4.0 * elems if low else 0.0)
+    return params, grads, optimizer
+
+
+def grads_bucketed(lay: Layout) -> bool:
+    """Are gradients alive while activations are: buffers for the whole step
+    (runtime/optimizer.make_buckets), or an earlier microbatch's gradients accumulating?"""
+    return lay.d > 1 or lay.zero or lay.precision != "fp32" or lay.m > 1
+
+
+def stage_memory(stage: int, lay: Layout, elems: float, chunk_acts: list,
+                 recompute_layer: float, deferred: float, recv_bytes: float,
+                 workspace: float) -> StageMemory:
+    """``chunk_acts``: activation bytes one microbatch keeps in each of this stage's chunks;
+    ``recv_bytes``: boundary bytes one microbatch receives on this stage (all chunks)."""
+    params, grads, optimizer = state_bytes(elems, lay)
+    if lay.p == 1:
+        inflight = 1
+    else:
+        inflight = expected_peak_inflight(lay.sched, lay.p, lay.v, lay.m, stage)
+    per_mb = sum(chunk_acts) / max(len(chunk_acts), 1)   # chunk-microbatches are per chunk
+    # a received boundary tensor becomes a chunk input, kept for backward as part of the
+    # chunk's activations; the buffers are the one being received and a gradient's
+    per_chunk_recv = recv_bytes / max(len(chunk_acts), 1)
+    p2p = 2 * per_chunk_recv if lay.p > 1 else 0.0
+    return StageMemory(stage, params, grads, optimizer, inflight * per_mb, recompute_layer,
+                       deferred, p2p, workspace, per_mb, inflight, grads_bucketed(lay), elems)
+
+
+# ---- source 1: a ModelCost and Korthikanti et al.'s formulas ---------------------------------
+def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: str,
+                           dtype_bytes: int = 2) -> float:
+    """Korthikanti et al. 2022 Table 2 (16-bit activations), scaled to ``dtype_bytes``."""
+    sbh = s * b * h
+    if recompute == "full":
+        x = 2.0 * sbh / (t if sp else 1)
+    else:
+        attn = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
+        if t == 1:
+            x = sbh * (34.0 + attn)
+        elif sp:
+            x = sbh * (34.0 / t + attn)
+        else:
+            x = sbh * (10.0 + 24.0 / t + attn)
+    return x * dtype_bytes / 2.0
+
+
+def stage_param_elems(mc, lay: Layout, stage: int) -> float:
+    """Local parameter elements on a rank of pipeline stage ``stage`` (tp shares from the
+    placements the tensor-parallel pass gave the model, replicated ones in full)."""
+    k = mc.num_layers / lay.p
+    n, rep = mc.params_layer * k, mc.replicated_layer * k
+    if stage == 0:
+        n += mc.params_pre
+        rep += mc.replicated_pre
+    if stage == lay.p - 1 and (lay.p > 1 or not mc.tied_embedding):
+        n += mc.params_post
+        rep += mc.replicated_post
+    return (n - rep) / lay.t + rep
+
+
+def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> MemoryPrediction:
+    """Every pipeline stage's predicted peak for a model cost ``mc`` (planner.ModelCost)."""
+    e = PARAM_BYTES[lay.precision]
+    s, h, a, V = mc.seq, mc.hidden, max(mc.heads, 1), mc.vocab or 0
+    sp_div = lay.t if lay.sp else 1
+    sbh = s * lay.b * h
+    per_layer = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, lay.recompute, e)
+    chunks = lay.p * lay.v
+    per_chunk_layers = mc.num_layers / chunks
+    out = []
+    for st in (range(lay.p) if stages is None else stages):
+        acts = []
+        for ch in range(st, chunks, lay.p):
+            x = per_chunk_layers * per_layer
+            if ch == 0:    # embedding output and its dropout mask
+                x += sbh * (e + 1) / sp_div
+            if ch == chunks - 1 and V:   # final norm input, fp32 log-probabilities
+                x += sbh * e / sp_div + 4.0 * s * lay.b * V / lay.t
+            acts.append(x)
+        rc_layer = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, "none", e) \
+            if lay.recompute == "full" else 0.0
+        # a deferred weight-gradient half keeps the GEMM inputs of one chunk-microbatch
+        deferred = (sum(acts) / len(acts)) * 0.5 \
+            if lay.p > 1 and lay.split_backward and st > 0 else 0.0
+        # a received boundary is the residual stream, whole after scatter/gather (1/t with SP)
+        recv = sum(sbh * e / sp_div for ch in range(st, chunks, lay.p) if ch > 0)
+        ws = 2.0 * 4.0 * s * lay.b * V / lay.t if st == lay.p - 1 and V else 2.0 * sbh * e
+        out.append(stage_memory(st, lay, stage_param_elems(mc, lay, st), acts, rc_layer,
+                                deferred, recv, ws))
+    return MemoryPrediction(lay, out, "model cost (Korthikanti et al. 2022 per-layer bytes)",
+                            limit)
+
+
+# ---- source 2: this rank's transformed program ---------------------------------------------
+def _tensor_bytes(v) -> int:
+    import torch
+    if isinstance(v, torch.Tensor):
+        return int(math.prod(int(d) for d in v.shape)) * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in v)
+    return 0
+
+
+@dataclasses.dataclass
+class _ChunkFacts:
+    saved: int          # bytes a trial partition saves for backward per microbatch
+    outside: int        # of which saved by nodes outside any layer
+    recomputed: int     # bytes of the largest layer's recomputed values
+    largest: int        # largest single intermediate
+    layers: int
+    residual: int       # bytes of a layer's output
+
+
+def _chunk_facts(gm) -> _ChunkFacts:
+    from torch.utils.checkpoint import CheckpointPolicy
+    from ..codegen.partition import trial_partition
+    from ..graph_utils import layer_spans
+    rows = trial_partition(gm)
+    saved = sum(b for _, b, _ in rows)
+    layer_of = {n.name: n.meta.get("ac_graph_id", 0) for n in gm.graph.nodes}
+    outside = sum(b for _, b, origin in rows if not 0 < layer_of.get(origin, 0) < (1 << 30))
+    per_layer: dict = {}
+    largest = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        nb = _tensor_bytes(n.meta.get("val"))
+        largest = max(largest, nb)
+        if n.meta.get("recompute") == CheckpointPolicy.MUST_RECOMPUTE:
+            lid = n.meta.get("ac_graph_id", 0)
+            if 0 < lid < (1 << 30):
+                per_layer[lid] = per_layer.get(lid, 0) + nb
+    spans = layer_spans(gm)
+    residual = max((_tensor_bytes(out.meta.get("val")) for _, out in spans), default=0)
+    return _ChunkFacts(saved, outside, max(per_layer.values(), default=0), largest,
+                       len(spans), residual)
+
+
+def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
+                    limit: Optional[int] = None, local_elems: Optional[float] = None
+                    ) -> MemoryPrediction:
+    """This rank's predicted peak from ``program`` (built with ``until="passes"`` or
+    later): activation bytes from a trial partition of each local chunk, parameters
+    from the plan's local shapes (``local_elems`` overrides)."""
+    lay = Layout.from_config(config, microbatch_size)
+    if local_elems is None:
+        names = set(program.stage.local_params) if program.stage is not None else None
+        local_elems = sum(math.prod(pp_.local_shape or pp_.full_shape)
+                          for n, pp_ in program.plan.params.items()
+                          if names is None or n in names)
+    acts, rc_layers, largest, recv, facts = [], [], 0, 0.0, []
+    for k, ch in sorted(program.chunks.items()):
+        f = _chunk_facts(ch.gm)
+        inputs = sum(mt.numel * mt.dtype.itemsize for mt in ch.in_meta)
+        acts.append(f.saved + inputs)
+        rc_layers.append(f.recomputed)
+        largest = max(largest, f.largest)
+        recv += inputs
+        facts.append(f)
+    p = config.pp
+    deferred = (sum(acts) / len(acts)) * 0.5 \
+        if p > 1 and config.split_backward and pp_rank > 0 else 0.0
+    rc_layer = max(rc_layers) if lay.recompute in ("full", "budget") else 0.0
+    st = stage_memory(pp_rank, lay, local_elems, acts, rc_layer, deferred, recv, 2.0 * largest)
+    n = max(len(facts), 1)
+    st.layers = round(sum(f.layers for f in facts) / n)
+    st.residual = max((f.residual for f in facts), default=0)
+    st.outside = sum(f.outside for f in facts) / n
+    pred = MemoryPrediction(lay, [st], "trial partition of this rank's chunks", limit)
+    pred.notes.append("activations: bytes the compiled partition saves for backward per "
+                      "microbatch (recompute tags honoured); workspace: twice the largest "
+                      "intermediate (its value and its gradient)")
+    return pred
+
+
+# ---- a limit: refuse, and say what would fit --------------------------------------------------
+def cheapest_fit(evaluate, lay: Layout, limit: int, world: Optional[int] = None) -> list:
+    """Changes to ``lay`` that fit under ``limit``, cheapest first: [(description, peak)].
+    ``evaluate(layout) -> MemoryPrediction or None`` (None: not possible for the model)."""
+    tries = []
+    if lay.d > 1 and not lay.zero:
+        tries.append(("distributed_optimizer=True (ZeRO-1: optimizer states 1/d)",
+                      dataclasses.replace(lay, zero=True)))
+    order = ["none", "selective", "full"]
+    if lay.recompute in order:
+        for rc in order[order.index(lay.recompute) + 1:]:
+            tries.append((f"recompute={rc!r}", dataclasses.replace(lay, recompute=rc)))
+    if lay.t > 1 and not lay.sp:
+        tries.append(("sequence_parallel=True", dataclasses.replace(lay, sp=True)))
+    p2 = lay.p * 2
+    if lay.d % 2 == 0:
+        tries.append((f"pp={p2} (dp={lay.d // 2})",
+                      dataclasses.replace(lay, p=p2, d=lay.d // 2, m=max(lay.m, p2))))
+    out = []
+    for desc, alt in tries:
+        pred = evaluate(alt)
+        if pred is not None and pred.peak <= limit:
+            out.append((desc, pred.peak))
+    # combined: ZeRO-1 + full recompute as a last resort
+    if not out and lay.d > 1:
+        alt = dataclasses.replace(lay, zero=True, recompute="full")
+        pred = evaluate(alt)
+        if pred is not None and pred.peak <= limit:
+            out.append(("distributed_optimizer=True and recompute='full'", pred.peak))
+    return out
+
+
+def cheapest_fit_program(pred: MemoryPrediction) -> list:
+    """``cheapest_fit`` for a prediction from a program: the alternatives are estimated
+    from its components (ZeRO-1 re-prices the state; full recompute keeps one residual
+    checkpoint per layer; pp×2 halves the stage and doubles its in-flight microbatches)."""
+    st, lay = pred.worst, pred.layout
+
+    def evaluate(alt: Layout):
+        new = dataclasses.replace(st)
+        new.params, new.grads, new.optimizer = state_bytes(st.elems, alt)
+        new.grads_bucketed = grads_bucketed(alt)
+        if alt.recompute != lay.recompute:
+            if alt.recompute != "full" or not st.layers:
+                return None        # selective from a program: not estimated here
+            new.per_microbatch = st.outside + st.layers * st.residual
+            new.recompute_workspace = max(st.recompute_workspace,
+                                          (st.per_microbatch - st.outside) / st.layers)
+            new.activations = new.per_microbatch * st.inflight
+        if alt.p != lay.p:
+            new.params, new.grads, new.optimizer = state_bytes(st.elems / 2, alt)
+            inflight = expected_peak_inflight(alt.sched, alt.p, alt.v, alt.m, 0)
+            new.per_microbatch = st.per_microbatch / 2
+            new.activations, new.inflight = new.per_microbatch * inflight, inflight
+        return MemoryPrediction(alt, [new], pred.source)
+    return cheapest_fit(evaluate, lay, pred.limit)
+
+
+def refusal(pred: MemoryPrediction, limit: int, fixes: list) -> str:
+    lines = [f"the layout is predicted to need {fmt(pred.peak)} on its busiest rank "
+             f"(pipeline stage {pred.worst.stage}), over memory_limit={fmt(limit)}:"]
+    lines += pred.lines("  ")
+    if fixes:
+        desc, peak = fixes[0]
+        lines.append(f"cheapest change that fits: {desc} -> {fmt(peak)}")
+        for d_, pk in fixes[1:]:
+            lines.append(f"  also fits: {d_} -> {fmt(pk)}")
+    else:
+        lines.append("no single change (ZeRO-1, more recompute, sequence parallelism, a larger "
+                     "pp) fits: add devices, or lower the microbatch size")
+    return "\n".join(lines)
+
+
+__all__ = ["Layout", "StageMemory", "MemoryPrediction", "predict", "predict_program",
+           "parse_bytes", "state_bytes", "cheapest_fit", "cheapest_fit_program", "refusal", "layer_activation_bytes",
+           "COMPONENTS"]
