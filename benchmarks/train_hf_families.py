@@ -46,7 +46,7 @@ def run_family(family: str, a) -> dict:
             "model": r["model"], "first_loss": round(losses[0], 3),
             "last_loss": round(losses[-1], 3), "first10_mean": round(first10, 3),
             "last10_mean": round(last10, 3), "tokens_per_s": round(r["tokens_per_s"]),
-            "first_step_s": round(r["first_step_s"], 1), "error": err}
+            "first_step_s": round(r["first_step_s"], 1), "error": err or None}
 
 
 def main(argv=None):
@@ -60,7 +60,12 @@ def main(argv=None):
     ap.add_argument("--codegen", default="inductor")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json")
+    ap.add_argument("--commit", help="the commit measured (default: git rev-parse HEAD)")
     a = ap.parse_args(argv)
+    if a.commit is None:
+        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, cwd=ROOT)
+        a.commit = p.stdout.strip() or "unknown"
     rows = []
     for fam in a.families.split(","):
         rows.append(run_family(fam, a))
@@ -71,7 +76,9 @@ def main(argv=None):
                 json.dump({"benchmark": "train_hf", "device": "cpu (gloo, 8 ranks on 2 shared "
                            "cores)", "torch": torch.__version__,
                            "command": "python benchmarks/train_hf_families.py --json "
-                                      "benchmarks/results/train_hf.json", "rows": rows},
+                                      "benchmarks/results/train_hf.json",
+                           "note": f"measured at commit {a.commit}, one job per family, "
+                                   "one after the other", "rows": rows},
                           f, indent=1)
     return rows
 

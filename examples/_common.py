@@ -109,6 +109,8 @@ def add_layout_args(p: argparse.ArgumentParser, steps: int = 200, lr: float = 3e
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--restart-skew", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--explain", action="store_true", help="print what the compiler did")
+    p.add_argument("--timeline", help="pp > 1: write the last step's pipeline as it ran here "
+                   "(Chrome trace JSON, and a .png picture beside it)")
     p.add_argument("--json", help="write the run's numbers here")
 
 
@@ -145,11 +147,7 @@ def train(args, make_job) -> dict:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
     world = args.dp * args.tp * args.pp
     bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        progress.say(f"compiled in {compile_s:.1f} s; training {job.name}")
-        bar = tqdm(total=args.steps, initial=first, file=sys.stdout, dynamic_ncols=True,
-                   desc=f"dp={args.dp} tp={args.tp} pp={args.pp} {args.precision}")
+    progress.say(f"compiled in {compile_s:.1f} s; training {job.name}")
     losses, t_start, tokens, skipped, first_step_s = [], None, 0, 0, 0.0
     for step in range(first, args.steps):
         x, y = next(data)
@@ -160,6 +158,14 @@ def train(args, make_job) -> dict:
         losses.append(float(loss))
         if step == first:  # the first step's timing includes warm-up; tokens/s starts after
             t_start, first_step_s = time.perf_counter(), time.perf_counter() - t0
+            if rank == 0:   # the bar appears once steps take their steady time
+                from tqdm import tqdm
+                progress.say(f"first step {first_step_s:.1f} s" + (
+                    " (Inductor compiles the backward graphs when they first run)"
+                    if args.codegen == "inductor" else ""))
+                bar = tqdm(total=args.steps, initial=first, file=sys.stdout,
+                           dynamic_ncols=True,
+                           desc=f"dp={args.dp} tp={args.tp} pp={args.pp} {args.precision}")
         else:
             tokens += x.numel()
         if args.fail_at_step == step and restart_count() == 0 and rank == world - 1:
@@ -177,12 +183,15 @@ def train(args, make_job) -> dict:
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t_start
+    bubble = None
+    if args.timeline and args.pp > 1:   # collective: every rank takes part, rank 0 writes
+        bubble = pm.timeline(args.timeline)["bubble"]
     return {"first_loss": losses[0], "last_loss": losses[-1], "losses": losses,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "first_step": first,
             "mfu": job.flops_per_step * (len(losses) - 1) / elapsed / (peak * world)
             if elapsed > 0 else 0.0, "peak_memory_mb": memory_mb(), "skipped_steps": skipped,
             "compile_s": compile_s, "first_step_s": compile_s + first_step_s,
-            "restart_count": restart_count(), "model": job.name,
+            "restart_count": restart_count(), "model": job.name, "bubble": bubble,
             "explain": pm.explain() if rank == 0 else ""}
 
 
@@ -206,6 +215,11 @@ def run(args, make_job) -> dict:
           f"the first step (capture + compile {r0['compile_s']:.1f} s); MFU {r0['mfu']:.1%} of "
           f"the measured matmul peak; peak memory {r0['peak_memory_mb']:,.0f} MB per rank; "
           f"{r0['skipped_steps']} skipped steps")
+    if r0["bubble"] is not None:
+        print(f"timeline of the last step: {args.timeline} and "
+              f"{os.path.splitext(args.timeline)[0]}.png (measured bubble {r0['bubble']:.3f})")
+    elif args.timeline:
+        print("--timeline: no pipeline (pp=1), nothing written")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in r0.items() if k != "explain"}, f, indent=1)

@@ -132,3 +132,21 @@ def test_inspect_draws_llamas_layer_with_its_collectives_at_tp2_sp():
                                       "up_proj", "down_proj"]), linears
     assert collectives.count("sp_gather") == 2 and collectives.count("sp_scatter") == 2, \
         collectives
+
+
+def test_readme_opens_with_the_pictures_and_the_two_commands_ci_runs():
+    """The README's first screen: the two pictures (files that exist, made by
+    benchmarks/readme_figures.py) and the two commands; .ci/run runs exactly those."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    first = readme.split("## Try this", 1)[0]
+    assert len(first.splitlines()) < 50
+    for fig in ("docs/figures/timeline_interleaved.png", "docs/figures/llama_layer_tp2_sp.png"):
+        assert fig in first and os.path.exists(os.path.join(ROOT, fig)), fig
+    block = first.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [l.strip() for l in block.splitlines() if l.strip() and not l.startswith("#")]
+    assert commands == ['pip install torch==2.13.0 && pip install -e ".[dev,hf]" && '
+                        'python examples/train_gpt.py', "python -m pytest -q"]
+    ci = [l.strip() for l in open(os.path.join(ROOT, ".ci", "run")) if l.strip()]
+    assert ci[-1] == commands[1]
+    assert "python -m pip install --quiet torch==2.13.0" in ci
+    assert 'python -m pip install --quiet -e ".[dev,hf]"' in ci
