@@ -7,7 +7,8 @@ with the command that reproduces it, and replaces the text between
 
     <!-- results:begin -->   and   <!-- results:end -->
 
-in README.md. A known benchmark without a JSON file is listed as "not yet measured";
+in docs/benchmarks.md (``--readme FILE``: in FILE instead). A known benchmark without a
+JSON file is listed as "not yet measured";
 a JSON file of a benchmark not listed here still gets a table. Row keys are not
 assumed: columns are the union of the rows' keys (a benchmark's preferred columns
 first), and values that are not scalars are left out of the table.
@@ -16,8 +17,9 @@ The README's prose quotes figures from these tables (a range of ratios, a worst 
 each such figure is written as ``<!-- fig:NAME -->text<!-- /fig -->`` and ``text`` is
 recomputed from the same JSON by ``FIGURES[NAME]``, so prose and tables cannot drift. A
 figure whose JSON is missing keeps its text and is reported; an unknown NAME is an error.
+Figures are filled in README.md and every docs/*.md (``FIGURE_FILES``).
 
-    python -m benchmarks.report [--readme README.md] [--results benchmarks/results] [--print]
+    python -m benchmarks.report [--readme FILE] [--results benchmarks/results] [--print]
 """
 from __future__ import annotations
 
@@ -79,6 +81,23 @@ KNOWN = {
                   "tp2pp2 runs on a subset; full messages, errors per step and warnings in "
                   "the JSON",
                   ["family", "kind", "params", "tp2", "tp2sp", "pp2", "tp2pp2", "reason"]),
+    "train_hf": ("examples/train_hf.py: Hugging Face families trained at dp=2 × tp=2 × pp=2",
+                 "a tiny config of each family's own transformers class (the model zoo's), "
+                 "the byte corpus of train_gpt (2.5 kB: the loss falls towards memorising "
+                 "it), AdamW lr 3e-3, 8 gloo ranks on 2 shared CPU cores, Inductor; "
+                 "first10_mean / last10_mean: mean loss of the first / last ten steps",
+                 ["family", "layout", "steps", "status", "first_loss", "last_loss",
+                  "first10_mean", "last10_mean", "tokens_per_s", "first_step_s", "error"]),
+    "moe": ("Expert parallelism (ep) vs replicated and tp-sharded experts",
+            "a Mixtral-style model from transformers on 2 gloo ranks, three programs stepped in "
+            "interleaved rounds of one run: replicated experts (dp=2), ep=2, expert tensor "
+            "parallelism (tp=2). expert_share: the routed experts' bytes one rank holds over "
+            "the whole (ep: 1/ep); a2a_bytes_per_layer: bytes one rank sent to the others by "
+            "the token all-to-alls of one MoE layer in a step (recorded inside the ops) vs "
+            "formula_bytes = 2·tokens·top_k·h·(ep−1)/ep forward + the same backward; vs_ep: "
+            "step time / ep's",
+            ["layout", "dp", "ep", "tp", "expert_bytes_per_rank", "expert_share", "step_ms",
+             "vs_ep", "a2a_bytes_per_layer", "formula_bytes", "a2a_ratio"]),
     "gpu_throughput": ("GPU throughput / MFU (one H100, tp = pp = 1, selective recompute)",
                        "GPT h=4096, 32 heads, s=2048, bf16; one step = zero grads, forward, "
                        "loss, backward; modes timed in alternating rounds of one run (median). "
@@ -170,7 +189,15 @@ FIGURES = {
                            lambda d: _native(d, "ratio_compiled", PP_CONFIGS)),
     "native_load": ("vs_torch_native", lambda d: "{} CPUs, 1-minute load average {}".format(
         d["cpus"], _span(d["load_average"], ".0f"))),
+    "train_hf_ok": ("train_hf", lambda d: ", ".join(
+        r["family"] for r in _rows(d, status="ok")) or "none"),
+    "train_hf_losses": ("train_hf", lambda d: "{} → {}".format(
+        _span([r["first10_mean"] for r in _rows(d, status="ok")]),
+        _span([r["last10_mean"] for r in _rows(d, status="ok")]))),
 }
+# where figures are filled (tables go to TABLES_FILE)
+FIGURE_FILES = ("README.md", "docs")
+TABLES_FILE = os.path.join("docs", "benchmarks.md")
 FIGURE = re.compile(r"<!-- fig:([A-Za-z0-9_]+) -->(.*?)<!-- /fig -->", re.S)
 
 
@@ -315,17 +342,47 @@ def update_readme(readme: str, section: str, results_dir: str | None = None) -> 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--readme", help="the file with the tables' markers (default: "
+                    "docs/benchmarks.md, and figures in README.md and docs/*.md)")
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--print", action="store_true", help="print the section, leave README alone")
+    ap.add_argument("--print", action="store_true", help="print the section, leave files alone")
     a = ap.parse_args(argv)
     section = render(a.results)
     if a.print:
         sys.stdout.write(section)
-    else:
-        update_readme(a.readme, section, a.results)
-        print(f"updated {a.readme} ({section.count('### ')} sections)")
+        return section
+    tables = a.readme or os.path.join(ROOT, TABLES_FILE)
+    update_readme(tables, section, a.results)
+    print(f"updated {tables} ({section.count('### ')} sections)")
+    if a.readme is None:
+        for path in figure_files():
+            if path != tables:
+                update_figures(path, a.results)
     return section
+
+
+def figure_files() -> list:
+    """README.md and every docs/*.md: the files whose prose quotes figures."""
+    out = []
+    for f in FIGURE_FILES:
+        p = os.path.join(ROOT, f)
+        if os.path.isdir(p):
+            out += sorted(os.path.join(p, x) for x in os.listdir(p) if x.endswith(".md"))
+        elif os.path.exists(p):
+            out.append(p)
+    return out
+
+
+def update_figures(path: str, results_dir: str) -> None:
+    """Recompute the figures of a file without tables."""
+    with open(path) as f:
+        text = f.read()
+    new, stale = fill_figures(text, results_dir)
+    for line in stale:
+        print(f"{path}: figure {line}", file=sys.stderr)
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ptdp_compiler.errors import ConfigError, ShardingError
+from ptdp_compiler.errors import ExpertParallelError, ShardingError
 
 from . import analyze as _an
 
@@ -207,12 +207,13 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     group_name = group.group_name if group is not None else "ep"
     regions = find_expert_regions(gm)
     if not regions:
-        raise ConfigError(f"ep={ep}: the model has no routed experts (no grouped expert "
-                          "GEMMs found in its graph); use ep=1")
+        raise ExpertParallelError(f"ep={ep}: the model has no routed experts (no grouped "
+                                  "expert GEMMs found in its graph); use ep=1")
     for reg in regions:
         if reg.experts % ep:
-            raise ConfigError(f"ep={ep} does not divide the {reg.experts} experts of the layer "
-                              f"with {reg.gemms[0].name}: choose ep dividing {reg.experts}")
+            raise ExpertParallelError(f"ep={ep} does not divide the {reg.experts} experts of "
+                                      f"the layer with {reg.gemms[0].name}: choose ep "
+                                      f"dividing {reg.experts}")
         _rewrite(gm, reg, ep, group_name)
         for name in reg.params:
             pp = plan.params[name]

@@ -34,8 +34,19 @@ import torch
 
 _c10d = torch.ops._c10d_functional
 
+# benchmarks/moe.py sets a list here: every token all-to-all then appends the bytes this rank
+# sent to the other ranks of its group (an uneven all-to-all's split sizes are known only
+# inside the op; the profiler's gloo events do not carry them)
+TRAFFIC = None
+
 
 def _a2a(x: torch.Tensor, out_splits: list, in_splits: list, group_name: str) -> torch.Tensor:
+    if TRAFFIC is not None and x.dim() > 1:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+        me = dist.get_rank(_resolve_process_group(group_name))
+        row = x[0].numel() * x.element_size()
+        TRAFFIC.append((sum(in_splits) - in_splits[me]) * row)
     return _c10d.wait_tensor(_c10d.all_to_all_single(x.contiguous(), out_splits, in_splits,
                                                      group_name))
 

@@ -109,7 +109,9 @@ def _writes_piece(pm, lp) -> bool:
     opt = getattr(pm, "_optimizer", None)
     sharded_dp = opt is not None and opt.inner is not None and opt.distributed and \
         lp.param.requires_grad
-    return lp.is_owner and (sharded_dp or pm.coords.dp_rank == 0)
+    # an expert tensor (ep > 1) is written by the first dp rank holding its experts
+    first = pm.coords.edp_rank == 0 if getattr(lp, "ep", 1) > 1 else pm.coords.dp_rank == 0
+    return lp.is_owner and (sharded_dp or first)
 
 
 def _state_dict(pm, for_save: bool) -> dict:

@@ -31,6 +31,8 @@ class LocalParam:
     full_shape: tuple
     tp: int = 1
     tp_rank: int = 0
+    ep: int = 1                  # > 1: a routed expert's tensor, dim 0 split over ep ranks
+    ep_rank: int = 0
 
     @property
     def numel(self) -> int:
@@ -93,15 +95,22 @@ def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int) -> list:
     """``flat`` holds elements ``[lo, hi)`` of ``lp``'s flattened local tensor (the whole
     tensor when lo=0, hi=numel). Returns (full_offsets, sizes, view of ``flat``) boxes."""
     local_shape = tuple(lp.param.shape)
+    # ep: this rank's experts are block ep_rank of dim 0; tp splits within that block
+    full_shape, e0 = tuple(lp.full_shape), 0
+    if lp.ep > 1:
+        full_shape = (full_shape[0] // lp.ep,) + full_shape[1:]
+        e0 = lp.ep_rank * full_shape[0]
     out = []
     for offs, sizes in flat_range_boxes(local_shape, lo, hi):
         start = flat_index(offs, local_shape) - lo
         seg = flat[start:start + math.prod(sizes)].view(sizes)
-        for loc, full, sz in local_to_full(offs, sizes, lp.placement, lp.full_shape,
+        for loc, full, sz in local_to_full(offs, sizes, lp.placement, full_shape,
                                            lp.tp, lp.tp_rank):
             view = seg
             if lp.placement is not None:
                 d = lp.placement.dim
                 view = seg.narrow(d, loc[d] - offs[d], sz[d])
+            if e0:
+                full = (full[0] + e0,) + tuple(full[1:])
             out.append((tuple(full), tuple(sz), view))
     return out

@@ -135,8 +135,9 @@ class ParallelOptimizer:
         pieces = []
         with torch.no_grad():
             if self.distributed:
-                d, r = pm.config.dp, pm.coords.dp_rank
                 for b in pm._buckets.buckets:
+                    # expert buckets (ep > 1) are sharded over their own group (edp)
+                    d, r = b.get("d", pm.config.dp), b.get("rank", pm.coords.dp_rank)
                     s = b["buffer"].numel() // d
                     a, e = r * s, (r + 1) * s
                     for p, off in b["offsets"].items():
@@ -182,13 +183,15 @@ class ParallelOptimizer:
             for g in grads:
                 g.mul_(inv)
         counted = pm.coords.dp_rank == 0 or self.distributed
+        # an expert tensor (ep > 1) differs across ep ranks: counted by its first copy
+        counted_expert = getattr(pm.coords, "edp_rank", 0) == 0 or self.distributed
         # on the gradients' device: summing there needs no host sync per tensor, and under
         # NCCL the all-reduce below needs a GPU tensor anyway
         dev = grads[0].device if grads else torch.device("cpu")
         sq = torch.zeros((), dtype=torch.float64, device=dev)
         bad = torch.zeros((), dtype=torch.float64, device=dev)
         for pc, g in zip(self.pieces, grads):
-            if counted and pc.lp.is_owner:
+            if (counted_expert if getattr(pc.lp, "ep", 1) > 1 else counted) and pc.lp.is_owner:
                 sq += g.double().pow(2).sum()
             bad += (~torch.isfinite(g)).sum()
         stats = torch.stack([sq, bad])
@@ -230,20 +233,20 @@ class ParallelOptimizer:
                     pc.lp.param.copy_(pc.master)
             return
         pm = self.pm
-        d = pm.config.dp
         by_bucket: dict = {}
         for pc in self.pieces:
             by_bucket.setdefault(id(pc.bucket), (pc.bucket, []))[1].append(pc)
         for b in pm._buckets.buckets:
             params = list(b["offsets"])
             dtype = params[0].dtype
+            d, group = b.get("d", pm.config.dp), b.get("group", pm._dp_group)
             s = b["buffer"].numel() // d
             send = torch.zeros(s, dtype=dtype, device=b["buffer"].device)
             for pc in by_bucket.get(id(b), (None, []))[1]:
                 send[pc.shard_off:pc.shard_off + pc.hi - pc.lo] = pc.master
             if d > 1:
                 full = torch.empty(s * d, dtype=dtype, device=b["buffer"].device)
-                _all_gather(full, send, pm._dp_group)
+                _all_gather(full, send, group)
             else:
                 full = send
             for p, off in b["offsets"].items():
