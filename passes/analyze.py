@@ -44,6 +44,10 @@ LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
               aten.logsumexp.default, aten.norm.ScalarOpt_dim}
+# ops along one dimension (arg 1 is that dim; topk's is arg 2): a router's top-k over its
+# experts mixes what a column split would separate
+ALONG_DIM = {aten.max.dim, aten.min.dim, aten.sort.default, aten.argmax.default,
+             aten.argmin.default, aten.cumsum.default, aten.topk.default}
 GROUPED_MM = {aten._grouped_mm.default}
 
 
@@ -153,7 +157,8 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
         p = _transposed_param(w)
         if p is not None and p.meta["val"].dim() == 2:   # x @ W.T (Falcon's linear)
             return Linear(n, x, p, None, 0)
-    elif is_grouped_mm(n.target) and len(n.args) >= 2:
+    elif (is_grouped_mm(n.target) or n.target is aten.bmm.default) and len(n.args) >= 2:
+        # bmm: every expert's tokens [E, T, in] times its 3-D weight (Llama 4's experts)
         x, w = n.args[:2]
         if param_name(w) and w.meta["val"].dim() == 3:
             return Linear(n, x, w, None, 2, grouped=True)
@@ -166,10 +171,14 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
 def _reduced_dims(n: fx.Node) -> Optional[list]:
     """The dimensions a reduction or norm ``n`` mixes (of its first input), None if ``n`` is
     neither."""
-    if n.target not in NORMS and n.target not in REDUCTIONS:
+    if n.target not in NORMS and n.target not in REDUCTIONS and n.target not in ALONG_DIM:
         return None
     val = n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
     nd = val.dim() if isinstance(val, torch.Tensor) else 1
+    if n.target in ALONG_DIM:
+        i = 2 if n.target is aten.topk.default else 1
+        d = n.args[i] if len(n.args) > i else n.kwargs.get("dim", -1)
+        return list(range(nd)) if d is None else [d % nd]
     if n.target in (aten.group_norm.default, aten.batch_norm.default):
         return list(range(nd))
     if n.target in NORMS:
