@@ -185,6 +185,12 @@ def _grow(gemms, offs, E, params, order) -> ExpertRegion:
             if u.op == "call_function" and u.target in _WEIGHT_VIEWS and u not in weight_chains:
                 weight_chains.add(u)
                 stack.extend(u.users)
+    # capture's dtype/device asserts on region values check nothing the rewrite changes; as
+    # readers outside the region they would make their value an exit (a wasted combine)
+    for n in list(region):
+        for u in list(n.users):
+            if u.op == "call_function" and u.target is aten._assert_tensor_metadata.default:
+                u.graph.erase_node(u)
     entries = []
     for n in sorted(region, key=order.__getitem__):
         for a in n.all_input_nodes:
