@@ -108,12 +108,14 @@ class StageMemory:
 
     @property
     def peak(self) -> float:
-        dynamic = self.activations + self.recompute_workspace + self.deferred_wgrad + \
-            self.p2p_buffers
+        # the loss's workspace is alive at the start of backward, a layer's recomputed values
+        # later, once the head's activations are freed: one or the other, not both
+        dynamic = self.activations + self.deferred_wgrad + self.p2p_buffers + \
+            max(self.recompute_workspace, self.workspace)
         if self.grads_bucketed:
-            return self.params + self.optimizer + self.grads + dynamic + self.workspace
+            return self.params + self.optimizer + self.grads + dynamic
         # gradients appear in backward while the saved activations are freed
-        return self.params + self.optimizer + max(dynamic, self.grads) + self.workspace
+        return self.params + self.optimizer + max(dynamic, self.grads + self.workspace)
 
     def row(self) -> dict:
         return {k: getattr(self, k) for k in COMPONENTS} | {
@@ -202,9 +204,8 @@ def stage_memory(stage: int, lay: Layout, elems: float, chunk_acts: list,
         inflight = expected_peak_inflight(lay.sched, lay.p, lay.v, lay.m, stage)
     per_mb = sum(chunk_acts) / max(len(chunk_acts), 1)   # chunk-microbatches are per chunk
     # a received boundary tensor becomes a chunk input, kept for backward as part of the
-    # chunk's activations; the buffers are the one being received and a gradient's
-    per_chunk_recv = recv_bytes / max(len(chunk_acts), 1)
-    p2p = 2 * per_chunk_recv if lay.p > 1 else 0.0
+    # chunk's activations; the buffers: an activation and a gradient being received
+    p2p = recv_bytes / max(len(chunk_acts), 1) if lay.p > 1 else 0.0
     return StageMemory(stage, params, grads, optimizer, inflight * per_mb, recompute_layer,
                        deferred, p2p, workspace, per_mb, inflight, grads_bucketed(lay), elems)
 
@@ -260,13 +261,16 @@ def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> Memory
             if ch == chunks - 1 and V:   # final norm input, fp32 log-probabilities
                 x += sbh * e / sp_div + 4.0 * s * lay.b * V / lay.t
             acts.append(x)
-        rc_layer = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, "none", e) \
-            if lay.recompute == "full" else 0.0
-        # a deferred weight-gradient half keeps the GEMM inputs of one chunk-microbatch
-        deferred = (sum(acts) / len(acts)) * 0.5 \
-            if lay.p > 1 and lay.split_backward and st > 0 else 0.0
+        none = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, "none", e)
+        # while a layer's backward runs, what it recomputed is alive again
+        rc_layer = none - per_layer if lay.recompute in ("full", "selective") else 0.0
+        # a deferred weight-gradient half keeps each weight GEMM's input (7h per token in a
+        # GPT layer) and output gradient (9h) of one chunk-microbatch
+        deferred = per_chunk_layers * 16.0 * sbh * e / lay.t \
+            if lay.p > 1 and lay.split_backward and (st > 0 or lay.v > 1) else 0.0
         # a received boundary is the residual stream, whole after scatter/gather (1/t with SP)
-        recv = sum(sbh * e / sp_div for ch in range(st, chunks, lay.p) if ch > 0)
+        recv = sum(sbh * e / sp_div * ((ch > 0) + (ch < chunks - 1))
+                   for ch in range(st, chunks, lay.p))
         ws = 2.0 * 4.0 * s * lay.b * V / lay.t if st == lay.p - 1 and V else 2.0 * sbh * e
         out.append(stage_memory(st, lay, stage_param_elems(mc, lay, st), acts, rc_layer,
                                 deferred, recv, ws))
@@ -290,8 +294,54 @@ class _ChunkFacts:
     outside: int        # of which saved by nodes outside any layer
     recomputed: int     # bytes of the largest layer's recomputed values
     largest: int        # largest single intermediate
+    wgrad: int          # held by a deferred weight-gradient half (_wgrad_bytes)
     layers: int
     residual: int       # bytes of a layer's output
+
+
+def _sdpa_internals(n) -> int:
+    """Bytes an attention node on the math path materialises inside itself when it runs
+    (scores, probabilities, dropout mask and output, the probabilities' gradient): what
+    recomputing it in backward holds at once; 0 for other nodes."""
+    import torch
+    if n.target is not torch.ops.aten.scaled_dot_product_attention.default:
+        return 0
+    q, k = (a.meta.get("val") for a in n.args[:2])
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+        return 0
+    scores = math.prod(int(d) for d in q.shape[:-1]) * int(k.shape[-2])
+    return scores * (4 * q.element_size() + 1)
+
+
+_GEMMS = ("linear", "mm", "addmm", "matmul", "bmm", "baddbmm")
+
+
+def _reads_param(a, depth: int = 6) -> bool:
+    """Is ``a`` a parameter placeholder, through single-input ops (views, casts, tp's f)?"""
+    while depth and a is not None and hasattr(a, "op"):
+        if a.op == "placeholder":
+            return a.meta.get("ptdp_input_kind") == "param"
+        ins = a.all_input_nodes
+        if len(ins) != 1:
+            return False
+        a, depth = ins[0], depth - 1
+    return False
+
+
+def _wgrad_bytes(gm) -> int:
+    """What a deferred weight-gradient half holds for one microbatch: each weight GEMM's
+    activation input and its output gradient (the same size as its output)."""
+    total = 0
+    for n in gm.graph.nodes:
+        name = getattr(getattr(n.target, "overloadpacket", None), "__name__", "")
+        if n.op != "call_function" or name not in _GEMMS:
+            continue
+        ins = [a for a in n.args if hasattr(a, "op")]
+        if not any(_reads_param(a) for a in ins):
+            continue
+        total += _tensor_bytes(n.meta.get("val"))
+        total += sum(_tensor_bytes(a.meta.get("val")) for a in ins if not _reads_param(a))
+    return total
 
 
 def _chunk_facts(gm) -> _ChunkFacts:
@@ -310,13 +360,14 @@ def _chunk_facts(gm) -> _ChunkFacts:
         nb = _tensor_bytes(n.meta.get("val"))
         largest = max(largest, nb)
         if n.meta.get("recompute") == CheckpointPolicy.MUST_RECOMPUTE:
+            nb += _sdpa_internals(n)
             lid = n.meta.get("ac_graph_id", 0)
             if 0 < lid < (1 << 30):
                 per_layer[lid] = per_layer.get(lid, 0) + nb
     spans = layer_spans(gm)
     residual = max((_tensor_bytes(out.meta.get("val")) for _, out in spans), default=0)
     return _ChunkFacts(saved, outside, max(per_layer.values(), default=0), largest,
-                       len(spans), residual)
+                       _wgrad_bytes(gm), len(spans), residual)
 
 
 def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
@@ -335,24 +386,31 @@ def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
     for k, ch in sorted(program.chunks.items()):
         f = _chunk_facts(ch.gm)
         inputs = sum(mt.numel * mt.dtype.itemsize for mt in ch.in_meta)
-        acts.append(f.saved + inputs)
+        outputs = sum(mt.numel * mt.dtype.itemsize for mt in ch.out_meta)
+        # a received input is a chunk input autograd keeps; a sent output stays alive until
+        # its gradient arrives (the runtime calls backward on it)
+        acts.append(f.saved + inputs + outputs)
         rc_layers.append(f.recomputed)
         largest = max(largest, f.largest)
-        recv += inputs
+        recv += inputs + outputs
         facts.append(f)
     p = config.pp
-    deferred = (sum(acts) / len(acts)) * 0.5 \
-        if p > 1 and config.split_backward and pp_rank > 0 else 0.0
-    rc_layer = max(rc_layers) if lay.recompute in ("full", "budget") else 0.0
-    st = stage_memory(pp_rank, lay, local_elems, acts, rc_layer, deferred, recv, 2.0 * largest)
+    # chunks that receive from a peer split their backward (program.StageMap); at most one
+    # backward's W waits past a compute step
+    split = [f.wgrad for (k, _), f in zip(sorted(program.chunks.items()), facts)
+             if program.stage is not None and program.stage.receives_from_peer(k)]
+    deferred = max(split, default=0) if p > 1 and config.split_backward else 0.0
+    # backward of a layer with recomputed values holds them (and their gradients' share)
+    rc_layer = max(rc_layers) if lay.recompute != "none" else 0.0
+    st = stage_memory(pp_rank, lay, local_elems, acts, rc_layer, deferred, recv, 3.0 * largest)
     n = max(len(facts), 1)
     st.layers = round(sum(f.layers for f in facts) / n)
     st.residual = max((f.residual for f in facts), default=0)
     st.outside = sum(f.outside for f in facts) / n
     pred = MemoryPrediction(lay, [st], "trial partition of this rank's chunks", limit)
     pred.notes.append("activations: bytes the compiled partition saves for backward per "
-                      "microbatch (recompute tags honoured); workspace: twice the largest "
-                      "intermediate (its value and its gradient)")
+                      "microbatch (recompute tags honoured); workspace: 3x the largest "
+                      "intermediate (its value, its gradient and the next; calibrated on CPU)")
     return pred
 
 
