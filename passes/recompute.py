@@ -21,7 +21,11 @@ Modes (``ParallelConfig.recompute``):
   no s² tensors kept) is left as it is; one that falls back to the math path (e.g.
   dropout on CPU) is recomputed, so its s² intermediates are not kept either.
 - ``"full"``: only each layer's input (the residual stream at a layer boundary) is
-  saved; the rest of the layer is recomputed in backward (2sbh per layer).
+  saved; the rest of the layer is recomputed in backward (2sbh per layer, /t with SP).
+  Measured from outside (saved_tensors_hooks around ``pm.train_step``, tests/test_memory.py,
+  benchmarks/activation_memory.py): exactly one (b, s, h) tensor per layer, plus the
+  generator state each recomputed dropout replays (an 8-byte seed under Inductor at t=1;
+  the 5056-byte CPU generator state under aot_eager and for tp-rank dropouts).
 - ``{"budget_bytes": N}``: per layer, choose what to recompute so the bytes saved for
   backward on this rank (one microbatch) stay ≤ N at the least recompute FLOPs: a
   multiple-choice knapsack over per-layer options (none, the attention core, greedy

@@ -4,10 +4,10 @@ One rank's peak during a training step is modelled as
 
     params + grads (+ fp32 main grads) + optimizer states       (static: alive all step)
   + activations saved for backward × the microbatches in flight on that pipeline stage
-  + the layer being recomputed (``recompute="full"``)
-  + the weight-gradient halves a split backward defers
+  + the weight-gradient half a split backward defers (its GEMMs' inputs and output grads)
   + p2p receive buffers (pipeline boundaries)
-  + backward workspace (the largest transient: the loss's logits and their gradient)
+  + max(what a layer's backward recomputes (selective / full),
+        backward workspace: 3× the largest intermediate, e.g. the loss's logits)
 
 What decides each term (the runtime's own choices, read from ``runtime/optimizer.py`` and
 ``runtime/precision.py``):
