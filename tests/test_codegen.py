@@ -322,3 +322,19 @@ def test_split_backward_defers_weight_grads_and_matches_the_unsplit_backward(cod
     fn(*inputs)[0].backward()
     for n, p in params.items():
         assert_close_tensor(n, p.grad, want[n], rtol=1e-5)
+
+
+def test_aot_eager_views_run_on_any_strides():
+    """AOTAutograd records a view as legal on the fake strides; at run time a few kernels
+    hand back other strides (softplus_backward of a transposed input: Qwen3-Next, Doge,
+    OLMo-Hybrid crashed). After views_as_reshapes every view runs and computes the same."""
+    import torch.fx as fx
+    from ptdp_compiler.passes.views_as_reshapes import views_as_reshapes
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(torch.ops.aten.view.default, (x, [-1])))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    transposed = torch.arange(12.0).view(3, 4).t()      # what the fake tensor did not have
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(transposed)
+    assert torch.equal(views_as_reshapes(gm)(transposed), transposed.reshape(-1))

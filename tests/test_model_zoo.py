@@ -21,8 +21,6 @@ FAST = {
     "gpt_oss": None,    # MoE with attention sinks, interleaved gate/up (strided slice)
     "llama4_text": None,  # experts through bmm over 3-D weights; the router's top-k is a
                           # barrier (it stays replicated); complex rotary (view_as_complex)
-    "doge": None,       # aot_eager: a backward view of a gradient whose real strides differ
-                        # from the traced ones (passes/views_as_reshapes.py)
 }
 
 
