@@ -217,7 +217,8 @@ FIGURES = {
     "native_load": ("vs_torch_native", lambda d: "{} CPUs, 1-minute load average {}".format(
         d["cpus"], _span(d["load_average"], ".0f"))),
     "train_hf_ok": ("train_hf", lambda d: ", ".join(
-        r["family"] for r in _rows(d, status="ok")) or "none"),
+        r["family"] + ("" if r.get("codegen", "inductor") == "inductor" else
+                       f" ({r['codegen']})") for r in _rows(d, status="ok")) or "none"),
     "train_hf_losses": ("train_hf", lambda d: "{} → {}".format(
         _span([r["first10_mean"] for r in _rows(d, status="ok")]),
         _span([r["last10_mean"] for r in _rows(d, status="ok")]))),

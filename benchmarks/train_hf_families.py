@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = "llama,qwen3,gemma3,mixtral,deepseek_v3,phi3,gpt2"
+
+
+def first_error(text: str) -> str:
+    """The launcher's one-line report of the failing rank (``RankError: rank r failed: ...``),
+    else the last exception line; 300 characters."""
+    lines = [l for l in text.splitlines() if re.match(r"^[\w.]*(Error|Exception)\w*: ", l)]
+    ranked = [l for l in lines if "RankError" in l]
+    return (ranked or lines or [text.strip()[-300:]])[0][:300]
 
 
 def run_family(family: str, a) -> dict:
@@ -31,7 +40,7 @@ def run_family(family: str, a) -> dict:
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
-            err = "" if p.returncode == 0 else (p.stderr or p.stdout).strip()[-300:]
+            err = "" if p.returncode == 0 else first_error(p.stderr or p.stdout)
         except subprocess.TimeoutExpired:
             err = f"timed out after {a.timeout} s"
         row = {"family": family, "layout": f"dp={a.dp} tp={a.tp} pp={a.pp}" +
@@ -60,13 +69,20 @@ def main(argv=None):
     ap.add_argument("--codegen", default="inductor")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--json")
+    ap.add_argument("--append", action="store_true", help="add the rows to --json's")
     ap.add_argument("--commit", help="the commit measured (default: git rev-parse HEAD)")
     a = ap.parse_args(argv)
     if a.commit is None:
         p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, cwd=ROOT)
         a.commit = p.stdout.strip() or "unknown"
-    rows = []
+    rows, commands = [], []
+    if a.append and a.json and os.path.exists(a.json):
+        with open(a.json) as f:
+            old = json.load(f)
+        rows, commands = old["rows"], old["command"].split(" && ")
+    commands.append("python benchmarks/train_hf_families.py " + " ".join(argv if argv is not None
+                                                                        else sys.argv[1:]))
     for fam in a.families.split(","):
         rows.append(run_family(fam, a))
         print(json.dumps(rows[-1]), flush=True)
@@ -75,8 +91,7 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump({"benchmark": "train_hf", "device": "cpu (gloo, 8 ranks on 2 shared "
                            "cores)", "torch": torch.__version__,
-                           "command": "python benchmarks/train_hf_families.py --json "
-                                      "benchmarks/results/train_hf.json",
+                           "command": " && ".join(commands),
                            "note": f"measured at commit {a.commit}, one job per family, "
                                    "one after the other", "rows": rows},
                           f, indent=1)

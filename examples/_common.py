@@ -147,7 +147,8 @@ def train(args, make_job) -> dict:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
     world = args.dp * args.tp * args.pp
     bar = None
-    progress.say(f"compiled in {compile_s:.1f} s; training {job.name}")
+    progress.say(f"set up in {compile_s:.1f} s (the phases above, then this rank's stages "
+                 f"and process groups, joined with the other ranks); training {job.name}")
     losses, t_start, tokens, skipped, first_step_s = [], None, 0, 0, 0.0
     for step in range(first, args.steps):
         x, y = next(data)

@@ -6,8 +6,12 @@ Per rank and chunk (``rank{r}/``):
     01_<pass>.py / .diff      the graph after each graph-changing pass, and the unified
                               diff against the graph before it
     chunk{k}.py               pipeline chunk k of this rank (pp > 1), and its diff view
-    layer.svg                 one layer (a repeated compiled region) drawn top to bottom,
-                              collectives in red, matmuls in blue
+    layer_chunk{k}.svg        one transformer layer of chunk k drawn top to bottom,
+                              collectives in red, matmuls in blue (named by their weight's
+                              module): the most repeated region holding attention or two or
+                              more weight matmuls, found from dataflow (``segments``)
+    embedding_chunk{k}.svg,   the embedding and the head + loss regions, where the chunk
+    head_chunk{k}.svg         has them, each labelled as what it is
     kernels/…                 the generated kernel source (Inductor's output code) of every
                               distinct compiled region of every chunk, and fusions.txt:
                               each module's kernels in launch order, the ops every fused
