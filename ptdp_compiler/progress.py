@@ -75,12 +75,14 @@ def phase(name: str):
     else:
         _status.update(label + " …")
     t0 = time.perf_counter()
+    failed = True
     try:
         yield info
+        failed = False
     finally:
         dt = time.perf_counter() - t0
         note = f" ({info['note']})" if info.get("note") else ""
-        say(f"{label} {dt:.1f} s{note}")
+        say(f"{label} failed after {dt:.1f} s" if failed else f"{label} {dt:.1f} s{note}")
         _stack.pop()
         if started_spinner:
             _status.stop()

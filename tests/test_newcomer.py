@@ -61,6 +61,11 @@ def test_compile_reports_each_phase(capsys):
     finally:
         del os.environ["PTDP_PROGRESS"]
     assert "ptdp | " not in capsys.readouterr().err
+    from ptdp_compiler import progress
+    with pytest.raises(ValueError):   # a phase that raises is not reported as done
+        with progress.phase("passes"):
+            raise ValueError("no rule")
+    assert re.search(r"^ptdp \| passes failed after \d+\.\d s$", capsys.readouterr().err, re.M)
 
 
 def test_train_hf_trains_a_hugging_face_family_briefly():
