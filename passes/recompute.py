@@ -529,3 +529,33 @@ def explain_lines(gm: fx.GraphModule, report: RecomputeReport, max_names: int = 
     lines.append(f"      outside layers (embedding, head, loss): "
                  f"{report.outside_saved_bytes:,} bytes saved")
     return lines
+
+
+def recompute_holds(gm: fx.GraphModule, trial: Callable) -> dict:
+    """Per layer (``ac_graph_id``): bytes its backward holds again once it has recomputed
+    its values — what the layer would save with nothing recomputed minus what it saves
+    now — from two trial partitions (``trial(gm)``). The memory model's recompute
+    workspace. The tags are put back as they were; the graph is not changed."""
+    def per_layer(rows):
+        layer = {n.name: n.meta.get("ac_graph_id", 0) for n in gm.graph.nodes}
+        out: dict = {}
+        for _joint, nbytes, origin in rows:
+            lid = layer.get(origin, 0)
+            if 0 < lid < (1 << 30):
+                out[lid] = out.get(lid, 0) + nbytes
+        return out
+
+    now = per_layer(trial(gm))
+    old = {}
+    for n in gm.graph.nodes:
+        lid = n.meta.get("ac_graph_id", 0)
+        if n.op == "call_function" and n.meta.get("recompute") is RECOMPUTE and \
+                0 < lid < (1 << 30):
+            old[n] = n.meta["recompute"]
+            n.meta["recompute"] = SAVE
+    try:
+        none = per_layer(trial(gm)) if old else now
+    finally:
+        for n, tag in old.items():
+            n.meta["recompute"] = tag
+    return {lid: max(0, none.get(lid, 0) - now.get(lid, 0)) for lid in set(now) | set(none)}

@@ -364,6 +364,11 @@ def _chunk_facts(gm) -> _ChunkFacts:
             lid = n.meta.get("ac_graph_id", 0)
             if 0 < lid < (1 << 30):
                 per_layer[lid] = per_layer.get(lid, 0) + nb
+    if any(n.meta.get("recompute") == CheckpointPolicy.MUST_RECOMPUTE for n in gm.graph.nodes
+           if 0 < n.meta.get("ac_graph_id", 0) < (1 << 30)):
+        # what a layer's backward holds again = its saves with nothing recomputed − now
+        from ..passes.recompute import recompute_holds
+        per_layer = recompute_holds(gm, trial_partition)
     spans = layer_spans(gm)
     residual = max((_tensor_bytes(out.meta.get("val")) for _, out in spans), default=0)
     return _ChunkFacts(saved, outside, max(per_layer.values(), default=0), largest,
