@@ -229,6 +229,15 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     gm.graph.eliminate_dead_code()
     gm.recompile()
     _fake_check(gm, params, plan)
+    from ptdp_compiler.placement import CollectivePlan
+    for r in regions:
+        h = _val(r.entries[0]).shape[-1] if r.entries else 0
+        size = _val(r.entries[0]).element_size() if r.entries else 0
+        expected = int(2 * r.rows * h * size * (ep - 1) / ep)
+        plan.collectives.append(CollectivePlan(
+            "all_to_all", "ep", f"{r.gemms[0].name}: dispatch + combine (fwd, mirrored bwd)",
+            expected, f"{r.rows} rows x {h}; bytes sent under uniform routing; "
+            f"+ {r.experts} counts exchanged"))
     nparams = sum(len(r.params) for r in regions)
     plan.pass_log.append(("expert_parallel", (
         f"ep={ep}: {len(regions)} routed-experts region(s), {nparams} expert parameters "

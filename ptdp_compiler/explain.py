@@ -16,7 +16,9 @@ def explain(pm) -> str:
     c, co = pm.config, pm.coords
     lines = [f"ptdp_compiler plan for {type(pm.module).__name__} on rank {co.rank}/{co.world}",
              f"  mesh (dp, pp, tp) = ({c.dp}, {c.pp}, {c.tp}); this rank at "
-             f"dp={co.dp_rank} pp={co.pp_rank} tp={co.tp_rank}",
+             f"dp={co.dp_rank} pp={co.pp_rank} tp={co.tp_rank}"
+             + (f"; ep={c.ep} carved out of dp, this rank at ep={co.ep_rank}"
+                if getattr(c, "ep", 1) > 1 else ""),
              f"  microbatches={c.microbatches} schedule={c.schedule} codegen={c.codegen} "
              f"recompute={c.recompute} sequence_parallel={c.sequence_parallel}"]
     lines += ["  " + pm.auto_plan.summary()] if getattr(pm, "auto_plan", None) else []
@@ -61,6 +63,8 @@ def explain(pm) -> str:
                 extra += f" -> local {pp_.local_shape}"
             if pp_.grad_tp_reduce:
                 extra += " (grad summed over tp)"
+            if getattr(pp_, "ep", 1) > 1:
+                extra += f" (experts: dim 0 split over ep={pp_.ep})"
             if pp_.role:
                 extra += f"  [{pp_.role}]"
             placement = pp_.placement or "Replicate"   # None: replicated

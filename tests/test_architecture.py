@@ -58,6 +58,7 @@ MEMBERS = {
     "ptdp_compiler.errors": "base",
     "ptdp_compiler.placement": "base",       # the plan as data
     "ptdp_compiler.collectives": "base",     # custom ops the passes insert, the runtime runs
+    "ptdp_compiler.expert_dispatch": "base", # ep's all-to-all custom ops, likewise
     "ptdp_compiler.ops": "base",
     "ptdp_compiler.progress": "base",        # rank 0's phase lines while compiling
     "ptdp_compiler.schedules": "base",       # action lists the runtime runs, the planner plays
