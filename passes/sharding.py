@@ -26,7 +26,7 @@ import torch
 
 from ptdp_compiler.placement import Shard
 
-__all__ = ["Shard", "PaddedShard", "moved", "padded_size", "view_rule", "local_shape",
+__all__ = ["Shard", "PaddedShard", "TailShard", "moved", "padded_size", "view_rule", "local_shape",
            "shard_tensor", "unshard_tensors"]
 
 
@@ -39,6 +39,19 @@ class PaddedShard(Shard):
 
     def __str__(self):
         return f"Shard({self.dim}, vocabulary padded {self.size}->{self.padded})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TailShard(Shard):
+    """Shard(dim) of the first ``N - tail`` entries of a dimension of size ``N``; the last
+    ``tail`` entries are replicated on every rank, after its own slice (local size
+    ``(N - tail)/t + tail``). Multi-query attention's fused q/k/v projection: the query
+    heads are split, the one shared key/value head is kept whole. Its weight rows get
+    tp-partial gradients, summed over tp inside the graph (rules/linear.py)."""
+    tail: int = 0
+
+    def __str__(self):
+        return f"Shard({self.dim}, last {self.tail} replicated)"
 
 
 def padded_size(size: int, t: int) -> int:
@@ -54,6 +67,8 @@ def local_shape(shape, pl: Optional[Shard], t: int) -> list:
     shape = list(shape)
     if isinstance(pl, PaddedShard):
         shape[pl.dim] = pl.padded // t
+    elif isinstance(pl, TailShard):
+        shape[pl.dim] = (shape[pl.dim] - pl.tail) // t + pl.tail
     elif pl is not None:
         shape[pl.dim] //= t
     return shape
@@ -66,6 +81,8 @@ def view_rule(in_shape, pl: Shard, out_shape, t: int) -> Optional[Shard]:
     if -1 in out_shape:
         known = math.prod(s for s in out_shape if s != -1)
         out_shape[out_shape.index(-1)] = math.prod(in_shape) // max(known, 1)
+    if isinstance(pl, TailShard):
+        return _tail_view_rule(in_shape, pl, out_shape, t)
     # flat index of the whole tensor: (outer_total, t, inner_total) around the rank factor
     outer_total = math.prod(in_shape[:pl.dim]) * pl.outer
     inner_total = math.prod(in_shape[pl.dim + 1:]) * (in_shape[pl.dim] // (pl.outer * t))
@@ -78,6 +95,23 @@ def view_rule(in_shape, pl: Shard, out_shape, t: int) -> Optional[Shard]:
                     o_outer * t * (inner_total // after) == o:
                 return Shard(i, o_outer)
         before *= o
+    return None
+
+
+def _tail_view_rule(in_shape, pl, out_shape, t):
+    """A TailShard dimension split into (rows, inner) or merged back: the leading
+    dimensions stay, and the replicated tail stays whole rows of the new dimension."""
+    d, lead = pl.dim, math.prod(in_shape[:pl.dim])
+    inner_in = math.prod(in_shape[d + 1:])
+    for i in range(len(out_shape)):
+        if math.prod(out_shape[:i]) != lead:
+            continue
+        rest = math.prod(out_shape[i + 1:])
+        if out_shape[i] * rest != in_shape[d] * inner_in or (pl.tail * inner_in) % rest:
+            continue
+        tail = pl.tail * inner_in // rest
+        if (out_shape[i] - tail) % t == 0 and ((in_shape[d] - pl.tail) * inner_in) % rest == 0:
+            return TailShard(i, 1, tail)
     return None
 
 
@@ -101,6 +135,10 @@ def shard_tensor(full: torch.Tensor, pl: Optional[Shard], t: int, r: int) -> tor
     """This rank's piece of a full tensor (a copy)."""
     if pl is None:
         return full.detach().clone()
+    if isinstance(pl, TailShard):
+        n = full.shape[pl.dim] - pl.tail
+        head = shard_tensor(full.narrow(pl.dim, 0, n), Shard(pl.dim), t, r)
+        return torch.cat([head, full.detach().narrow(pl.dim, n, pl.tail)], pl.dim)
     full = pad_to_shard(full.detach(), pl).contiguous()
     shape = list(full.shape)
     shape[pl.dim] //= t
@@ -111,6 +149,10 @@ def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:
     """Inverse of ``shard_tensor`` given every rank's piece in tp-rank order."""
     if pl is None:
         return pieces[0]
+    if isinstance(pl, TailShard):
+        n = pieces[0].shape[pl.dim] - pl.tail
+        return torch.cat([p.narrow(pl.dim, 0, n) for p in pieces] +
+                         [pieces[0].narrow(pl.dim, n, pl.tail)], pl.dim)
     t = len(pieces)
     shape = list(pieces[0].shape)
     d, o = pl.dim, pl.outer

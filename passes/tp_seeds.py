@@ -9,7 +9,7 @@ from ptdp_compiler.errors import ConfigError, ShardingError
 from ptdp_compiler.placement import Shard
 
 from . import analyze as _an
-from .sharding import PaddedShard, padded_size
+from .sharding import PaddedShard, TailShard, moved, padded_size
 
 
 def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
@@ -70,13 +70,16 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
 def refine_seeds(seeds: dict, analysis: _an.Analysis, ref) -> dict:
     """``ref.param``'s output rows are whole blocks (a fused q/k/v or gate/up projection):
     re-seed it (and its bias) as ``Shard(dim, blocks)`` so each rank keeps its slice of
-    every block."""
+    every block. With ``ref.tail``: the last rows (a multi-query projection's shared key /
+    value head) stay whole on every rank, ``TailShard``."""
     seeds = dict(seeds)
     for lin in analysis.linears.values():
         if _an.param_name(lin.weight) == ref.param:
-            seeds[ref.param] = Shard(lin.w_out_dim, ref.outer)
+            pl = TailShard(lin.w_out_dim, 1, ref.tail) if ref.tail else \
+                Shard(lin.w_out_dim, ref.outer)
+            seeds[ref.param] = pl
             if lin.bias is not None:
-                seeds[_an.param_name(lin.bias)] = Shard(0, ref.outer)
+                seeds[_an.param_name(lin.bias)] = moved(pl, 0)
     return seeds
 
 

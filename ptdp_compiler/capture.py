@@ -147,6 +147,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, target=None,
             inputs.append(("buffer", spec.target.removeprefix("model.")))
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             inputs.append(("constant", spec.target))
+            c = ep.constants.get(spec.target)
+            if isinstance(c, torch.Tensor) and not c.is_meta and c.numel() <= 64:
+                # small index lists a sharding rule must read (Falcon's k = qkv[..., [-2], :])
+                ph.meta["ptdp_small_constant"] = c.detach().clone()
         elif spec.kind == InputKind.USER_INPUT:
             if not isinstance(spec.arg, TensorArgument):
                 if ph.users:  # a Python constant input is baked into the graph

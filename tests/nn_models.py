@@ -83,13 +83,29 @@ class ShapeOpsBlock(nn.Module):
         return x + self.down(acc.view_as(u))
 
 
+class NormMixBlock(SDPABlock):
+    """An extra square linear whose output is layer-normalised over all its features before
+    anything else reads it: tensor parallelism cannot split it (the norm needs every
+    feature), so it stays whole on every rank, and the user must be told."""
+
+    def __init__(self, width, heads):
+        super().__init__(width, heads)
+        self.mix = nn.Linear(width, width, bias=False)
+        self.mix_norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        x = super().forward(x)
+        return x + self.mix_norm(self.mix(x))
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
     def __init__(self, block="sdpa", width=32, heads=4, depth=2):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, width)
-        cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock}[block]
+        cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
+               "norm_mix": NormMixBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

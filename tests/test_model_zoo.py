@@ -16,8 +16,7 @@ FAST = {
     "bloom": None,      # aten.baddbmm with ALiBi biases (sharded with the heads)
     "qwen3": None,      # per-head q/k RMSNorm over head_dim is not a barrier
     "mixtral": None,    # MoE: expert tensor parallelism (3-D expert weights)
-    "falcon": "multi-query attention (1 kv head < tp) runs, but its fused qkv keeps the "
-              "shared kv head replicated: 0.60 of the parameters per rank (warned)",
+    "falcon": None,     # multi-query fused qkv: queries split, the kv head's rows replicated
     "gpt_oss": None,    # MoE with attention sinks, interleaved gate/up (strided slice)
     "llama4_text": None,  # experts through bmm over 3-D weights; the router's top-k is a
                           # barrier (it stays replicated); complex rotary (view_as_complex)

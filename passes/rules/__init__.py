@@ -28,9 +28,10 @@ class Refine(Exception):
     """Raised by a rule that learned a parameter must be re-seeded (a fused projection's
     rows are whole blocks); the pass restarts the walk with the new seed."""
 
-    def __init__(self, param: str, outer: int):
-        super().__init__(f"re-seed {param} as {outer} blocks")
-        self.param, self.outer = param, outer
+    def __init__(self, param: str, outer: int, tail: int = 0):
+        super().__init__(f"re-seed {param} as {outer} blocks" +
+                         (f", its last {tail} rows replicated" if tail else ""))
+        self.param, self.outer, self.tail = param, outer, tail
 
 
 class KeepReplicated(Exception):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..sharding import moved
+from ..sharding import Shard, TailShard, moved
 from . import rule
 
 aten = torch.ops.aten
@@ -66,6 +66,10 @@ def linear(rw, node, lin):
         rw.fail(node, f"grouped matmul of tokens {xp} with expert weights {wp}: the tokens "
                       "sorted by expert must be whole (replicated), or split on their "
                       "features for a row-parallel expert weight")
+    if isinstance(xp, TailShard):
+        rw.fail(node, f"a linear of a tensor whose features are {xp}")
+    if isinstance(wp, TailShard) and wp.dim == lin.w_out_dim:
+        return _tail_column(rw, node, lin, x, xp, b, wp, out_nd)
     if wp is not None and wp.dim == lin.w_out_dim:            # column-parallel
         if xp is not None:
             if xp.dim == x_nd - 1:
@@ -99,3 +103,40 @@ def linear(rw, node, lin):
         rw.fail(node, "a replicated linear got an input split on its features")
     return _emit(rw, node, x, W=rw.f(W), bias=rw.f(b) if b is not None else "keep",
                  pl=moved(xp, xp.dim))
+
+
+
+def _tail_column(rw, node, lin, x, xp, b, wp, out_nd):
+    """A column-parallel linear whose weight is TailShard (multi-query fused q/k/v): the
+    split rows as a column-parallel linear (input in f, or all-gathered under SP), the
+    replicated tail rows as a replicated linear of the whole input, whose gradient every
+    rank computes in full (its consumers sum the key/value gradient over tp), so the input
+    takes it once: plain x, or under SP an all-gather whose backward keeps this rank's
+    slice (sp_gather_whole). The outputs are joined along the features: TailShard."""
+    if wp.dim != 0:
+        rw.fail(node, f"a weight {wp} whose rows are not its first dimension")
+    rows = lin.weight.meta["val"].shape[0]
+    hl = (rows - wp.tail) // rw.t
+    if xp is not None:
+        if xp.dim == lin.x.meta["val"].dim() - 1:
+            rw.fail(node, "a column-parallel linear got a feature-sharded input")
+        x_head = rw.gathered(x, node)
+        x_tail = rw.emit(torch.ops.ptdp.sp_gather_whole.default,
+                         (x, xp.dim, xp.outer, rw.group_name, rw.t, rw.rank), pl=None,
+                         like=node)
+        rw.collectives.append(("all_gather", x_tail, f"whole input of {node.name}'s "
+                               "replicated rows", node))
+    else:
+        x_head, x_tail = rw.f(x), x
+    param, arg = rw.new(lin.weight), node.args[_positions(node)[1]]
+    parts = []
+    for lo, hi, xin, pl in ((0, hl, x_head, Shard(0)), (hl, hl + wp.tail, x_tail, None)):
+        W = rw.emit(aten.slice.Tensor, (param, 0, lo, hi), pl=pl, like=node)
+        if arg is not lin.weight:    # the op reads a transpose of the parameter (x @ W.T)
+            W = rw.emit(arg.target, (W, *arg.args[1:]), arg.kwargs,
+                        pl=Shard(1) if pl is not None else None, like=arg)
+        bias = rw.emit(aten.slice.Tensor, (b, 0, lo, hi), pl=None, like=node) \
+            if b is not None else None
+        parts.append(_emit(rw, node, xin, W=W, bias=bias if b is not None else "keep",
+                           pl=None))
+    return rw.emit(aten.cat.default, (parts, -1), pl=moved(wp, out_nd - 1), like=node)

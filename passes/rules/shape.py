@@ -12,9 +12,10 @@ import torch
 import torch.fx as fx
 
 from ptdp_compiler.errors import ConfigError
+from ptdp_compiler.placement import Shard
 
 from .. import analyze as _an
-from ..sharding import PaddedShard, local_shape, moved, view_rule
+from ..sharding import PaddedShard, TailShard, local_shape, moved, view_rule
 from . import KeepReplicated, Refine, rule
 from .pointwise import PASSTHROUGH
 
@@ -83,9 +84,12 @@ def view(rw, node):
                           "vocabulary dimension")
         return _emit_view(rw, node, moved(xp, len(full_out) - 1), full_out)
     p = view_rule(full_in, xp, full_out, rw.t)
+    if p is None and isinstance(xp, TailShard):
+        rw.fail(node, f"the view {list(full_in)} -> {list(full_out)} splits the replicated "
+                      f"tail of {xp}")
     if p is None:
         _refuse_view(rw, node, xp, full_in, full_out)
-    if full_out[p.dim] % rw.t:
+    if not isinstance(p, TailShard) and full_out[p.dim] % rw.t:
         rw.fail(node, f"tp={rw.t} does not divide {full_out[p.dim]} (dimension {p.dim} of "
                       f"{list(full_out)}; e.g. the number of attention heads)", ConfigError)
     return _emit_view(rw, node, p, full_out)
@@ -217,6 +221,8 @@ def slice_(rw, node):
     step = node.args[4] if len(node.args) > 4 else 1
     start = 0 if start is None else (start + size if start < 0 else min(start, size))
     end = size if end is None else (end + size if end < 0 else min(end, size))
+    if isinstance(xp, TailShard):
+        return _tail_slice(rw, node, x, xp, dim, size, start, end, step)
     if step != 1:
         # every rank's contiguous chunk starts at a multiple of the step: x[start::step]
         # of the whole is, rank by rank, chunk[start::step] (gpt-oss's interleaved gate/up)
@@ -230,6 +236,21 @@ def slice_(rw, node):
     if (start, end) == (0, size):
         return rw.emit(node.target, (rw.new(x), *node.args[1:]), node.kwargs, pl=xp, like=node)
     p, lo, hi = _block_slice(rw, node, x, xp, dim, start, end)
+    rw.shape_rewrite(node, (start, end), (lo, hi))
+    return rw.emit(aten.slice.Tensor, (rw.new(x), dim, lo, hi), pl=p, like=node)
+
+
+def _tail_slice(rw, node, x, xp, dim, size, start, end, step):
+    """x[start:end] along a TailShard dimension: the split part exactly (the query heads,
+    now a plain Shard) or a piece of the replicated tail (the shared key/value head)."""
+    n, hl = size - xp.tail, (size - xp.tail) // rw.t
+    if step == 1 and (start, end) == (0, n):
+        lo, hi, p = 0, hl, Shard(dim)
+    elif step == 1 and n <= start <= end <= size:
+        lo, hi, p = hl + start - n, hl + end - n, None
+    else:
+        rw.fail(node, f"the slice [{start}:{end}:{step}] cuts across the split part and the "
+                      f"replicated tail of {xp}")
     rw.shape_rewrite(node, (start, end), (lo, hi))
     return rw.emit(aten.slice.Tensor, (rw.new(x), dim, lo, hi), pl=p, like=node)
 
@@ -262,6 +283,14 @@ def split(rw, node):
     block = full // xp.outer
     if isinstance(xp, PaddedShard):
         rw.fail(node, "a split of the padded vocabulary dimension")
+    if isinstance(xp, TailShard):   # [queries | replicated k, v]: split as they are laid out
+        if sizes[0] != full - xp.tail:
+            rw.fail(node, f"the split {sizes} cuts across the replicated tail of {xp}")
+        local = [sizes[0] // rw.t] + sizes[1:]
+        rw.shape_rewrite(node, sizes, local)
+        n = rw.emit(aten.split_with_sizes.default, (rw.new(x), local, dim), like=node)
+        rw.placement[n] = [moved(Shard(dim), dim)] + [None] * (len(sizes) - 1)
+        return n
     if any(s % block for s in sizes):
         _refuse_fused_kv(rw, x, dim)
         need = full // math.gcd(full, *sizes)
@@ -329,9 +358,45 @@ def _refuse_fused_kv(rw, x, dim):
         hd = _head_dim(piece)
         heads = extent * trailing // hd if hd else 0
         if hd and heads % rw.t:
-            raise KeepReplicated(_producing_weight(rw, x, piece),
-                                 f"its key/value part has {heads} head(s) < tp={rw.t}: "
-                                 "each rank uses the head its query heads share")
+            weight = _producing_weight(rw, x, piece)
+            tail = _kv_tail(rw, x, dim)
+            if tail:   # [q heads | shared k, v]: split the queries, keep k, v whole
+                raise Refine(weight, 1, tail=tail * trailing)
+            raise KeepReplicated(weight, f"its key/value part has {heads} head(s) < "
+                                 f"tp={rw.t}: each rank uses the head its query heads share")
+
+
+def _kv_tail(rw, x, dim) -> int:
+    """Rows of ``x`` along ``dim`` after its query part when the cuts are [0:n] (queries,
+    n heads divisible by tp) and pieces of the rows after n; 0 otherwise. Only for
+    ``x`` a plain view of a linear's output (its rows map to the weight's rows)."""
+    size = _shape(x)[dim]
+    src = x.args[0] if x.target in VIEWS else x
+    lin = rw.analysis.linears.get(src)
+    if lin is None or lin.w_out_dim != 0 or len(_shape(src)) != dim + 1:
+        return 0
+    n = None
+    for u in x.users:     # a split: the first piece is the queries, the rest k and v
+        if u.target in SPLITS and (u.args[2] if len(u.args) > 2 else 0) % (dim + 1) == dim:
+            n = u.meta["val"][0].shape[dim]
+            return size - n if 0 < n < size and n % rw.t == 0 else 0
+    for piece, _ in _pieces(x, dim):
+        if piece.target is aten.slice.Tensor and (piece.args[2] if len(piece.args) > 2 else 0) \
+                in (0, None):
+            end = piece.args[3] if len(piece.args) > 3 else size
+            n = end + size if end < 0 else min(end, size)
+    if not n or n >= size or n % rw.t:
+        return 0
+    for piece, _ in _pieces(x, dim):
+        if piece.target is aten.index.Tensor:
+            vals = _small_constant(piece.args[1][dim])
+            if vals is None or not bool(((vals % size) >= n).all()):
+                return 0
+        elif piece.target is aten.slice.Tensor and piece.args[2] not in (0, None):
+            start = piece.args[2] + size if piece.args[2] < 0 else piece.args[2]
+            if start < n:
+                return 0
+    return size - n
 
 
 def _producing_weight(rw, x, node) -> str:
@@ -462,7 +527,36 @@ def index(rw, node):
                          isinstance(i, fx.Node)):
         rw.fail(node, "indexing with sharded indices")
     used = [k for k, i in enumerate(indices) if i is not None]
+    if isinstance(xp, TailShard) and used == [xp.dim]:
+        return _tail_index(rw, node, x, xp, indices)
     if len(used) != 1 or used[0] == xp.dim or indices[used[0]].meta["val"].dim() != 1:
         rw.fail(node, f"indexing dimension(s) {used} of a tensor sharded {xp}")
     new_idx = [rw.new(i) if isinstance(i, fx.Node) else i for i in indices]
     return rw.emit(node.target, (rw.new(x), new_idx), pl=xp, like=node)
+
+
+def _small_constant(n):
+    """The value of a small lifted constant ``n`` is read from (through copies), or None."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in PASSTHROUGH:
+        n = n.args[0]
+    return n.meta.get("ptdp_small_constant") if isinstance(n, fx.Node) else None
+
+
+def _tail_index(rw, node, x, xp, indices):
+    """x[..., [i], ...] of rows in the replicated tail (Falcon's k = qkv[..., [-2], :]):
+    the same rows of this rank's tensor, whose tail is its last ``tail`` rows; the
+    result is replicated. Only constant indices can be proven to lie in the tail."""
+    idx = indices[xp.dim]
+    size = _shape(x)[xp.dim]
+    vals = _small_constant(idx)
+    if vals is None or vals.dim() != 1 or vals.is_floating_point():
+        rw.fail(node, f"indexing {xp} with indices that are not a known constant")
+    vals = vals % size
+    if not bool(((vals >= size - xp.tail) & (vals < size)).all()):
+        rw.fail(node, f"indices {vals.tolist()} reach outside the replicated tail of {xp}")
+    # row v of the full tensor (v in the tail) is row v - size of the local one
+    rem = rw.emit(aten.remainder.Scalar, (rw.new(idx), size), pl=None, rg=False, like=node)
+    local = rw.emit(aten.sub.Scalar, (rem, size), pl=None, rg=False, like=node)
+    new_idx = [local if k == xp.dim else (rw.new(i) if isinstance(i, fx.Node) else i)
+               for k, i in enumerate(indices)]
+    return rw.emit(node.target, (rw.new(x), new_idx), pl=None, like=node)

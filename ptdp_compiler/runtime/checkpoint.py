@@ -123,7 +123,7 @@ def _state_dict(pm, for_save: bool) -> dict:
         flat = tensor.detach().reshape(-1)
         prep = (lambda t: t.contiguous().clone()) if for_save else (lambda t: t)
         boxes.setdefault(f"model.{lp.name}", (lp.full_shape, []))[1].extend(
-            (o, s, prep(v)) for o, s, v in piece_boxes(lp, flat, lo, hi))
+            (o, s, prep(v)) for o, s, v in piece_boxes(lp, flat, lo, hi, for_save))
         for k, v in (state or {}).items():
             if not isinstance(v, torch.Tensor):
                 continue
@@ -132,7 +132,8 @@ def _state_dict(pm, for_save: bool) -> dict:
                 sd[key] = v.detach().clone() if for_save else v
             elif v.numel() == hi - lo:
                 boxes.setdefault(key, (lp.full_shape, []))[1].extend(
-                    (o, s, prep(b)) for o, s, b in piece_boxes(lp, v.reshape(-1), lo, hi))
+                    (o, s, prep(b)) for o, s, b in piece_boxes(lp, v.reshape(-1), lo, hi,
+                                                               for_save))
     for key, (shape, bx) in boxes.items():
         sd[key] = Boxes(shape, bx)
     return sd

@@ -39,6 +39,22 @@ class LocalParam:
         return self.param.numel()
 
 
+def duplicate_tail(lp: LocalParam, lo: int, hi: int) -> Optional[tuple]:
+    """The part of flat range [lo, hi) of ``lp``'s local tensor that is a TailShard's
+    replicated rows on a tp rank > 0 (rank 0 counts them), as [a, b) relative to lo;
+    None if there is none."""
+    pl = lp.placement
+    tail = getattr(pl, "tail", 0)
+    if not tail or lp.tp_rank == 0:
+        return None
+    rows = lp.param.shape[pl.dim]
+    inner = math.prod(lp.param.shape[pl.dim + 1:])
+    if pl.dim != 0:
+        raise NotImplementedError("a replicated tail off the first dimension")
+    a, b = max(lo, (rows - tail) * inner), min(hi, rows * inner)
+    return (a - lo, b - lo) if a < b else None
+
+
 def flat_range_boxes(shape, lo: int, hi: int) -> list:
     """Boxes ``(offsets, sizes)`` of a C-contiguous tensor of ``shape`` covering its flat
     indices ``[lo, hi)``, in order; each box is itself a contiguous flat segment."""
@@ -72,12 +88,27 @@ def flat_index(offsets, shape) -> int:
     return idx
 
 
-def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int) -> list:
+def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int,
+                  skip_tail: bool = False) -> list:
     """A box of a rank's tp shard → boxes of the full tensor, as (local_offsets,
-    full_offsets, sizes): a box spanning several fused blocks is cut at their edges."""
+    full_offsets, sizes): a box spanning several fused blocks is cut at their edges. A
+    TailShard's last rows are the full tensor's last rows on every rank (``skip_tail``:
+    leave them to tp rank 0, so a checkpoint writes them once)."""
     offsets, sizes = tuple(offsets), tuple(sizes)
     if placement is None:
         return [(offsets, offsets, sizes)]
+    tail = getattr(placement, "tail", 0)
+    if tail:
+        d = placement.dim
+        hl = (full_shape[d] - tail) // t
+        out, a, end = [], offsets[d], offsets[d] + sizes[d]
+        for lo, hi, base, in_tail in ((a, min(end, hl), r * hl, False),
+                                      (max(a, hl), end, full_shape[d] - tail - hl, True)):
+            if lo < hi and not (skip_tail and r > 0 and in_tail):
+                out.append((offsets[:d] + (lo,) + offsets[d + 1:],
+                            offsets[:d] + (base + lo,) + offsets[d + 1:],
+                            sizes[:d] + (hi - lo,) + sizes[d + 1:]))
+        return out
     d, o = placement.dim, placement.outer
     block = full_shape[d] // (o * t)  # a rank's run of rows per fused block
     out, a, end = [], offsets[d], offsets[d] + sizes[d]
@@ -91,9 +122,11 @@ def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int) -> list
     return out
 
 
-def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int) -> list:
+def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int,
+                skip_tail: bool = False) -> list:
     """``flat`` holds elements ``[lo, hi)`` of ``lp``'s flattened local tensor (the whole
-    tensor when lo=0, hi=numel). Returns (full_offsets, sizes, view of ``flat``) boxes."""
+    tensor when lo=0, hi=numel). Returns (full_offsets, sizes, view of ``flat``) boxes
+    (``skip_tail``: without a TailShard's replicated rows on tp ranks > 0)."""
     local_shape = tuple(lp.param.shape)
     # ep: this rank's experts are block ep_rank of dim 0; tp splits within that block
     full_shape, e0 = tuple(lp.full_shape), 0
@@ -105,7 +138,7 @@ def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int) -> list:
         start = flat_index(offs, local_shape) - lo
         seg = flat[start:start + math.prod(sizes)].view(sizes)
         for loc, full, sz in local_to_full(offs, sizes, lp.placement, full_shape,
-                                           lp.tp, lp.tp_rank):
+                                           lp.tp, lp.tp_rank, skip_tail):
             view = seg
             if lp.placement is not None:
                 d = lp.placement.dim

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .precision import DynamicLossScaler, MainGradBuckets
+from .layout import duplicate_tail
 
 
 def _reduce_scatter(out, inp, group, async_op):
@@ -193,6 +194,9 @@ class ParallelOptimizer:
         for pc, g in zip(self.pieces, grads):
             if (counted_expert if getattr(pc.lp, "ep", 1) > 1 else counted) and pc.lp.is_owner:
                 sq += g.double().pow(2).sum()
+                dup = duplicate_tail(pc.lp, pc.lo, pc.hi)   # counted by tp rank 0
+                if dup is not None:
+                    sq -= g.reshape(-1)[dup[0]:dup[1]].double().pow(2).sum()
             bad += (~torch.isfinite(g)).sum()
         stats = torch.stack([sq, bad])
         if dist.is_initialized() and dist.get_world_size() > 1:
