@@ -97,6 +97,8 @@ def add_layout_args(p: argparse.ArgumentParser, steps: int = 200, lr: float = 3e
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--codegen", default="inductor", choices=["inductor", "aot_eager"])
+    p.add_argument("--no-split-backward", action="store_true",
+                   help="pp > 1: compile each backward whole (split_backward=False)")
     p.add_argument("--ckpt-dir", default="checkpoints/train")
     p.add_argument("--ckpt-every", type=int, default=0, help="save every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir if present")
@@ -122,7 +124,7 @@ def train(args, make_job) -> dict:
     pm = ptdp.parallelize(job.model, dp=args.dp, tp=args.tp, pp=args.pp,
                           virtual_stages=args.virtual_stages, microbatches=args.microbatches,
                           sequence_parallel=args.sequence_parallel, codegen=args.codegen,
-                          precision=args.precision,
+                          precision=args.precision, split_backward=not args.no_split_backward,
                           distributed_optimizer=args.distributed_optimizer)
     pm.optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=0.0,
                  max_grad_norm=args.max_grad_norm)
