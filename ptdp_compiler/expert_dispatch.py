@@ -23,7 +23,9 @@ Shapes are static, so the compiled graph has no data-dependent sizes: the receiv
 all ranks hold N rows) of which the first ``local_offs[-1]`` are real and the rest zero. Only
 real rows cross the wire and only they are multiplied (``grouped_mm`` stops at the last
 offset), so the padding costs memory, not traffic or FLOPs. A rank that would receive more
-rows than ``capacity`` (ranks holding different row counts) raises instead of dropping.
+rows than ``capacity`` raises ``ExpertParallelError`` instead of dropping: that needs ranks
+of one ep group holding different numbers of tokens per microbatch (different shapes; token
+counts *per expert* may differ freely, and do in every step).
 
 gloo on CPU runs ``all_to_all_single`` with uneven splits (measured on torch 2.13), so the
 functional collective is used directly, with split sizes read from the exchanged counts.
@@ -65,8 +67,9 @@ def _order(recv: torch.Tensor) -> torch.Tensor:
     arrive_start = torch.cumsum(flat, 0) - flat                 # (source, expert) order
     t = recv.t().reshape(-1)
     dest_start = (torch.cumsum(t, 0) - t).reshape(L, ep).t().reshape(-1)
-    seg = torch.repeat_interleave(torch.arange(ep * L), flat)
-    within = torch.arange(int(flat.sum())) - arrive_start[seg]
+    dev = recv.device
+    seg = torch.repeat_interleave(torch.arange(ep * L, device=dev), flat)
+    within = torch.arange(int(flat.sum()), device=dev) - arrive_start[seg]
     return dest_start[seg] + within
 
 
@@ -79,14 +82,15 @@ def ep_counts(offs: torch.Tensor, group_name: str, ep: int,
     recv = _a2a(send, [L] * ep, [L] * ep, group_name).reshape(ep, L)
     total = int(recv.sum())
     if total > capacity:
-        raise RuntimeError(
+        from .errors import ExpertParallelError
+        raise ExpertParallelError(
             f"expert parallelism: this rank's experts received {total} rows but the compiled "
             f"buffer holds {capacity} (ep x this rank's rows); every rank of an ep group must "
             "hold the same number of tokens per microbatch")
     per_expert = recv.sum(0)
     local_offs = torch.cumsum(per_expert, 0).to(offs.dtype)
-    ids = torch.zeros(capacity, dtype=torch.long)
-    ids[:total] = torch.repeat_interleave(torch.arange(L), per_expert)
+    ids = torch.zeros(capacity, dtype=torch.long, device=offs.device)
+    ids[:total] = torch.repeat_interleave(torch.arange(L, device=offs.device), per_expert)
     return local_offs, recv, ids
 
 
