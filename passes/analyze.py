@@ -257,6 +257,12 @@ def _walk(lin: Linear, linears: dict):
             if u.op == "output" or u.target in LOSSES or u.target is aten.embedding.default:
                 barriers.append(u)
                 continue
+            if u.target is aten.select.int and u.args[0] is n and d is not None and \
+                    u.args[1] % n.meta["val"].dim() == d:
+                # one entry of the split dimension (Gemma 4's per-layer inputs, [.., L, e]
+                # read one layer at a time): every rank would need it whole
+                barriers.append(u)
+                continue
             mixed = _reduced_dims(u)
             if mixed is not None and u.args[0] is n:
                 # where the split cannot be followed, assume it is the last dimension

@@ -36,12 +36,20 @@ UNTAGGED_POINTWISE = {aten.log_sigmoid.default, aten.complex.default, aten.polar
 def pointwise(rw, node):
     out = node.meta["val"]
     m = out.dim()
+    placed = {a: moved(p, p.dim + m - a.meta["val"].dim()) for a in node.all_input_nodes
+              if (p := rw.placement_of(a)) is not None}
+    gather = set()
+    if rw.sp and len(set(placed.values())) > 1:
+        # SP: a sequence shard (a replicated projection of the split residual stream, as
+        # Gemma 4's per-layer inputs) meets a feature shard: all-gather the sequence
+        # (its backward reduce-scatters the partial feature gradients back)
+        gather = {a for a in placed if a in rw.sequence_split}
+        if len(gather) == len(placed):
+            gather = set()
     shard = None
-    for a in node.all_input_nodes:
-        p = rw.placement_of(a)
-        if p is None:
+    for a, cand in placed.items():
+        if a in gather:
             continue
-        cand = moved(p, p.dim + m - a.meta["val"].dim())
         if shard is not None and cand != shard:
             rw.fail(node, f"operands sharded differently ({shard} vs {cand})")
         shard = cand
@@ -50,6 +58,8 @@ def pointwise(rw, node):
         if not isinstance(a, fx.Node):
             return a
         v = rw.new(a)
+        if a in gather:
+            v = rw.gathered(v, node, block_input=False)
         va = a.meta.get("val")
         if rw.placement.get(v) is not None or not isinstance(va, torch.Tensor):
             return v

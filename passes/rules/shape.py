@@ -371,9 +371,15 @@ def _kv_tail(rw, x, dim) -> int:
     n heads divisible by tp) and pieces of the rows after n; 0 otherwise. Only for
     ``x`` a plain view of a linear's output (its rows map to the weight's rows)."""
     size = _shape(x)[dim]
-    src = x.args[0] if x.target in VIEWS else x
+    src = x    # back through views / unsqueeze / copies to the linear
+    while src not in rw.analysis.linears and src.op == "call_function" and \
+            src.target in PASSTHROUGH | VIEWS | {aten.unsqueeze.default}:
+        src = src.args[0]
     lin = rw.analysis.linears.get(src)
-    if lin is None or lin.w_out_dim != 0 or len(_shape(src)) != dim + 1:
+    # x's dims from ``dim`` on must be the linear's output features, laid out as they are
+    if lin is None or lin.w_out_dim != 0 or \
+            math.prod(_shape(x)[dim:]) != _shape(src)[-1] or \
+            math.prod(_shape(x)[:dim]) != math.prod(_shape(src)[:-1]):
         return 0
     n = None
     for u in x.users:     # a split: the first piece is the queries, the rest k and v
