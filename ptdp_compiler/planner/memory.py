@@ -295,6 +295,7 @@ class _ChunkFacts:
     recomputed: int     # bytes of the largest layer's recomputed values
     largest: int        # largest single intermediate
     wgrad: int          # held by a deferred weight-gradient half (_wgrad_bytes)
+    recomputed_total: int  # every layer's recomputed values (recompute_holds summed)
     layers: int
     residual: int       # bytes of a layer's output
 
@@ -372,7 +373,7 @@ def _chunk_facts(gm) -> _ChunkFacts:
     spans = layer_spans(gm)
     residual = max((_tensor_bytes(out.meta.get("val")) for _, out in spans), default=0)
     return _ChunkFacts(saved, outside, max(per_layer.values(), default=0), largest,
-                       _wgrad_bytes(gm), len(spans), residual)
+                       _wgrad_bytes(gm), sum(per_layer.values()), len(spans), residual)
 
 
 def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
@@ -402,7 +403,10 @@ def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
     p = config.pp
     # chunks that receive from a peer split their backward (program.StageMap); at most one
     # backward's W waits past a compute step
-    split = [f.wgrad for (k, _), f in zip(sorted(program.chunks.items()), facts)
+    # (measured: with recompute, a split chunk also keeps every layer's recomputed values
+    # until W has run, not one layer's: D recomputes the chunk and W reads from it)
+    split = [f.wgrad + (f.recomputed_total if lay.recompute != "none" else 0)
+             for (k, _), f in zip(sorted(program.chunks.items()), facts)
              if program.stage is not None and program.stage.receives_from_peer(k)]
     deferred = max(split, default=0) if p > 1 and config.split_backward else 0.0
     # backward of a layer with recomputed values holds them (and their gradients' share)
