@@ -154,8 +154,12 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
         by_name = {c.name: c for l in [pre_c, post_c] + layers for c in l}
         for n in nodes:
             c = by_name.get(n.name)
-            if c is not None and c.kind in ("gemm", "embedding") and \
-                    any(_weight_of(a) in replicated for a in n.all_input_nodes):
+            # whole only when every parameter it reads is (a row-parallel linear's bias is
+            # replicated, its weight split)
+            params = {w for a in n.all_input_nodes if (w := _weight_of(a)).op == "placeholder"
+                      and w.meta.get("ptdp_input_kind") == "param"}
+            if c is not None and c.kind in ("gemm", "embedding") and params and \
+                    params <= replicated:
                 c.tp_split = c.sp_split = False   # every rank computes it whole
     heads, seq = _attention_shape(gm)
     vocab = 0
