@@ -106,13 +106,9 @@ def measure_saved_bytes(call, exclude=()) -> tuple:
     return sum(seen.values()), loss
 
 
-def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager",
-                dtype=torch.bfloat16, pointwise=False):
-    """Bytes this rank saves for backward in one forward (parameters excluded), and the
-    recompute report's FLOP overhead. ``pointwise=False`` (``recompute_pointwise``) saves
-    exactly the paper's set; True lets the partitioner recompute free pointwise ops."""
+def _compiled(layers, t, sp, recompute, s, h, a, b, codegen, dtype, pointwise):
+    """The benchmark's GPT on this rank as ``parallelize`` makes it, and a fixed batch."""
     import ptdp_compiler as ptdp
-    from ptdp_compiler.runtime.executor import split_microbatches
     torch.manual_seed(0)
     model = ExplicitGPT(layers, h, a).train().to(dtype)
     g = torch.Generator().manual_seed(1)
@@ -120,6 +116,16 @@ def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager
     tgt = torch.randint(0, VOCAB, (b, s), generator=g)
     pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, recompute=recompute,
                           codegen=codegen, recompute_pointwise=pointwise)
+    return pm, ids, tgt
+
+
+def measure_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="aot_eager",
+                dtype=torch.bfloat16, pointwise=False):
+    """Bytes this rank saves for backward in one forward (parameters excluded), and the
+    recompute report's FLOP overhead. ``pointwise=False`` (``recompute_pointwise``) saves
+    exactly the paper's set; True lets the partitioner recompute free pointwise ops."""
+    from ptdp_compiler.runtime.executor import split_microbatches
+    pm, ids, tgt = _compiled(layers, t, sp, recompute, s, h, a, b, codegen, dtype, pointwise)
     mb = split_microbatches((ids, tgt), {}, None, 1)[0]
     prog = pm._program(mb)
     nbytes, loss = measure_saved_bytes(lambda: prog(mb), list(pm.parameters()))
@@ -133,14 +139,7 @@ def measure_step_job(layers, t, sp, recompute, s=S, h=H, a=A, b=B, codegen="indu
     (a warm-up step compiles first), counted by ``saved_tensors_hooks`` once per storage,
     parameters left out. ``rng_bytes``: the part that is saved generator state (what a
     recomputed dropout replays: the CPU Mersenne-Twister state is 5056 bytes, a seed 8)."""
-    import ptdp_compiler as ptdp
-    torch.manual_seed(0)
-    model = ExplicitGPT(layers, h, a).train().to(dtype)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (b, s), generator=g)
-    tgt = torch.randint(0, VOCAB, (b, s), generator=g)
-    pm = ptdp.parallelize(model, tp=t, sequence_parallel=sp, recompute=recompute,
-                          codegen=codegen, recompute_pointwise=pointwise)
+    pm, ids, tgt = _compiled(layers, t, sp, recompute, s, h, a, b, codegen, dtype, pointwise)
     pm.train_step(ids, tgt)
     skip = {p.untyped_storage().data_ptr() for p in pm.parameters()}
     seen: dict = {}

@@ -13,7 +13,7 @@ from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_byt
                          model_flops_per_iteration, nodes_time, param_bytes_per_gpu,
                          tp_allreduces_per_layer, weight_grad_time)
 from .hardware import all_gather_time, all_reduce_time, p2p_time
-from .memory import Layout, MemoryPrediction
+from .memory import Layout, MemoryPrediction, stage_param_elems
 from .memory import predict as predict_memory
 from .simulator import SimResult, simulate_config
 from ..schedules import SEND_ACT, expected_peak_inflight
@@ -144,17 +144,7 @@ class Evaluator:
     def params_on_rank(self, c: Candidate, rank: int) -> float:
         """Parameter elements on one rank of pipeline stage ``rank``: those the
         tensor-parallel pass shards count 1/t, those it leaves replicated in full."""
-        mc = self.mc
-        k = mc.num_layers // c.p
-        n = mc.params_layer * k
-        rep = mc.replicated_layer * k
-        if rank == 0:
-            n += mc.params_pre
-            rep += mc.replicated_pre
-        if rank == c.p - 1 and (c.p > 1 or not mc.tied_embedding):
-            n += mc.params_post
-            rep += mc.replicated_post
-        return (n - rep) / c.t + rep
+        return stage_param_elems(self.mc, self.layout(c), rank)
 
     def act_per_chunk(self, c: Candidate) -> float:
         mc = self.mc
