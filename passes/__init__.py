@@ -53,6 +53,10 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     lw = find_loss_weight(gm)
     plan.loss_weighting = lw.describe()
     plan.pass_log.append(("loss_weight", lw.describe()))
+    if getattr(cfg, "cp", 1) > 1:
+        # before tp: tensor parallelism then splits a model of T/cp local tokens
+        from .context_parallel import context_parallel_pass
+        gm, lw = context_parallel_pass(gm, cfg, coords, plan, lw)
     if cfg.tp > 1:
         from .tensor_parallel import tensor_parallel_pass
         gm = tensor_parallel_pass(gm, cfg, coords, params, plan)

@@ -19,6 +19,11 @@ class ExpertParallelError(ConfigError):
     or the model has no routed experts."""
 
 
+class ContextParallelError(ConfigError):
+    """cp cannot split the model along the sequence: its attention was not found, or an op
+    mixes tokens in a way context parallelism does not handle (named in the message)."""
+
+
 class MemoryLimitError(ConfigError):
     """The layout is predicted to need more memory per rank than ``memory_limit=``; the
     message gives the predicted breakdown and the cheapest change that fits."""
