@@ -8,6 +8,7 @@ and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]
     expert_parallel    routed experts -> all-to-all dispatch / combine over ep       (ep > 1)
     recompute          save / recompute tags for the partitioner
     pipeline_split     p·v chunks balanced by cost, boundary tensors, tied weights   (pp > 1)
+    fully_shard        parameters split over dp_shard, gathered per layer in-graph  (dp_shard > 1)
 
 ``run_passes`` is called by ``ptdp_compiler.program.build_program`` only.
 """
@@ -71,6 +72,11 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
                                            trial=trial_partition)
     plan.pass_log.append(("recompute", plan.recompute.summary()))
     split = pipeline_split_pass(gm, cfg, plan) if cfg.pp > 1 else None
+    if getattr(cfg, "dp_shard", 1) > 1:
+        # per pipeline chunk, so that a gathered bucket never crosses a pipeline cut
+        from .fully_shard import fully_shard_pass
+        fully_shard_pass([gm] if split is None else [c.gm for c in split.chunks], cfg,
+                         coords, plan)
     if cfg.dp > 1:
         nbytes = sum(math_prod(pp.local_shape or pp.full_shape) * params[n].element_size()
                      for n, pp in plan.params.items() if params[n].requires_grad)

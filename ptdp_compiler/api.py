@@ -62,22 +62,26 @@ class ParallelModule:
         self.module = module
         from .runtime.precision import cast_module
         cast_module(module, config.precision)  # bf16/fp16: capture sees low-precision weights
-        self.coords = build_mesh(config.dp, config.pp, config.tp, config.ep)
+        self.coords = build_mesh(config.dp, config.pp, config.tp, config.ep, config.dp_shard,
+                                 config.cp)
         self._expert_names: set | None = None  # ep > 1: routed-expert tensors, once compiled
         self._params = dict(module.named_parameters())
         self._full_shapes = {n: tuple(p.shape) for n, p in self._params.items()}
         self._placements: dict | None = None   # name -> Shard over tp, once compiled
-        if config.tp > 1 or config.ep > 1:
+        if config.tp > 1 or config.ep > 1 or config.dp_shard > 1:
             # this rank's parameters are Parameters of their own, sharing the module's
             # storage (no copy); once the first Program is built the sharded ones shrink to
             # this rank's shard and the module's full copies are released (_apply_placements)
             self._params = {n: nn.Parameter(p.detach(), requires_grad=p.requires_grad)
                             for n, p in self._params.items()}
         self._tp_group = self.coords.group("tp") if config.tp > 1 else None
-        self._dp_group = self.coords.group("dp") if config.dp > 1 else None
+        # gradient buckets sum over dp × cp ("grad"; dp_shard sums inside the graph); the
+        # loss weights and the reported loss over every rank with other tokens ("batch")
+        self._dp_group = self.coords.group_if("grad")
+        self._batch_group = self.coords.group_if("batch")
         self._check_same_model()
         self._buckets = self._make_buckets()
-        self._rng = RNGTracker(config.seed, self.coords.dp_rank, self.coords.pp_rank,
+        self._rng = RNGTracker(config.seed, self.coords.data_rank, self.coords.pp_rank,
                                self.coords.tp_rank)
         self._pp_group = self.coords.group("pp") if config.pp > 1 else None
         from .runtime.launch import DEFAULT_TIMEOUT_S
@@ -112,6 +116,7 @@ class ParallelModule:
         self._apply_experts(program.plan)
         if program.stage is not None:
             self._apply_stage(program.stage.local_params)
+        self._apply_fully_shard(program.plan)
 
     def _apply_placements(self, placements: dict):
         """Shrink each tp-sharded parameter to this rank's shard (once; the optimizer keeps
@@ -162,7 +167,19 @@ class ParallelModule:
             h.remove()
         self._buckets = self._make_buckets()
 
+    def _apply_fully_shard(self, plan):
+        """dp_shard > 1: keep this rank's flat 1/dp_shard of each parameter (once); the
+        compiled graph gathers them per layer (passes/fully_shard.py)."""
+        if self.config.dp_shard == 1:
+            return
+        from .runtime.fully_shard import apply_fully_shard
+        apply_fully_shard(self, plan)
+
     def _gather_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        if name in (getattr(self, "_fsdp_shapes", None) or {}):
+            from .runtime.fully_shard import gather_flat
+            local = gather_flat(local, self._fsdp_shapes[name], self.coords.group("dp_shard"),
+                                self.config.dp_shard)
         if name in (self._expert_names or ()):
             from .runtime.expert_parallel import gather_experts
             local = gather_experts(local, self.coords.group("ep"), self.config.ep)
@@ -219,19 +236,21 @@ class ParallelModule:
                                       "to have the same shapes (boundary tensors are sized "
                                       "from the graph); pad the batch to uniform shapes")
             loss = run_pipeline_step(programs[0], mbs, self._buckets, self._rng, self.train_steps,
-                                     self._dp_group, self._pp_group)
+                                     self._batch_group, self._pp_group)
         else:
-            loss = run_step(programs, mbs, self._buckets, self._rng, self.train_steps, self._dp_group)
+            loss = run_step(programs, mbs, self._buckets, self._rng, self.train_steps,
+                            self._batch_group)
         self.train_steps += 1
         return loss
 
     def dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's slice (dim 0) of a global-batch tensor."""
-        dp, r = self.config.dp, self.coords.dp_rank
+        """This rank's slice (dim 0) of a global-batch tensor: dp × dp_shard ranks read
+        different samples; context-parallel ranks read the same ones."""
+        dp, r = self.coords.batch_ranks, self.coords.batch_rank
         if tensor.dim() == 0 or tensor.shape[0] % dp:
             raise InputShapeError(
                 f"a global batch of shape {tuple(tensor.shape)} cannot be split evenly over "
-                f"dp={dp} ranks; use a global batch size that is a multiple of {dp}")
+                f"dp·dp_shard={dp} ranks; use a global batch size that is a multiple of {dp}")
         per = tensor.shape[0] // dp
         return tensor[r * per:(r + 1) * per]
 
@@ -334,8 +353,20 @@ class ParallelModule:
 
     def __repr__(self):
         c = self.config
-        return (f"ParallelModule({type(self.module).__name__}, dp={c.dp}, pp={c.pp}, tp={c.tp}, "
-                f"rank={self.coords.rank})")
+        extra = "".join(f", {k}={getattr(c, k)}" for k in ("dp_shard", "cp", "ep")
+                        if getattr(c, k) > 1)
+        return (f"ParallelModule({type(self.module).__name__}, dp={c.dp}, pp={c.pp}, tp={c.tp}"
+                f"{extra}, rank={self.coords.rank})")
+
+    @property
+    def _grad_size(self) -> int:
+        """Ranks of the "grad" group (dp × cp): gradient buckets are summed over them and
+        the distributed optimizer shards over them."""
+        return self.config.dp * self.config.cp
+
+    @property
+    def _grad_rank(self) -> int:
+        return self.coords.dp_rank * self.config.cp + self.coords.cp_rank
 
     # ---- training state (runtime/layout.py, optimizer.py, precision.py, checkpoint.py): they
     # see the model only through _local_layout() and the gradient buckets ---------------------
@@ -355,13 +386,17 @@ class ParallelModule:
             first_stage = owners is None or min(owners.get(n, {self.coords.pp_rank})) == \
                 self.coords.pp_rank
             ep = self.config.ep if n in (self._expert_names or ()) else 1
+            fsdp = (getattr(self, "_fsdp_shapes", None) or {}).get(n)
             yield LocalParam(n, p, pl, (pl is not None or r == 0) and first_stage,
-                             tuple(self._full_shapes[n]), t, r, ep, self.coords.ep_rank)
+                             tuple(self._full_shapes[n]), t, r, ep, self.coords.ep_rank,
+                             self.config.dp_shard if fsdp else 1, self.coords.dp_shard_rank,
+                             fsdp)
 
     def _layout_final(self) -> bool:
         """Whether ``_local_layout`` is settled (tp shards and pp stages appear on the
         first compile)."""
-        return bool(self._programs) or (self.config.tp == 1 and self.config.pp == 1)
+        return bool(self._programs) or (self.config.tp == 1 and self.config.pp == 1
+                                        and self.config.dp_shard == 1)
 
     def _materialize_meta(self):
         """A model built on the meta device: once this rank's layout is fixed (tp shards and
@@ -372,7 +407,8 @@ class ParallelModule:
         if not any(p.is_meta for p in self._params.values()):
             return
         if (self.config.tp > 1 and self._placements is None) or \
-                (self.config.pp > 1 and getattr(self, "_stage_names", None) is None):
+                (self.config.pp > 1 and getattr(self, "_stage_names", None) is None) or \
+                (self.config.dp_shard > 1 and getattr(self, "_fsdp_shapes", None) is None):
             return
         dev = self.coords.device
         if getattr(self, "_pending_init", None) is not None:
@@ -427,12 +463,13 @@ class ParallelModule:
             edp = self.config.dp // self.config.ep
             b = ExpertBuckets(
                 make_buckets([p for n, p in self._params.items() if n not in experts],
-                             self._dp_group, *args, self.config.dp),
+                             self._dp_group, *args, self._grad_size),
                 make_buckets([p for n, p in self._params.items() if n in experts],
                              c.group("edp") if edp > 1 else None, *args, edp),
                 self._dp_group, self.config.dp, c.dp_rank, c.group("edp"), edp, c.edp_rank)
         else:
-            b = make_buckets(list(self._params.values()), self._dp_group, *args, self.config.dp)
+            b = make_buckets(list(self._params.values()), self._dp_group, *args,
+                             self._grad_size)
         old = getattr(self, "_buckets", None)
         if old is not None and hasattr(old, "loss_scale"):
             b.loss_scale = old.loss_scale
@@ -476,6 +513,7 @@ class ParallelModule:
 
 
 def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
+                dp_shard: int = 1, cp: int = 1, reshard_after_forward: bool = True,
                 virtual_stages: int = 1,
                 precision: str = "fp32", distributed_optimizer: bool = False,
                 microbatches: int = 1, sequence_parallel: bool = False, sp_regather: bool = True,
@@ -508,13 +546,22 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
     split over ep of the dp ranks (ep divides dp), tokens reach them by all-to-all
     (passes/expert_parallel.py); an ``ExpertParallelError`` names what does not fit.
 
+    ``dp_shard`` > 1 (fully sharded data parallelism, ZeRO-3 / FSDP; HSDP beside ``dp``):
+    every parameter, its gradient and optimizer state are split over dp_shard ranks; each
+    layer's weights are all-gathered inside the compiled graph just before use and their
+    gradients reduce-scattered (passes/fully_shard.py). ``cp`` > 1 (context parallelism):
+    activations are sharded along the sequence, attention gathers what it needs
+    (passes/context_parallel.py). The world is tp·pp·dp·dp_shard·cp ranks.
+
     ``memory_limit`` (bytes per rank, or a string such as "80GiB"): the layout's peak is
     predicted from the transformed graphs before anything is compiled or allocated
     (planner/memory.py); over the limit, ``MemoryLimitError`` gives the breakdown and the
     cheapest change that fits. With ``plan="auto"`` the planner only proposes layouts
     predicted to fit. ``pm.predict_memory()`` / ``pm.explain()`` show the prediction.
     """
-    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, virtual_stages=virtual_stages,
+    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep, dp_shard=dp_shard, cp=cp,
+                         reshard_after_forward=reshard_after_forward,
+                         virtual_stages=virtual_stages,
                          precision=precision, distributed_optimizer=distributed_optimizer,
                          microbatches=microbatches, sequence_parallel=sequence_parallel,
                          sp_regather=sp_regather, recompute=recompute,

@@ -38,6 +38,17 @@ class ParallelConfig:
     # expert parallelism: routed experts split over ep of the dp ranks (ep divides dp; the
     # world stays tp·pp·dp; passes/expert_parallel.py)
     ep: int = 1
+    # fully sharded data parallelism (ZeRO-3 / FSDP): parameters, gradients and optimizer
+    # state split over dp_shard ranks, gathered per layer inside the compiled graph
+    # (passes/fully_shard.py); beside the replicated dp it is HSDP. World: tp·pp·dp·dp_shard·cp
+    dp_shard: int = 1
+    # dp_shard: free each layer's gathered weights after its forward and gather them again
+    # in backward (FSDP2's default), or keep them for backward (False: one all-gather less,
+    # the full weights live from forward to backward)
+    reshard_after_forward: bool = True
+    # context parallelism: every activation sharded along the sequence over cp ranks,
+    # attention gathers what it needs (passes/context_parallel.py)
+    cp: int = 1
     virtual_stages: int = 1
     microbatches: int = 1
     sequence_parallel: bool = False
@@ -74,16 +85,22 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.dp_shard * self.cp
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks reading different samples of the global batch (dp × dp_shard)."""
+        return self.dp * self.dp_shard
 
     def validate(self) -> "ParallelConfig":
         """Raise a named error for any impossible or unsupported setting."""
-        for name in ("tp", "pp", "dp", "ep", "virtual_stages", "microbatches"):
+        for name in ("tp", "pp", "dp", "ep", "dp_shard", "cp", "virtual_stages",
+                     "microbatches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer",
-                     "recompute_pointwise", "strict"):
+                     "recompute_pointwise", "strict", "reshard_after_forward"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be True or False")
@@ -113,6 +130,17 @@ class ParallelConfig:
             raise ExpertParallelError(
                 f"ep={self.ep} does not divide dp={self.dp}: expert-parallel ranks are "
                 "data-parallel ranks of the dense part; choose ep dividing dp (e.g. dp=ep)")
+        if self.ep > 1 and (self.dp_shard > 1 or self.cp > 1):
+            from .errors import ExpertParallelError
+            raise ExpertParallelError(
+                f"ep={self.ep} with dp_shard={self.dp_shard} / cp={self.cp} is not supported "
+                "yet: expert parallelism carves ep out of the replicated dp; use dp=ep with "
+                "dp_shard=1 and cp=1, or ep=1")
+        if self.distributed_optimizer and self.dp_shard > 1:
+            raise ConfigError(
+                f"distributed_optimizer=True with dp_shard={self.dp_shard} is redundant: "
+                "dp_shard already shards the optimizer state (and the parameters and "
+                "gradients) over its ranks; drop distributed_optimizer")
         if self.virtual_stages > 1 and self.pp == 1:
             raise ConfigError(f"virtual_stages={self.virtual_stages} needs pp > 1")
         if self.pp > 1:
@@ -131,9 +159,13 @@ class ParallelConfig:
 
     def check_world(self, world_size: int):
         if self.world_size != world_size:
+            names = [n for n in ("dp", "dp_shard", "pp", "cp", "tp")
+                     if n in ("dp", "pp", "tp") or getattr(self, n) > 1]
+            prod = "·".join(names)
+            vals = "·".join(str(getattr(self, n)) for n in names)
             raise WorldSizeError(
-                f"dp·pp·tp = {self.dp}·{self.pp}·{self.tp} = {self.world_size}, but the world has "
-                f"{world_size} rank(s): choose dp, pp and tp whose product is {world_size}, or "
+                f"{prod} = {vals} = {self.world_size}, but the world has "
+                f"{world_size} rank(s): choose {', '.join(names)} whose product is {world_size}, or "
                 f"start {self.world_size} ranks (ptdp.launch(fn, world_size={self.world_size}) "
                 "or torchrun)")
 

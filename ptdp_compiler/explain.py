@@ -18,7 +18,9 @@ def explain(pm) -> str:
              f"  mesh (dp, pp, tp) = ({c.dp}, {c.pp}, {c.tp}); this rank at "
              f"dp={co.dp_rank} pp={co.pp_rank} tp={co.tp_rank}"
              + (f"; ep={c.ep} carved out of dp, this rank at ep={co.ep_rank}"
-                if getattr(c, "ep", 1) > 1 else ""),
+                if getattr(c, "ep", 1) > 1 else "")
+             + (f"; dp_shard={c.dp_shard} at {co.dp_shard_rank}" if c.dp_shard > 1 else "")
+             + (f"; cp={c.cp} at {co.cp_rank}" if c.cp > 1 else ""),
              f"  microbatches={c.microbatches} schedule={c.schedule} codegen={c.codegen} "
              f"recompute={c.recompute} sequence_parallel={c.sequence_parallel}"]
     lines += ["  " + pm.auto_plan.summary()] if getattr(pm, "auto_plan", None) else []

@@ -31,6 +31,9 @@ class ParamPlan:
     local_shape: Optional[tuple] = None   # this rank's shape (None: full)
     grad_tp_reduce: bool = False  # replicated, but sees tp-partial gradients (SP): summed over tp
     ep: int = 1                   # > 1: a routed expert's tensor, dim 0 split over the ep ranks
+    # dp_shard > 1: this rank stores a flat 1/dp_shard of the local tensor, this many
+    # elements (zero-padded), gathered in the graph (passes/fully_shard.py)
+    fsdp_numel: Optional[int] = None
 
     @property
     def numel(self) -> int:

@@ -153,8 +153,10 @@ def build_program(model_or_graph, config, example_inputs, coords=None,
     if until not in STEPS:
         raise ValueError(f"until={until!r}: one of {STEPS}")
     if until == "compile":
+        extra = "".join(f" {k}={getattr(config, k)}" for k in ("dp_shard", "cp", "ep")
+                        if getattr(config, k, 1) > 1)
         progress.say(f"building rank 0's program (dp={config.dp} tp={config.tp} "
-                     f"pp={config.pp}): capture -> passes -> compile")
+                     f"pp={config.pp}{extra}): capture -> passes -> compile")
     with progress.phase("capture"):
         if from_dynamo:
             captured = capture_dynamo_graph(model_or_graph, list(example_inputs),
@@ -259,7 +261,7 @@ def _param_example(p: torch.Tensor, plan, device: torch.device) -> torch.Tensor:
     """``p`` itself when it already has this rank's shape and a value, else an
     uninitialised tensor of the local shape that the runtime's copy will have (a
     contiguous shard on ``p``'s device; a meta parameter: on the compute device)."""
-    local = tuple(plan.local_shape or plan.full_shape)
+    local = (plan.fsdp_numel,) if plan.fsdp_numel else tuple(plan.local_shape or plan.full_shape)
     if not p.is_meta and tuple(p.shape) == local:
         return p
     x = torch.empty(local, dtype=p.dtype, device=device if p.is_meta else p.device)

@@ -33,9 +33,7 @@ class PipelineRunner:
         self.owners = program.stage.owners
         self.tied = self._tied_groups(self.owners, coords)
         self.stages = program.chunks
-        tp_size, pp_size = cfg.tp, cfg.pp
-        base = coords.dp_rank * pp_size * tp_size + coords.tp_rank   # same dp and tp coords
-        self.comm = PipelineComm(coords.pp_rank, lambda q: base + q * tp_size,
+        self.comm = PipelineComm(coords.pp_rank, lambda q: coords.rank_with(pp=q),
                                  coords.group("tp") if cfg.tp > 1 else None, cfg.tp,
                                  coords.tp_rank, pm.timeout_s)
         self.events: list = []
@@ -57,15 +55,13 @@ class PipelineRunner:
         out = []
         if not sets or coords.mesh is None:
             return out
-        tp, pp, dp = coords.tp, coords.pp, coords.dp
+        from .runtime.mesh import ranks_along
         for s in sets:
             names = sorted(n for n, o in owners.items() if tuple(sorted(o)) == s)
-            for d in range(dp):
-                for t in range(tp):
-                    ranks = [d * pp * tp + q * tp + t for q in s]
-                    grp = dist.new_group(ranks)
-                    if coords.rank in ranks:
-                        out.append((names, grp))
+            for ranks in ranks_along({"pp": list(s)}, coords.sizes):
+                grp = dist.new_group(ranks)
+                if coords.rank in ranks:
+                    out.append((names, grp))
         return out
 
     def reduce_tied_grads(self):

@@ -110,7 +110,7 @@ def _writes_piece(pm, lp) -> bool:
     sharded_dp = opt is not None and opt.inner is not None and opt.distributed and \
         lp.param.requires_grad
     # an expert tensor (ep > 1) is written by the first dp rank holding its experts
-    first = pm.coords.edp_rank == 0 if getattr(lp, "ep", 1) > 1 else pm.coords.dp_rank == 0
+    first = pm.coords.edp_rank == 0 if getattr(lp, "ep", 1) > 1 else pm._grad_rank == 0
     return lp.is_owner and (sharded_dp or first)
 
 
@@ -143,7 +143,8 @@ def _meta(pm, extra) -> str:
     opt = getattr(pm, "_optimizer", None)
     c = pm.config
     meta = {"format": FORMAT_VERSION, "train_steps": pm.train_steps,
-            "layout": {"tp": c.tp, "pp": c.pp, "dp": c.dp, "precision": c.precision,
+            "layout": {"tp": c.tp, "pp": c.pp, "dp": c.dp, "dp_shard": c.dp_shard,
+                       "cp": c.cp, "precision": c.precision,
                        "distributed_optimizer": c.distributed_optimizer},
             "full_shapes": {n: list(s) for n, s in pm._full_shapes.items()},
             "extra": extra}
@@ -307,6 +308,9 @@ def load_hf(pm, state_dict: dict, strict: bool = True):
                                       f"model {tuple(lp.full_shape)}")
             local = shard_tensor(full, lp.placement, lp.tp, lp.tp_rank) \
                 if lp.placement is not None else full
+            if lp.local_shape is not None:   # dp_shard: this rank's flat piece
+                from ..passes.fully_shard import shard_flat
+                local = shard_flat(local, lp.fsdp, lp.fsdp_rank)
             lp.param.copy_(local.to(lp.param.dtype))
             mark_initialized(pm, [lp.name])
             for pc in masters.get(lp.name, []):

@@ -33,6 +33,11 @@ class LocalParam:
     tp_rank: int = 0
     ep: int = 1                  # > 1: a routed expert's tensor, dim 0 split over ep ranks
     ep_rank: int = 0
+    # dp_shard > 1: ``param`` is this rank's flat, zero-padded 1/fsdp of the local tensor
+    # of shape ``local_shape`` (elements [fsdp_rank·numel, ...) of it flattened)
+    fsdp: int = 1
+    fsdp_rank: int = 0
+    local_shape: Optional[tuple] = None
 
     @property
     def numel(self) -> int:
@@ -128,6 +133,11 @@ def piece_boxes(lp: LocalParam, flat: torch.Tensor, lo: int, hi: int,
     tensor when lo=0, hi=numel). Returns (full_offsets, sizes, view of ``flat``) boxes
     (``skip_tail``: without a TailShard's replicated rows on tp ranks > 0)."""
     local_shape = tuple(lp.param.shape)
+    if lp.local_shape is not None:   # dp_shard: a flat range of the local tensor, minus pad
+        local_shape = tuple(lp.local_shape)
+        shift = lp.fsdp_rank * lp.param.numel()
+        lo, hi = lo + shift, min(hi + shift, math.prod(local_shape))
+        flat = flat[:max(hi - lo, 0)]
     # ep: this rank's experts are block ep_rank of dim 0; tp splits within that block
     full_shape, e0 = tuple(lp.full_shape), 0
     if lp.ep > 1:

@@ -459,13 +459,26 @@ def _apply(pm, held, write) -> InitReport:
     t, r = pm.config.tp, pm.coords.tp_rank
     placements = pm._placements or {}
 
+    fsdp = getattr(pm, "_fsdp_shapes", None) or {}
+    n, fr = pm.config.dp_shard, pm.coords.dp_shard_rank
+
     def take(name, full):
         if name not in held:
             return None
-        return shard_tensor(full, placements.get(name) if t > 1 else None, t, r)
+        local = shard_tensor(full, placements.get(name) if t > 1 else None, t, r)
+        if name in fsdp:   # dp_shard: this rank's flat piece of the local tensor
+            from ..passes.fully_shard import shard_flat
+            local = shard_flat(local, n, fr)
+        return local
 
     def put(name, full, piece):
         pl = placements.get(name) if t > 1 else None
+        if name in fsdp:
+            local = shard_tensor(full, pl, t, r).clone()
+            flat, s = local.view(-1), piece.numel()
+            lo, hi = min(fr * s, flat.numel()), min((fr + 1) * s, flat.numel())
+            flat[lo:hi] = piece.reshape(-1)[:hi - lo]
+            piece = local
         _put_shard(full, piece, pl, t, r)
 
     shards, buffers, report = replay_init(builder, seed, pm._full_shapes, take, put, slots)

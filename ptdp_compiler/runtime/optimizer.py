@@ -138,7 +138,7 @@ class ParallelOptimizer:
             if self.distributed:
                 for b in pm._buckets.buckets:
                     # expert buckets (ep > 1) are sharded over their own group (edp)
-                    d, r = b.get("d", pm.config.dp), b.get("rank", pm.coords.dp_rank)
+                    d, r = b.get("d", pm._grad_size), b.get("rank", pm._grad_rank)
                     s = b["buffer"].numel() // d
                     a, e = r * s, (r + 1) * s
                     for p, off in b["offsets"].items():
@@ -183,7 +183,7 @@ class ParallelOptimizer:
             inv = 1.0 / self.scaler.scale
             for g in grads:
                 g.mul_(inv)
-        counted = pm.coords.dp_rank == 0 or self.distributed
+        counted = pm._grad_rank == 0 or self.distributed
         # an expert tensor (ep > 1) differs across ep ranks: counted by its first copy
         counted_expert = getattr(pm.coords, "edp_rank", 0) == 0 or self.distributed
         # on the gradients' device: summing there needs no host sync per tensor, and under
@@ -243,7 +243,7 @@ class ParallelOptimizer:
         for b in pm._buckets.buckets:
             params = list(b["offsets"])
             dtype = params[0].dtype
-            d, group = b.get("d", pm.config.dp), b.get("group", pm._dp_group)
+            d, group = b.get("d", pm._grad_size), b.get("group", pm._dp_group)
             s = b["buffer"].numel() // d
             send = torch.zeros(s, dtype=dtype, device=b["buffer"].device)
             for pc in by_bucket.get(id(b), (None, []))[1]:
