@@ -227,6 +227,22 @@ def select(w, node):
     return w.copy(node, Seq(pl.dim - (k < pl.dim), pl.outer))
 
 
+@rule(aten.index.Tensor)
+def index(w, node):
+    """x[..., idx, ...] with index tensors on other dimensions (Falcon's k = qkv[..., [-2],
+    :]): the sequence dimension is not indexed, so it stays (shifted by the index shape)."""
+    x, idx = node.args[0], list(node.args[1])
+    pl = w.p(x)
+    used = [i for i, t in enumerate(idx) if t is not None]
+    if pl.dim in used or any(w.p(t) is not None for t in idx if isinstance(t, fx.Node)):
+        w.fail(node, "it indexes the sequence")
+    if used != list(range(used[0], used[-1] + 1)):
+        w.fail(node, "index tensors on non-adjacent dimensions around the sequence")
+    bi = max(len(_shape(idx[i])) for i in used)
+    d = pl.dim if pl.dim < used[0] else pl.dim - len(used) + bi
+    return w.copy(node, Seq(d, pl.outer))
+
+
 @rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
       aten.split.sizes, aten.tensor_split.sections)
 def split(w, node):
