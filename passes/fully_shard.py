@@ -204,6 +204,7 @@ def fully_shard_pass(gms: list, cfg, coords, plan) -> None:
                 + (", again in backward" if again == 2 else "")
                 + "; backward: one reduce-scatter of its gradients"))
             summary.append((key, len(names), nbytes))
+            plan.fsdp_buckets.append((key, names, nbytes))
     total = sum(b for _, _, b in summary)
     plan.pass_log.append(("fully_shard", (
         f"dp_shard={n}: {len(summary)} buckets (one all-gather + one reduce-scatter each), "

@@ -59,10 +59,11 @@ class PTDPBackend:
         if self.coords is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
             cfg.check_world(world)
-            if cfg.cp > 1:
+            if cfg.cp > 1 or cfg.dp_shard > 1:
                 raise ConfigError("ptdp.backend does not run context parallelism (cp > 1) "
-                                  "yet; use ptdp.parallelize(model, cp=...)")
-            self.coords = build_mesh(cfg.dp, 1, cfg.tp, 1, cfg.dp_shard)
+                                  "or fully sharded data parallelism (dp_shard > 1) yet; use "
+                                  "ptdp.parallelize(model, cp=..., dp_shard=...)")
+            self.coords = build_mesh(cfg.dp, 1, cfg.tp)
         program = build_program(gm, cfg, example_inputs, self.coords, from_dynamo=True)
         captured = program.captured
         self._adopt(program.plan, captured.params(example_inputs))

@@ -65,6 +65,9 @@ def explain(pm) -> str:
                 extra += f" -> local {pp_.local_shape}"
             if pp_.grad_tp_reduce:
                 extra += " (grad summed over tp)"
+            if getattr(pp_, "fsdp_numel", None):
+                extra += (f" (flat 1/{c.dp_shard} over dp_shard: {pp_.fsdp_numel} elements, "
+                          "gathered per layer)")
             if getattr(pp_, "ep", 1) > 1:
                 extra += f" (experts: dim 0 split over ep={pp_.ep})"
             if pp_.role:

@@ -60,3 +60,4 @@ class Plan:
     pass_log: list = dataclasses.field(default_factory=list)        # (pass name, summary)
     recompute: Optional[dict] = None
     pipeline: Optional[dict] = None   # chunks, cuts, boundary shapes, tied weights, schedule
+    fsdp_buckets: list = dataclasses.field(default_factory=list)  # (key, names, full bytes)

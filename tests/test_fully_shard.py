@@ -40,7 +40,7 @@ def _state_bytes(pm):
 
 
 def _fsdp_job(lay):
-    pm = ptdp.parallelize(_model(lay.get("pp", 1)), codegen="aot_eager", microbatches=2, **lay)
+    pm = ptdp.parallelize(_model(lay.get("pp", 1)), codegen=lay.pop("codegen", "aot_eager"), microbatches=2, **lay)
     pm.optimizer(torch.optim.AdamW, **ADAM)
     losses, grads = _train(pm, STEPS)
     gm = pm._programs[next(iter(pm._programs))].program
@@ -97,7 +97,7 @@ def test_dp_shard_matches_single_device(world, name):
 
 def _ckpt_job(path, lay, save):
     torch.manual_seed(0)
-    pm = ptdp.parallelize(_model(1), codegen="aot_eager", microbatches=2, **lay)
+    pm = ptdp.parallelize(_model(1), codegen=lay.pop("codegen", "aot_eager"), microbatches=2, **lay)
     pm.optimizer(torch.optim.AdamW, **ADAM)
     if save:
         _train(pm, 2)

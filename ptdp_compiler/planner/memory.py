@@ -67,6 +67,7 @@ class Layout:
     split_backward: bool = True
     schedule: Optional[str] = None
     optimizer_states: int = 2    # fp32 tensors per parameter the optimizer keeps (AdamW: 2)
+    fs: int = 1                  # dp_shard: parameters, gradients, optimizer state / fs
 
     @property
     def sched(self) -> str:
@@ -75,14 +76,16 @@ class Layout:
     def short(self) -> str:
         return (f"t={self.t} p={self.p} d={self.d} v={self.v} m={self.m} b={self.b} "
                 f"sp={'on' if self.sp else 'off'} recompute={self.recompute} "
-                f"{self.precision}{' zero1' if self.zero else ''}")
+                f"{self.precision}{' zero1' if self.zero else ''}"
+                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}")
 
     @classmethod
     def from_config(cls, config, microbatch_size: int = 1) -> "Layout":
         rc = config.recompute if isinstance(config.recompute, str) else "budget"
         return cls(config.tp, config.pp, config.dp, config.virtual_stages, config.microbatches,
                    microbatch_size, config.sequence_parallel, rc, config.precision,
-                   config.distributed_optimizer, config.split_backward, config.schedule)
+                   config.distributed_optimizer, config.split_backward, config.schedule,
+                   fs=getattr(config, "dp_shard", 1))
 
 
 @dataclasses.dataclass
@@ -174,6 +177,7 @@ def state_bytes(elems: float, lay: Layout) -> tuple:
     """(params, grads, optimizer) bytes of ``elems`` local parameter elements."""
     e = PARAM_BYTES[lay.precision]
     low = lay.precision != "fp32"
+    elems = elems / lay.fs     # dp_shard: each rank keeps a flat 1/fs (padding aside)
     params = e * elems
     states = 4.0 * lay.optimizer_states * elems
     if lay.zero:
@@ -194,10 +198,13 @@ def grads_bucketed(lay: Layout) -> bool:
 
 def stage_memory(stage: int, lay: Layout, elems: float, chunk_acts: list,
                  recompute_layer: float, deferred: float, recv_bytes: float,
-                 workspace: float) -> StageMemory:
+                 workspace: float, gathered: float = 0.0) -> StageMemory:
     """``chunk_acts``: activation bytes one microbatch keeps in each of this stage's chunks;
-    ``recv_bytes``: boundary bytes one microbatch receives on this stage (all chunks)."""
+    ``recv_bytes``: boundary bytes one microbatch receives on this stage (all chunks);
+    ``gathered``: dp_shard's full weights alive at once (the current bucket and the
+    prefetched next), counted with the parameters."""
     params, grads, optimizer = state_bytes(elems, lay)
+    params += gathered
     if lay.p == 1:
         inflight = 1
     else:
@@ -272,8 +279,9 @@ def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> Memory
         recv = sum(sbh * e / sp_div * ((ch > 0) + (ch < chunks - 1))
                    for ch in range(st, chunks, lay.p))
         ws = 2.0 * 4.0 * s * lay.b * V / lay.t if st == lay.p - 1 and V else 2.0 * sbh * e
+        gathered = 2.0 * e * mc.params_layer / lay.t if lay.fs > 1 else 0.0
         out.append(stage_memory(st, lay, stage_param_elems(mc, lay, st), acts, rc_layer,
-                                deferred, recv, ws))
+                                deferred, recv, ws, gathered))
     return MemoryPrediction(lay, out, "model cost (Korthikanti et al. 2022 per-layer bytes)",
                             limit)
 
@@ -411,7 +419,10 @@ def predict_program(program, config, microbatch_size: int = 1, pp_rank: int = 0,
     deferred = max(split, default=0) if p > 1 and config.split_backward else 0.0
     # backward of a layer with recomputed values holds them (and their gradients' share)
     rc_layer = max(rc_layers) if lay.recompute != "none" else 0.0
-    st = stage_memory(pp_rank, lay, local_elems, acts, rc_layer, deferred, recv, 3.0 * largest)
+    # dp_shard: the largest two buckets' gathered weights (current + prefetched)
+    buckets = sorted((b for _, _, b in getattr(program.plan, "fsdp_buckets", [])), reverse=True)
+    st = stage_memory(pp_rank, lay, local_elems, acts, rc_layer, deferred, recv, 3.0 * largest,
+                      float(sum(buckets[:2])))
     n = max(len(facts), 1)
     st.layers = round(sum(f.layers for f in facts) / n)
     st.residual = max((f.residual for f in facts), default=0)
