@@ -335,6 +335,10 @@ class CostOptions:
     # blocking_sends=True (it waits for each batched p2p group, sends included)
     split_backward: bool = True     # weight gradients deferred into pipeline gaps
     blocking_sends: bool = False    # a rank waits for its sends before moving on
+    # search dp_shard (FSDP / HSDP): d data-parallel ranks split as d/fs replicated × fs
+    # sharded; gathers and reduce-scatters per microbatch, overlapped with compute
+    dp_shard_search: bool = True
+    reshard_after_forward: bool = True
 
 
 def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOptions) -> float:

@@ -31,6 +31,7 @@ class Candidate:
     m: int
     sp: bool
     recompute: str
+    fs: int = 1          # dp_shard: of the d data-parallel ranks, fs shard the model
 
     @property
     def schedule(self) -> str:
@@ -38,7 +39,8 @@ class Candidate:
 
     def short(self) -> str:
         return (f"t={self.t} p={self.p} d={self.d} v={self.v} b={self.b} m={self.m} "
-                f"sp={'on' if self.sp else 'off'} rc={self.recompute}")
+                f"sp={'on' if self.sp else 'off'} rc={self.recompute}"
+                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}")
 
 
 @dataclasses.dataclass
@@ -153,8 +155,9 @@ class Evaluator:
         return per_layer * mc.num_layers / (c.p * c.v)
 
     def layout(self, c: Candidate) -> Layout:
-        return Layout(c.t, c.p, c.d, c.v, c.m, c.b, c.sp, c.recompute, "bf16",
-                      self.o.distributed_optimizer, self.o.split_backward, c.schedule)
+        return Layout(c.t, c.p, c.d // c.fs, c.v, c.m, c.b, c.sp, c.recompute, "bf16",
+                      self.o.distributed_optimizer and c.fs == 1, self.o.split_backward,
+                      c.schedule, fs=c.fs)
 
     def memory_prediction(self, c: Candidate) -> MemoryPrediction:
         """Every pipeline stage's peak, broken down (planner/memory.py)."""
@@ -171,7 +174,8 @@ class Evaluator:
         sbh = mc.seq * c.b * mc.hidden
         worst = 0.0
         for r in {0, c.p - 1}:
-            static = param_bytes_per_gpu(self.params_on_rank(c, r), c.d, self.o)
+            static = param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs, c.d // c.fs,
+                                         self.o) + self.gathered_bytes(c)
             inflight = expected_peak_inflight(c.schedule, c.p, c.v, c.m, r)
             act = inflight * self.act_per_chunk(c)
             if c.recompute == "full":   # one layer's activations while recomputing it
@@ -189,17 +193,42 @@ class Evaluator:
         device = self.gpu.memory - self.gpu.reserved_memory
         return device if self.user_limit is None else min(device, self.user_limit)
 
+    def gathered_bytes(self, c: Candidate) -> float:
+        """dp_shard: full weights alive at once (the current layer's and the prefetched)."""
+        return 2.0 * self.mc.params_layer / c.t * self.mc.dtype_bytes if c.fs > 1 else 0.0
+
     # ---- step time -----------------------------------------------------------------------
-    def dp_time(self, c: Candidate) -> float:
-        if c.d == 1:
+    def fsdp_time(self, c: Candidate, compute: float) -> float:
+        """dp_shard's exposed communication: per microbatch every local weight is gathered
+        (again in backward when resharding) and its gradient reduce-scattered over fs; the
+        compiler prefetches the next layer's gather during this one, so only what exceeds
+        the compute, or at least one layer's share (the first gather), is exposed."""
+        if c.fs == 1:
             return 0.0
+        P = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.mc.dtype_bytes
+        link = self.cl.group_link(c.fs, c.t)
+        ag = all_gather_time(P, c.fs, link)
+        per_mb = ag * (2 if self.o.reshard_after_forward else 1) + ag
+        total = c.m * per_mb
+        layers = max(self.mc.num_layers // c.p, 1)
+        return max(total - compute, total / layers)
+
+    def dp_time(self, c: Candidate) -> float:
+        if c.d // c.fs == 1:
+            return 0.0
+        if c.fs > 1:   # HSDP: the shards' gradients are all-reduced over the replicas
+            grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) / c.fs * \
+                self.o.grad_reduce_bytes
+            r = c.d // c.fs
+            t = all_reduce_time(grads, r, self.cl.group_link(r, c.t * c.fs))
+            return 0.1 * t if self.o.dp_overlap else t
         grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.o.grad_reduce_bytes
         t = all_reduce_time(grads, c.d, self.cl.group_link(c.d, c.t))
         return 0.1 * t if self.o.dp_overlap else t
 
     def optimizer_time(self, c: Candidate) -> float:
-        n = max(self.params_on_rank(c, r) for r in {0, c.p - 1})
-        if self.o.distributed_optimizer:
+        n = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) / c.fs
+        if self.o.distributed_optimizer and c.fs == 1:
             n /= c.d
         return n * self.o.optimizer_bytes_per_param * self.o.optimizer_passes / \
             (self.gpu.mem_bw * self.gpu.mem_eff)
@@ -217,7 +246,8 @@ class Evaluator:
         fwd, bwd = self.chunk_costs(c)
         comm = self.p2p(c)
         act = self.act_per_chunk(c)
-        static = [param_bytes_per_gpu(self.params_on_rank(c, r), c.d, self.o) for r in range(c.p)]
+        static = [param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs, c.d // c.fs, self.o)
+                  + self.gathered_bytes(c) for r in range(c.p)]
         return simulate_config(c.schedule, c.p, c.v, c.m, fwd, bwd, lambda a: comm,
                                act_bytes=lambda ch: act, static_bytes=static, max_m=max_m,
                                wgrad_cost=self.weight_grad_costs(c) if self.o.split_backward
@@ -232,6 +262,8 @@ class Evaluator:
         else:
             pipe = self.pipeline_closed_form(c)
         dp, opt = self.dp_time(c), self.optimizer_time(c)
+        fs = self.fsdp_time(c, pipe)
+        dp += fs
         T = pipe + dp + opt
         mc = self.mc
         N = c.t * c.p * c.d
@@ -253,7 +285,8 @@ class Evaluator:
                        self.memory_limit, mem <= self.memory_limit, B / T,
                        model / T / N / 1e12, paper / T / N / 1e12, hw / T / N / 1e12,
                        model / T / N / self.gpu.peak_flops, simulate)
-        est.breakdown = {"pipeline_s": pipe, "dp_allreduce_s": dp, "optimizer_s": opt,
+        est.breakdown = {"pipeline_s": pipe, "dp_allreduce_s": dp - fs, "optimizer_s": opt,
+                         "dp_shard_exposed_s": fs,
                          "p2p_per_transfer_s": self.p2p(c),
                          "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute)}
         return est
@@ -268,7 +301,8 @@ def _divisors(n: int) -> list:
 
 def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, global_batch: int,
                          max_v: int = 8, microbatch_sizes: Iterable[int] = (1, 2, 4, 8, 16),
-                         recomputes=RECOMPUTES, rejected: Optional[list] = None) -> list:
+                         recomputes=RECOMPUTES, rejected: Optional[list] = None,
+                         dp_shard: bool = True) -> list:
     """All legal candidates; illegal ones are appended to ``rejected`` as (desc, reason)."""
     out = []
     rej = rejected if rejected is not None else []
@@ -294,10 +328,14 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
                 m = per // b
                 vs = [1] + ([v for v in range(2, max_v + 1) if L % (p * v) == 0 and m % p == 0]
                             if p > 1 else [])
+                # dp_shard: none, all d ranks, or (HSDP) the d-divisor filling a node
+                node = max(k for k in _divisors(d) if k * t <= max(gpus_per_node, t))
+                fss = sorted({1, d, node}) if dp_shard and d > 1 else [1]
                 for v in vs:
                     for sp in ([False, True] if t > 1 else [False]):
                         for rc in recomputes:
-                            out.append(Candidate(t, p, d, v, b, m, sp, rc))
+                            for fs in fss:
+                                out.append(Candidate(t, p, d, v, b, m, sp, rc, fs))
     return out
 
 
@@ -324,9 +362,11 @@ class PlanResult:
     num_candidates: int
     cluster: Cluster
     memory_prediction: Optional[MemoryPrediction] = None   # the chosen layout, per stage
+    dp_shard: int = 1                                      # dp above is the replicated part
 
     def parallel_config_kwargs(self) -> dict:
-        return dict(tp=self.tp, pp=self.pp, dp=self.dp, virtual_stages=self.virtual_stages,
+        return dict(tp=self.tp, pp=self.pp, dp=self.dp, dp_shard=self.dp_shard,
+                    virtual_stages=self.virtual_stages,
                     microbatches=self.microbatches, sequence_parallel=self.sequence_parallel,
                     recompute=self.recompute, schedule=self.schedule)
 
@@ -372,6 +412,7 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     """Fastest legal configuration that fits in memory (the GPU's, and ``memory_limit``
     bytes per rank when given: no layout predicted over it is ever proposed)."""
     rejected: list = []
+    enum_kw.setdefault("dp_shard", opts.dp_shard_search)
     cands = enumerate_candidates(mc, cluster.num_gpus, cluster.gpus_per_node, global_batch,
                                  rejected=rejected, **enum_kw)
     if not cands:
@@ -409,10 +450,10 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     for e in top[1:]:
         e.reason = f"{e.step_time / best.step_time - 1:+.1%} vs best"
     c = best.cand
-    return PlanResult(c.t, c.p, c.d, c.v, c.b, c.m, c.sp, c.recompute, c.schedule, best.step_time,
-                      best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
+    return PlanResult(c.t, c.p, c.d // c.fs, c.v, c.b, c.m, c.sp, c.recompute, c.schedule,
+                      best.step_time, best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
                       best.memory / 2**30, best, top, rejected, len(cands), cluster,
-                      ev.memory_prediction(c))
+                      ev.memory_prediction(c), c.fs)
 
 
 __all__ = ["Candidate", "Estimate", "Evaluator", "enumerate_candidates", "search", "PlanResult",
