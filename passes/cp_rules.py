@@ -483,3 +483,21 @@ def token_loss(w, node):
         return w.copy(node, Seq(td, pl.outer), args)
     w.loss_reduction = a["reduction"]
     return w.copy(node, LOSS, args)
+
+
+def regathered(nodes) -> set:
+    """The K/V all-gathers among ``nodes`` and the layout-only ops (views, a grouped-query
+    expand) that lead from each to attention: recomputed in backward from this rank's
+    shard (one more all-gather) instead of stored whole, so the activations a rank keeps
+    stay 1/cp (the recompute pass tags them as it does SP's re-gathered inputs)."""
+    nodes = set(nodes)
+    out = set()
+    stack = [n for n in nodes if n.op == "call_function"
+             and n.target is torch.ops.ptdp.cp_gather.default]
+    while stack:
+        n = stack.pop()
+        if n in out:
+            continue
+        out.add(n)
+        stack.extend(u for u in n.users if u in nodes and u.target in CHAIN)
+    return out

@@ -60,6 +60,9 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.graph_utils import input_only as _input_only
 from ptdp_compiler.graph_utils import DROPOUT_OPS, is_op, layer_spans, node_flops, numel
 
+from .cp_ops import CP_COLLECTIVES
+from .cp_rules import regathered as cp_regathered
+
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
 # saved unless the min-cut partitioner finds recomputing it free (a pointwise op it fuses
@@ -239,7 +242,7 @@ def replayable(n: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded in t.tags:
         return True
     # ptdp's own collectives are deterministic: safe to run again in backward
-    return t in TP_COLLECTIVES
+    return t in TP_COLLECTIVES or t in CP_COLLECTIVES
 
 
 def _tag(gm, layers, recomputed: set, input_only: set, always: set, free: set = frozenset()):
@@ -391,6 +394,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     regather = set()
     if sp_regather:
         regather = {n for n in in_layer if n.target is torch.ops.ptdp.sp_gather.default}
+    regather |= cp_regathered(in_layer)   # context parallelism's K/V all-gathers
     flops = {n: node_flops(n) for n in gm.graph.nodes}
     report = RecomputeReport(mode_name, [], budget_bytes=budget,
                              forward_flops=sum(flops.values()))
