@@ -44,9 +44,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "indu
     compile_one = functools.partial(compile_whole_graph,
                                     comm_reorder=comm_reorder_enabled(comm_reorder),
                                     split_backward=split_backward)
-    if regional_enabled():
+    # dp_shard's gathers are prefetched one layer ahead and its reduce-scatters overlap
+    # later layers' backward: both cross layer regions, so such a graph compiles whole
+    if regional_enabled() and not _has_functional_collectives(gm):
         return compile_regional(gm, example_inputs, codegen, compile_one)
     return compile_one(gm, example_inputs, codegen)
+
+
+def _has_functional_collectives(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and "_c10d_functional" in str(n.target)
+               for n in gm.graph.nodes)
 
 
 def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str = "inductor",
@@ -81,8 +88,9 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
-        if weights:
-            kwargs["inner_compile"] = functools.partial(_inner_compile_split, split_of)
+        # each partitioned half: its functional collectives placed to overlap compute
+        kwargs["inner_compile"] = functools.partial(_inner_compile_split,
+                                                    split_of if weights else None)
         # a split backward is two compiled graphs, which AOTAutograd's cache cannot store
         # (each half is still in Inductor's FX-graph cache); and no backward input may be
         # "donated" (its buffer reused by Inductor for temporaries): D would overwrite
@@ -105,11 +113,13 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
 
         from ptdp_compiler.passes.views_as_reshapes import views_as_reshapes
 
+        from ptdp_compiler.passes.overlap_collectives import overlap_collectives
+
         def nop(g, _inputs):
-            return make_boxed_func(views_as_reshapes(g).forward)
+            return make_boxed_func(overlap_collectives(views_as_reshapes(g)).forward)
 
         def bw_nop(g, _inputs):
-            g = views_as_reshapes(g)
+            g = overlap_collectives(views_as_reshapes(g))
             sg = split_of(g) if weights else None
             if sg is None:
                 return make_boxed_func(g.forward)
@@ -138,10 +148,14 @@ def _tracked(fn):
 
 
 def _inner_compile_split(split_of, gm: fx.GraphModule, example_inputs, **kwargs):
-    """Inductor's ``inner_compile`` that compiles a backward graph as its D and W halves."""
+    """Inductor's ``inner_compile``: the half's collectives placed to overlap compute
+    (passes/overlap_collectives.py); a backward graph compiled as its D and W halves when
+    ``split_of`` is given."""
     from torch._inductor.compile_fx import compile_fx_inner
+    from ptdp_compiler.passes.overlap_collectives import overlap_collectives
     from . import split_backward as sb
-    sg = split_of(gm) if kwargs.get("is_backward") else None
+    gm = overlap_collectives(gm)
+    sg = split_of(gm) if split_of is not None and kwargs.get("is_backward") else None
     if sg is None:
         return compile_fx_inner(gm, example_inputs, **kwargs)
     kw = {**kwargs, "static_input_idxs": []}
