@@ -15,8 +15,9 @@ All measured from outside the compiler on gloo ranks (CPU), with the project's G
   re-gathered backward, their gradients reduce-scattered.
 - ``step_ratio``: step time / cp=1's at the same sequence (median of 5 steps after a warm-up;
   ranks share 2 CPU cores here, so this says little about a real cluster).
-- ``longest_seq``: the longest sequence (doubling from 256) whose ``act_bytes`` stay within
-  the budget cp=1 needs at 512 tokens; expected to grow ≈ linearly with cp.
+- ``longest_seq``: the longest sequence (a multiple of 64: doubling from 256, then
+  bisection) whose ``act_bytes`` stay within the budget cp=1 needs at 512 tokens; expected
+  to grow ≈ linearly with cp (a few kB per rank do not shrink with cp: position indices).
 
     python benchmarks/context_parallel.py [--json benchmarks/results/context_parallel.json]
 """
@@ -96,16 +97,24 @@ def kv_job(cp: int, s: int) -> dict:
     return {"kv_bytes_per_layer": int(per[1] - per[0]), "step_s": statistics.median(times)}
 
 
-def longest_job(cp: int, budget: int) -> dict:
-    s, best, tried = 256, None, []
-    while s <= 8192:
-        nbytes = act_job(cp, s)
-        tried.append((s, nbytes))
-        if nbytes > budget:
-            break
-        best = s
-        s *= 2
-    return {"longest_seq": best, "tried": tried}
+def longest_job(cp: int, budget: int, step: int = 64) -> dict:
+    """The longest sequence (a multiple of ``step``) whose saved bytes fit ``budget``:
+    doubling from 256 to bracket it, then bisection."""
+    tried = {}
+
+    def fits(s):
+        if s not in tried:
+            tried[s] = act_job(cp, s)
+        return tried[s] <= budget
+    lo, hi = None, 256
+    while hi <= 16384 and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo is None:
+        return {"longest_seq": None, "tried": sorted(tried.items())}
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"longest_seq": lo, "tried": sorted(tried.items())}
 
 
 def main(argv=None):

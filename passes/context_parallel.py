@@ -25,7 +25,18 @@ What the per-rank graph does (found by dataflow, never by names):
   placed at the smallest value of the layout-only chain that leads to it (before a
   grouped-query ``repeat_kv`` expand), and the chain is replayed on the whole sequence.
   Masks keep their key axis whole and are localized on the query axis; ``is_causal``
-  becomes an explicit mask ``q_pos >= k_pos`` from positions.
+  becomes an explicit mask ``q_pos >= k_pos`` from positions. The gathered K/V is not
+  stored for backward: the recompute pass re-gathers it there (``cp_rules.regathered``,
+  as it re-gathers SP's linear inputs), so a rank keeps 1/cp of the activations. Per
+  layer a rank sends 3·2·(cp−1)/cp·B·T·h_kv·d elements: K and V all-gathered forward,
+  re-gathered backward, dK and dV reduce-scattered (benchmarks/context_parallel.py
+  measures both against these formulas).
+- **Composition.** The pass runs before tensor parallelism, which then splits a model of
+  T/cp tokens (heads over tp; under SP the local tokens over tp); pipeline stages pass
+  sequence-sharded activations; gradients of the (replicated) weights are partial per cp
+  rank and summed over dp × cp by the runtime's buckets; the loss weight counts only this
+  rank's targets (``local_count_graph``), so the weighted sum over the "batch" group is
+  the full batch's token mean.
 
 Why all-gather and not ring attention: the gathered K/V of one layer is 2·B·h_kv·T·d
 elements — with grouped-query attention (every family of the model zoo but GPT-2) far
