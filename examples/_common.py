@@ -85,6 +85,10 @@ def add_layout_args(p: argparse.ArgumentParser, steps: int = 200, lr: float = 3e
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--dp-shard", type=int, default=1,
+                   help="fully sharded data-parallel ranks (FSDP / ZeRO-3; HSDP beside --dp)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel ranks (each holds 1/cp of every sequence)")
     p.add_argument("--virtual-stages", type=int, default=1, help="interleaved chunks per stage")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--microbatches", type=int, default=4)
@@ -116,12 +120,19 @@ def add_layout_args(p: argparse.ArgumentParser, steps: int = 200, lr: float = 3e
     p.add_argument("--json", help="write the run's numbers here")
 
 
+def layout_str(args) -> str:
+    extra = "".join(f" {k}={getattr(args, k)}" for k in ("dp_shard", "cp")
+                    if getattr(args, k, 1) > 1)
+    return f"dp={args.dp} tp={args.tp} pp={args.pp}{extra}"
+
+
 def train(args, make_job) -> dict:
     """One rank's training run (called on every rank by ``run``)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)  # every rank builds the same model
     job = make_job(args)
     pm = ptdp.parallelize(job.model, dp=args.dp, tp=args.tp, pp=args.pp,
+                          dp_shard=args.dp_shard, cp=args.cp,
                           virtual_stages=args.virtual_stages, microbatches=args.microbatches,
                           sequence_parallel=args.sequence_parallel, codegen=args.codegen,
                           precision=args.precision, split_backward=not args.no_split_backward,
@@ -147,7 +158,7 @@ def train(args, make_job) -> dict:
         if rank == 0:
             print(f"resumed from {args.ckpt_dir} at step {first}", flush=True)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else measured_peak_flops()
-    world = args.dp * args.tp * args.pp
+    world = args.dp * args.tp * args.pp * args.dp_shard * args.cp
     bar = None
     progress.say(f"set up in {compile_s:.1f} s (the phases above, then this rank's stages "
                  f"and process groups, joined with the other ranks); training {job.name}")
@@ -168,7 +179,7 @@ def train(args, make_job) -> dict:
                     if args.codegen == "inductor" else ""))
                 bar = tqdm(total=args.steps, initial=first, file=sys.stdout,
                            dynamic_ncols=True,
-                           desc=f"dp={args.dp} tp={args.tp} pp={args.pp} {args.precision}")
+                           desc=f"{layout_str(args)} {args.precision}")
         else:
             tokens += x.numel()
         if args.fail_at_step == step and restart_count() == 0 and rank == world - 1:
@@ -201,11 +212,11 @@ def train(args, make_job) -> dict:
 def run(args, make_job) -> dict:
     """Launch ``world`` local ranks (or join torchrun's), train, print the summary; returns
     rank 0's numbers (None on the other torchrun ranks)."""
-    world = args.dp * args.tp * args.pp
+    world = args.dp * args.tp * args.pp * args.dp_shard * args.cp
     if restart_count() > 0 and int(os.environ.get("RANK", "0")) > 0:
         time.sleep(args.restart_skew)
     if not dist.is_initialized() and int(os.environ.get("RANK", "0")) == 0:
-        progress.say(f"starting {world} CPU ranks (dp={args.dp} tp={args.tp} pp={args.pp})")
+        progress.say(f"starting {world} CPU ranks ({layout_str(args)})")
     results = ptdp.launch(train, args, make_job, world_size=world, timeout=args.timeout)
     r0 = results[0]
     if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun: rank 0 reports
@@ -213,7 +224,7 @@ def run(args, make_job) -> dict:
     if args.explain:
         print(r0["explain"])
     print(f"{r0['model']}: loss {r0['first_loss']:.3f} -> {r0['last_loss']:.3f} over "
-          f"{args.steps} steps on {world} CPU ranks (dp={args.dp}, tp={args.tp}, pp={args.pp}); "
+          f"{args.steps} steps on {world} CPU ranks ({layout_str(args)}); "
           f"{r0['tokens_per_s']:,.0f} tokens/s after {r0['first_step_s']:.1f} s to the end of "
           f"the first step (capture + compile {r0['compile_s']:.1f} s); MFU {r0['mfu']:.1%} of "
           f"the measured matmul peak; peak memory {r0['peak_memory_mb']:,.0f} MB per rank; "
