@@ -6,7 +6,8 @@ its own targets in the loss weight. Two SGD steps: every rank's loss and rank 0'
 gradients must equal one device's. The suite runs FAST (GPT / Llama at cp=2, cp=4,
 cp=2 x tp=2+SP, cp=2 x pp=2, cp=2 x dp=2: about a minute on 2 cores); PTDP_CP_ALL=1 adds
 every layout on eight model-zoo families (MHA, GQA, MQA, fused qkv, sliding windows,
-soft-capping, ALiBi, local attention). Plus the layout itself (activations T/cp, one
+soft-capping, ALiBi, local attention). Plus padding masks (left and right), a checkpoint
+saved at cp=2 and loaded without cp, the layout itself (activations T/cp, one
 gather per K and V, no T x T mask) and the named errors. Worlds are shared per size
 (conftest); every run has a timeout."""
 import os
@@ -84,6 +85,62 @@ def test_context_parallel_matches_one_device(world, family, layout):
             err = (g.double() - want.double()).abs().max().item()
             assert err <= 1e-4 * max(want.abs().max().item(), floor), \
                 f"step {step} grad {name}: max abs err {err:.3e}"
+
+
+def _padded_job(layout: dict):
+    import torch.distributed as dist
+    pm = ptdp.parallelize(M.build("llama"), codegen="aot_eager", **layout)
+    losses, grads = Z.parallel_sgd(pm, *_padded_batch(), STEPS, LR)
+    return {"rank": dist.get_rank(), "losses": [float(x) for x in losses],
+            "grads": grads if dist.get_rank() == 0 else None}
+
+
+def _padded_batch():
+    """Right and left padding: the padding mask joins the causal one in the model's own
+    mask code; under cp its key axis stays whole and its query axis is this rank's."""
+    args, kwargs = M.batch("llama", GB)
+    am = torch.ones_like(kwargs["input_ids"])
+    am[1, 11:] = 0
+    am[2, :3] = 0
+    kwargs["attention_mask"] = am
+    kwargs["labels"] = kwargs["labels"].masked_fill(am == 0, -100)
+    return args, kwargs
+
+
+def test_padding_mask_matches_one_device(world):
+    ref_losses, ref_grads = M.reference_sgd(M.build("llama"), *_padded_batch(), STEPS, LR)
+    results = world(2, _padded_job, dict(cp=2), timeout=300)
+    for res in results:
+        assert res["losses"] == pytest.approx([float(x) for x in ref_losses], rel=1e-5)
+    for name, want in ref_grads[-1].items():
+        M.assert_close_tensor(name, results[0]["grads"][-1][name], want, 1e-4)
+
+
+def _ckpt_job(path: str, layout: dict, save: bool):
+    pm = ptdp.parallelize(M.build("gpt"), codegen="aot_eager", **layout)
+    args, kwargs = M.batch("gpt", GB)
+    args = tuple(pm.dp_shard(a) for a in args)
+    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
+    pm.optimizer(torch.optim.AdamW, lr=1e-2)
+    if save:
+        pm.train_step(*args, **kwargs)
+        pm.step()
+        pm.save(path)
+    else:
+        pm.compile(*args, **kwargs)
+        pm.load(path)
+    return float(pm.train_step(*args, **kwargs)), pm.full_state_dict()
+
+
+def test_checkpoint_is_independent_of_cp(world, tmp_path):
+    """cp is not part of the saved layout: saved at cp=2, loaded at dp=2 (no cp), the same
+    parameters and the same next loss."""
+    path = str(tmp_path / "ckpt")
+    saved_loss, saved = world(2, _ckpt_job, path, dict(cp=2), True, timeout=240)[0]
+    loaded_loss, loaded = world(2, _ckpt_job, path, dict(dp=2), False, timeout=240)[0]
+    assert loaded_loss == pytest.approx(saved_loss, rel=1e-5)
+    for name, want in saved.items():
+        assert torch.equal(loaded[name], want), name
 
 
 # ---- the per-rank graph, built in one process -----------------------------------------------
