@@ -576,6 +576,8 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
                                        example_inputs, example_kwargs)
         pm = ParallelModule(model, chosen)
         pm.auto_plan = result
+        # the batch it planned with: pm.load can fix the layout itself (elastic resume)
+        pm._plan_example = (example_inputs, example_kwargs)
         return pm
     if model is None:
         return functools.partial(_wrap, cfg=cfg)

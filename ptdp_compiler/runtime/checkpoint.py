@@ -225,6 +225,8 @@ def load(pm, path: str):
     reader = dcp.FileSystemReader(found)
     md = reader.read_metadata().state_dict_metadata
     opt = getattr(pm, "_optimizer", None)
+    if not pm._layout_final() and getattr(pm, "_plan_example", None) is not None:
+        _compile_planned(pm)   # plan="auto": the planned batch fixes the layout, no user step
     if opt is not None:
         if not pm._layout_final():
             raise CheckpointError("the optimizer's shards are fixed by the first compile: call "
@@ -266,6 +268,15 @@ def load(pm, path: str):
     mark_initialized(pm, [lp.name for lp in pm._local_layout()])
     _barrier()
     return meta.get("extra")
+
+
+def _compile_planned(pm):
+    """Compile ``pm`` for this rank's slice of the batch ``plan="auto"`` planned with (a
+    resume at a new world size re-plans, then loads: the shards need the layout first)."""
+    args, kwargs = pm._plan_example
+    args = args if isinstance(args, tuple) else (() if args is None else (args,))
+    pm.compile(*(pm.dp_shard(a) for a in args),
+               **{k: pm.dp_shard(v) for k, v in (kwargs or {}).items()})
 
 
 def mark_initialized(pm, names):
