@@ -28,6 +28,7 @@ The README table shows one row per family: each layout's status and share (``w``
 compiler warning) and the first non-ok layout's reason; the JSON keeps the full messages.
 
     python benchmarks/model_zoo.py [--families a,b|design|others] [--layouts tp2,tp2sp,pp2,tp2pp2]
+        (context parallelism: --layouts cp2,cp4,cp2tp2sp,cp2pp2,cp2dp2)
         [--tp2pp2-families a,b|all] [--timeout 300] [--json PATH [--update]]
 """
 from __future__ import annotations
@@ -62,6 +63,16 @@ LAYOUTS = {
     "pp2": (2, dict(pp=2, microbatches=2)),
     "tp2pp2": (4, dict(tp=2, pp=2, microbatches=2)),
 }
+# context parallelism (``--layouts cp2,...``; not in the default run)
+CP_LAYOUTS = {
+    "cp2": (2, dict(cp=2)),
+    "cp4": (4, dict(cp=4)),
+    "cp2tp2sp": (4, dict(cp=2, tp=2, sequence_parallel=True)),
+    "cp2pp2": (4, dict(cp=2, pp=2, microbatches=2)),
+    "cp2dp2": (4, dict(cp=2, dp=2)),
+}
+DEFAULT_LAYOUTS = list(LAYOUTS)
+LAYOUTS.update(CP_LAYOUTS)
 # tp2 x pp2 on a diverse subset: MHA/GQA/MQA, fused qkv, interleaved rotary, per-head
 # norms, soft-capping, ALiBi, MoE, MLA
 # a fully tensor-parallel rank holds at most 1.1/t of a tiny model's parameters (issue 18);
@@ -327,7 +338,7 @@ def main(argv=None):
                          "names), 'others' (the rest, decoders before encoder / seq2seq "
                          "families) or 'rest' (with --update: the others the JSON lacks); "
                          "default all")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS))
     ap.add_argument("--tp2pp2-families", default=",".join(TP2PP2_FAMILIES),
                     help="families run at tp2pp2 ('all' for every family)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run")

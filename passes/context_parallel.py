@@ -460,7 +460,10 @@ def context_parallel_pass(gm: fx.GraphModule, cfg, coords, plan, lw):
         plan.collectives.append(CollectivePlan(
             "all_gather", "cp", f"{n.name} ({why})", int(nbytes * (cp - 1) / cp),
             f"{list(v.shape) if v is not None else '?'} {getattr(v, 'dtype', '')}; backward: "
-            "reduce-scatter"))
+            "re-gathered (the same bytes again), then the gradient reduce-scattered (the same "
+            "bytes)"))
+    if lw.kind == "target_count":
+        plan.loss_weighting += "; under cp each rank counts the targets of its own chunks"
     plan.pass_log.append(("context_parallel", (
         f"cp={cp}: sequence of {T} in {2 * cp} chunks, this rank holds positions of chunks "
         f"{rank} and {2 * cp - 1 - rank}; {len(w.gathers)} K/V all-gathers; "
