@@ -125,8 +125,13 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
                 return make_boxed_func(g.forward)
             return sb.SplitBackward(sg, sb.boxed_fx(sg.d_gm), sb.boxed_fx(sg.w_gm))
 
-        fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=bw_nop,
-                                   **aot_partition_kwargs(gm, codegen))
+        # outside Dynamo's tracing context: inside ``ptdp.backend`` its ShapeEnv would make
+        # every dim of an input Dynamo did not see (a dp_shard flat shard) symbolic, with no
+        # source to guard on; this rank's shapes are static anyway
+        from torch._guards import tracing
+        with tracing(None):
+            fn = aot_module_simplified(gm, example_inputs, fw_compiler=nop, bw_compiler=bw_nop,
+                                       **aot_partition_kwargs(gm, codegen))
     else:
         raise ValueError(f"unknown codegen {codegen!r}; choose one of {CODEGENS}")
     compile_stats["compiles"] += 1

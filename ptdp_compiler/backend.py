@@ -26,7 +26,10 @@ The graph must contain the scalar training loss (a 0-d floating output). With
 tensor parallelism the vocabulary-parallel logits never exist in full, so the graph's
 other outputs (logits, hidden states) come back as ``None``; with tp=1 they are kept.
 With dp > 1 each rank's gradients are averaged over the data-parallel group as they
-accumulate (the loss is then the mean of the ranks' losses, as with DDP).
+accumulate (the loss is then the mean of the ranks' losses, as with DDP). With
+dp_shard > 1 ``backend.parameters()`` are flat 1/dp_shard pieces, gathered per layer
+inside the compiled graph and their gradients reduce-scattered there (FSDP in the graph,
+passes/fully_shard.py); the same mean over all data-parallel ranks results.
 Pipeline parallelism needs whole-program scheduling: use ``parallelize``.
 """
 from __future__ import annotations
@@ -49,6 +52,7 @@ class PTDPBackend:
         self.coords = None
         self._params: dict = {}        # name -> this rank's Parameter (shard)
         self._placements: dict = {}    # name -> Shard | None
+        self._fsdp_shapes: dict = {}   # dp_shard: name -> shape before the flat split
         self.programs: list = []       # program.Program per compiled graph
         self.graphs_compiled = 0
 
@@ -59,11 +63,10 @@ class PTDPBackend:
         if self.coords is None:
             world = dist.get_world_size() if dist.is_initialized() else 1
             cfg.check_world(world)
-            if cfg.cp > 1 or cfg.dp_shard > 1:
+            if cfg.cp > 1:
                 raise ConfigError("ptdp.backend does not run context parallelism (cp > 1) "
-                                  "or fully sharded data parallelism (dp_shard > 1) yet; use "
-                                  "ptdp.parallelize(model, cp=..., dp_shard=...)")
-            self.coords = build_mesh(cfg.dp, 1, cfg.tp)
+                                  "yet; use ptdp.parallelize(model, cp=...)")
+            self.coords = build_mesh(cfg.dp, 1, cfg.tp, 1, cfg.dp_shard)
         program = build_program(gm, cfg, example_inputs, self.coords, from_dynamo=True)
         captured = program.captured
         self._adopt(program.plan, captured.params(example_inputs))
@@ -81,9 +84,11 @@ class PTDPBackend:
 
     def _adopt(self, plan, full: dict):
         """Create (first graph) or check (later graphs) this rank's parameter shards."""
+        from .passes.fully_shard import shard_flat
         from .passes.sharding import shard_tensor
         from .placement import Shard
         t, r = self.config.tp, self.coords.tp_rank
+        n, fr = self.config.dp_shard, self.coords.dp_shard_rank
         for name, x in full.items():
             pp = plan.params.get(name)
             pl = pp.placement if pp is not None and isinstance(pp.placement, Shard) else None
@@ -93,14 +98,21 @@ class PTDPBackend:
                                       "from the first one; keep the model's inputs uniform")
                 continue
             with torch.no_grad():
-                p = nn.Parameter(shard_tensor(x.detach(), pl, t, r), requires_grad=x.requires_grad)
+                local = shard_tensor(x.detach(), pl, t, r)
+                if pp is not None and pp.fsdp_numel:   # dp_shard: this rank's flat piece
+                    self._fsdp_shapes[name] = tuple(local.shape)
+                    local = shard_flat(local, n, fr)
+                p = nn.Parameter(local, requires_grad=x.requires_grad)
             self._params[name], self._placements[name] = p, pl
-            if self.config.dp > 1 and p.requires_grad:
+            if self.config.dp * n > 1 and p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._dp_average)
 
     def _dp_average(self, p: torch.Tensor):
-        dist.all_reduce(p.grad, group=self.coords.group("dp"))
-        p.grad.div_(self.config.dp)
+        """Mean over the data-parallel ranks, as DDP: a dp_shard gradient arrives summed
+        over dp_shard by the graph's reduce-scatter; the rest is summed over dp here."""
+        if self.config.dp > 1:
+            dist.all_reduce(p.grad, group=self.coords.group("dp"))
+        p.grad.div_(self.config.dp * self.config.dp_shard)
 
     # ---- parameters ------------------------------------------------------------------------
     def parameters(self):
@@ -114,6 +126,10 @@ class PTDPBackend:
         return iter(self._params.items())
 
     def _gather(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        if name in self._fsdp_shapes:
+            from .runtime.fully_shard import gather_flat
+            local = gather_flat(local, self._fsdp_shapes[name],
+                                self.coords.group("dp_shard"), self.config.dp_shard)
         pl = self._placements.get(name)
         if pl is None or self.config.tp == 1:
             return local
@@ -136,14 +152,16 @@ class PTDPBackend:
         return self.programs[index].gm
 
 
-def backend(*, tp: int = 1, pp: int = 1, dp: int = 1, sequence_parallel: bool = False,
-            recompute="none", codegen: str = "inductor", seed: int = 0) -> PTDPBackend:
+def backend(*, tp: int = 1, pp: int = 1, dp: int = 1, dp_shard: int = 1,
+            sequence_parallel: bool = False, recompute="none", codegen: str = "inductor",
+            seed: int = 0) -> PTDPBackend:
     """A ``torch.compile`` backend running ptdp's passes (tp / sp / dp / recompute) on the
     Dynamo graph, then ``codegen``. Validated here, before any process-group work."""
     if pp != 1:
         raise ConfigError(f"ptdp.backend(pp={pp}): pipeline parallelism schedules the whole "
                           "program across ranks, which a torch.compile backend (one graph at a "
                           "time) cannot do; use ptdp.parallelize(model, pp=...) instead")
-    cfg = ParallelConfig(tp=tp, pp=1, dp=dp, sequence_parallel=sequence_parallel,
+    cfg = ParallelConfig(tp=tp, pp=1, dp=dp, dp_shard=dp_shard,
+                         sequence_parallel=sequence_parallel,
                          recompute=recompute, codegen=codegen, seed=seed).validate()
     return PTDPBackend(cfg)
