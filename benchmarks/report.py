@@ -101,6 +101,19 @@ KNOWN = {
                  "first10_mean / last10_mean: mean loss of the first / last ten steps",
                  ["family", "layout", "steps", "status", "first_loss", "last_loss",
                   "first10_mean", "last10_mean", "tokens_per_s", "first_step_s", "error"]),
+    "context_parallel": ("Context parallelism (cp): activations, K/V traffic, sequence length",
+                         "the project GPT (h=64, 4 heads, B=2, fp32, causal SDPA) on cp gloo "
+                         "ranks; act_bytes: bytes autograd saves in one pm.train_step "
+                         "(saved_tensors_hooks, parameters excluded), rank 0; act_ratio vs "
+                         "ideal 1/cp; kv_bytes_per_layer: what one rank sends in the cp "
+                         "all-gathers / reduce-scatters of one layer (profiler c10d/gloo "
+                         "events, NCCL ring bytes; 2-layer minus 1-layer step) vs kv_formula "
+                         "= 3·2·(cp−1)/cp·B·T·h_kv·d·4; step_ratio: step time / cp=1's (ranks "
+                         "share 2 cores); longest_seq: longest sequence (multiple of 64) whose "
+                         "act_bytes fit cp=1's at 512 tokens",
+                         ["cp", "seq", "act_bytes", "act_ratio", "ideal_ratio",
+                          "kv_bytes_per_layer", "kv_formula", "kv_ratio", "step_ms",
+                          "step_ratio", "longest_seq", "longest_vs_cp1"]),
     "moe": ("Expert parallelism (ep) vs replicated and tp-sharded experts",
             "a Mixtral-style model from transformers on 2 gloo ranks, three programs stepped in "
             "interleaved rounds of one run: replicated experts (dp=2), ep=2, expert tensor "
