@@ -169,3 +169,30 @@ def test_ep_must_divide_the_experts():
 def test_ep_needs_routed_experts():
     with pytest.raises(ExpertParallelError, match="no routed experts"):
         _pass_only("llama", dp=2, ep=2)
+
+
+def test_planner_searches_ep_with_all_to_all_and_expert_memory():
+    """ep in the planner: routed experts found by dataflow in the captured graph, candidates
+    with ep | d and ep | experts, 1/ep of the expert bytes per rank, the all-to-all per MoE
+    layer costed as 2·tokens·k·h·(ep−1)/ep bytes each way."""
+    import ptdp_compiler as ptdp
+    from benchmarks.zoo_models import batch, build
+    from ptdp_compiler.planner import model_cost
+    from ptdp_compiler.planner.search import Candidate, Evaluator, enumerate_candidates
+    args, kwargs = batch("mixtral", 2)
+    mc = model_cost(build("mixtral"), args, kwargs)
+    assert (mc.experts, mc.moe_layers, mc.moe_topk) == (4, 2, 2.0)
+    assert 0 < mc.expert_params < mc.total_params
+    cl = ptdp.Cluster(nodes=1, gpus_per_node=8, gpu="H100-SXM")
+    ev = Evaluator(mc, cl, 64)
+    cands = enumerate_candidates(mc, 8, 8, 64)
+    assert {c.ep for c in cands} == {1, 2, 4}
+    assert all(c.d % c.ep == 0 and c.fs == 1 for c in cands if c.ep > 1)
+    one, two = (Candidate(1, 1, 8, 1, 1, 8, False, "none", 1, ep) for ep in (1, 2))
+    elems = [ev.params_on_rank(c, 0) for c in (one, two)]
+    assert elems[0] - elems[1] == pytest.approx(mc.expert_params / 2)
+    link = cl.group_link(2, 1)
+    nbytes = 2 * mc.seq * mc.moe_topk * mc.hidden * mc.dtype_bytes * (2 - 1) / 2
+    want = (2 * link.latency + nbytes / link.bandwidth) * mc.moe_layers / mc.num_layers
+    assert ev.a2a_time(1, 1, 2, 1) == pytest.approx(want)
+    assert ev.evaluate(two).memory < ev.evaluate(one).memory

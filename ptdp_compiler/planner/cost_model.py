@@ -72,6 +72,13 @@ class ModelCost:
     replicated_pre: int = 0
     replicated_post: int = 0
     tp_shares: str = "every parameter split over t (no placements)"
+    # mixture of experts (passes/expert_parallel.find_expert_regions): routed experts per
+    # MoE layer, MoE layers, routed-expert parameter elements in the whole model (of the
+    # layers' params), expert copies per token (top-k)
+    experts: int = 0
+    moe_layers: int = 0
+    expert_params: int = 0
+    moe_topk: float = 0.0
 
     @property
     def total_params(self) -> int:
@@ -175,13 +182,34 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             itemsize = v.element_size()
             break
+    moe = _moe_facts(gm)
     return ModelCost(name, hidden, heads, seq, vocab, len(layers), layers, pre_c, post_c,
-                     dtype_bytes=itemsize, params_layer=params["layer"],
+                     **moe, dtype_bytes=itemsize, params_layer=params["layer"],
                      params_pre=params["pre"], params_post=params["post"],
                      tied_embedding=params["tied"], replicated_layer=rep["layer"],
                      replicated_pre=rep["pre"], replicated_post=rep["post"],
                      tp_shares="placements of the tensor-parallel pass" if placements is not None
                      else ModelCost.tp_shares)
+
+
+def _moe_facts(gm: fx.GraphModule) -> dict:
+    """Routed experts found by dataflow (the regions expert parallelism rewrites)."""
+    import math
+    try:
+        from ..passes.expert_parallel import find_expert_regions
+        regions = find_expert_regions(gm)
+    except Exception:   # no analysable experts: planned as a dense model
+        return {}
+    if not regions:
+        return {}
+    users = [ph for ph in gm.graph.find_nodes(op="placeholder")
+             if ph.meta.get("ptdp_input_kind", "user") == "user"
+             and isinstance(val(ph), torch.Tensor) and not val(ph).is_floating_point()]
+    tokens = max((math.prod(val(ph).shape) for ph in users), default=0)
+    params = {n: p for r in regions for n, p in r.params.items()}
+    return dict(experts=regions[0].experts, moe_layers=len(regions),
+                expert_params=sum(math.prod(val(p).shape) for p in params.values()),
+                moe_topk=regions[0].rows / tokens if tokens else 1.0)
 
 
 def _weight_of(a: fx.Node) -> fx.Node:

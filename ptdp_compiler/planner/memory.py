@@ -68,6 +68,7 @@ class Layout:
     schedule: Optional[str] = None
     optimizer_states: int = 2    # fp32 tensors per parameter the optimizer keeps (AdamW: 2)
     fs: int = 1                  # dp_shard: parameters, gradients, optimizer state / fs
+    ep: int = 1                  # routed experts split over ep ranks (ep divides d)
 
     @property
     def sched(self) -> str:
@@ -77,7 +78,8 @@ class Layout:
         return (f"t={self.t} p={self.p} d={self.d} v={self.v} m={self.m} b={self.b} "
                 f"sp={'on' if self.sp else 'off'} recompute={self.recompute} "
                 f"{self.precision}{' zero1' if self.zero else ''}"
-                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}")
+                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}"
+                f"{f' ep={self.ep}' if self.ep > 1 else ''}")
 
     @classmethod
     def from_config(cls, config, microbatch_size: int = 1) -> "Layout":
@@ -85,7 +87,7 @@ class Layout:
         return cls(config.tp, config.pp, config.dp, config.virtual_stages, config.microbatches,
                    microbatch_size, config.sequence_parallel, rc, config.precision,
                    config.distributed_optimizer, config.split_backward, config.schedule,
-                   fs=getattr(config, "dp_shard", 1))
+                   fs=getattr(config, "dp_shard", 1), ep=getattr(config, "ep", 1))
 
 
 @dataclasses.dataclass
@@ -246,7 +248,9 @@ def stage_param_elems(mc, lay: Layout, stage: int) -> float:
     if stage == lay.p - 1 and (lay.p > 1 or not mc.tied_embedding):
         n += mc.params_post
         rep += mc.replicated_post
-    return (n - rep) / lay.t + rep
+    # routed experts (expert tensor parallel over t) split over ep as well
+    ex = getattr(mc, "expert_params", 0) / max(mc.num_layers, 1) * k * (1 - 1 / lay.ep)
+    return (n - rep) / lay.t + rep - ex / lay.t
 
 
 def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> MemoryPrediction:

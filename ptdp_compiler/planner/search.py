@@ -32,6 +32,7 @@ class Candidate:
     sp: bool
     recompute: str
     fs: int = 1          # dp_shard: of the d data-parallel ranks, fs shard the model
+    ep: int = 1          # routed experts split over ep of the d data-parallel ranks
 
     @property
     def schedule(self) -> str:
@@ -40,7 +41,8 @@ class Candidate:
     def short(self) -> str:
         return (f"t={self.t} p={self.p} d={self.d} v={self.v} b={self.b} m={self.m} "
                 f"sp={'on' if self.sp else 'off'} rc={self.recompute}"
-                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}")
+                f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}"
+                f"{f' ep={self.ep}' if self.ep > 1 else ''}")
 
 
 @dataclasses.dataclass
@@ -79,9 +81,11 @@ class Evaluator:
     def _tp_link(self, t):
         return self.cl.group_link(t, 1)
 
-    def layer_times(self, b: int, t: int, sp: bool, rc: str) -> tuple:
-        """(forward, backward incl. recompute) seconds of one layer for one microbatch."""
-        key = ("layer", b, t, sp, rc)
+    def layer_times(self, b: int, t: int, sp: bool, rc: str, ep: int = 1,
+                    stride: int = 1) -> tuple:
+        """(forward, backward incl. recompute) seconds of one layer for one microbatch;
+        ``ep`` > 1 adds the MoE layers' token all-to-all (averaged over the layers)."""
+        key = ("layer", b, t, sp, rc, ep, stride)
         if key in self._cache:
             return self._cache[key]
         layer = self.mc.layers[0]
@@ -90,12 +94,28 @@ class Evaluator:
         comm = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
         f_tot = f + self.pairs * comm
         bwd = BACKWARD_FACTOR * f + self.pairs * comm
+        a2a = self.a2a_time(b, t, ep, stride)
+        f_tot += a2a
+        bwd += a2a
         if rc == "full":
             bwd += f_tot
         elif rc == "selective":
             bwd += nodes_time(layer, self.gpu, b, t, sp, self.o, kinds=("attention", "softmax"))
         self._cache[key] = (f_tot, bwd)
         return f_tot, bwd
+
+    def a2a_time(self, b: int, t: int, ep: int, stride: int) -> float:
+        """Per layer (averaged over all layers) and microbatch, one direction: dispatch +
+        combine all-to-alls of the routed tokens, 2·tokens·k·h·(ep−1)/ep bytes per rank,
+        over ep ranks ``stride`` apart (ep is carved out of dp)."""
+        mc = self.mc
+        if ep == 1 or not mc.moe_layers:
+            return 0.0
+        rows = mc.seq * b * mc.moe_topk
+        nbytes = 2.0 * rows * mc.hidden * mc.dtype_bytes * (ep - 1) / ep
+        link = self.cl.group_link(ep, stride)
+        per_moe = 2 * (ep - 1) * link.latency + nbytes / link.bandwidth
+        return per_moe * mc.moe_layers / max(mc.num_layers, 1)
 
     def edge_times(self, b, t, sp, rc) -> tuple:
         """(pre fwd, pre bwd, post fwd, post bwd): embedding on the first chunk, final norm,
@@ -121,7 +141,7 @@ class Evaluator:
     def chunk_costs(self, c: Candidate):
         L = self.mc.num_layers
         per_chunk = L // (c.p * c.v)
-        lf, lb = self.layer_times(c.b, c.t, c.sp, c.recompute)
+        lf, lb = self.layer_times(c.b, c.t, c.sp, c.recompute, c.ep, c.t * c.p)
         pf, pb, qf, qb = self.edge_times(c.b, c.t, c.sp, c.recompute)
         last = c.p * c.v - 1
 
@@ -157,7 +177,7 @@ class Evaluator:
     def layout(self, c: Candidate) -> Layout:
         return Layout(c.t, c.p, c.d // c.fs, c.v, c.m, c.b, c.sp, c.recompute, "bf16",
                       self.o.distributed_optimizer and c.fs == 1, self.o.split_backward,
-                      c.schedule, fs=c.fs)
+                      c.schedule, fs=c.fs, ep=c.ep)
 
     def memory_prediction(self, c: Candidate) -> MemoryPrediction:
         """Every pipeline stage's peak, broken down (planner/memory.py)."""
@@ -199,19 +219,24 @@ class Evaluator:
 
     # ---- step time -----------------------------------------------------------------------
     def fsdp_time(self, c: Candidate, compute: float) -> float:
-        """dp_shard's exposed communication: per microbatch every local weight is gathered
-        (again in backward when resharding) and its gradient reduce-scattered over fs; the
-        compiler prefetches the next layer's gather during this one, so only what exceeds
-        the compute, or at least one layer's share (the first gather), is exposed."""
+        """dp_shard's exposed communication. Per microbatch every local weight is gathered
+        (again in backward when resharding) and its gradient reduce-scattered over fs. The
+        compiler prefetches the next layer's gather during this one, so of the gathers only
+        what exceeds the compute, or at least one layer's share (the first), is exposed; of
+        the reduce-scatters the last microbatch's is exposed as DP's all-reduce is (unless
+        ``dp_overlap``), the earlier ones overlap the following microbatches' compute."""
         if c.fs == 1:
             return 0.0
         P = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.mc.dtype_bytes
         link = self.cl.group_link(c.fs, c.t)
-        ag = all_gather_time(P, c.fs, link)
-        per_mb = ag * (2 if self.o.reshard_after_forward else 1) + ag
-        total = c.m * per_mb
         layers = max(self.mc.num_layers // c.p, 1)
-        return max(total - compute, total / layers)
+        # one collective per bucket (each layer, plus the embedding / head): their latencies
+        ag = all_gather_time(P, c.fs, link) + layers * (c.fs - 1) * link.latency
+        gathers = c.m * ag * (2 if self.o.reshard_after_forward else 1)
+        exposed = max(gathers - compute, gathers / layers)
+        last_rs = 0.1 * ag if self.o.dp_overlap else ag
+        earlier = (c.m - 1) * ag
+        return exposed + last_rs + max(0.0, earlier - compute * (c.m - 1) / c.m)
 
     def dp_time(self, c: Candidate) -> float:
         if c.d // c.fs == 1:
@@ -288,7 +313,9 @@ class Evaluator:
         est.breakdown = {"pipeline_s": pipe, "dp_allreduce_s": dp - fs, "optimizer_s": opt,
                          "dp_shard_exposed_s": fs,
                          "p2p_per_transfer_s": self.p2p(c),
-                         "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute)}
+                         "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute,
+                                                             c.ep, c.t * c.p),
+                         "all_to_all_per_layer_s": self.a2a_time(c.b, c.t, c.ep, c.t * c.p)}
         return est
 
 
@@ -331,11 +358,14 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
                 # dp_shard: none, all d ranks, or (HSDP) the d-divisor filling a node
                 node = max(k for k in _divisors(d) if k * t <= max(gpus_per_node, t))
                 fss = sorted({1, d, node}) if dp_shard and d > 1 else [1]
+                # expert parallelism: ep | d and ep | experts (not with dp_shard yet)
+                eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0] or [1]
                 for v in vs:
                     for sp in ([False, True] if t > 1 else [False]):
                         for rc in recomputes:
                             for fs in fss:
-                                out.append(Candidate(t, p, d, v, b, m, sp, rc, fs))
+                                for ep in (eps if fs == 1 else [1]):
+                                    out.append(Candidate(t, p, d, v, b, m, sp, rc, fs, ep))
     return out
 
 
@@ -363,9 +393,10 @@ class PlanResult:
     cluster: Cluster
     memory_prediction: Optional[MemoryPrediction] = None   # the chosen layout, per stage
     dp_shard: int = 1                                      # dp above is the replicated part
+    ep: int = 1                                            # experts split over ep of dp
 
     def parallel_config_kwargs(self) -> dict:
-        return dict(tp=self.tp, pp=self.pp, dp=self.dp, dp_shard=self.dp_shard,
+        return dict(tp=self.tp, pp=self.pp, dp=self.dp, dp_shard=self.dp_shard, ep=self.ep,
                     virtual_stages=self.virtual_stages,
                     microbatches=self.microbatches, sequence_parallel=self.sequence_parallel,
                     recompute=self.recompute, schedule=self.schedule)
@@ -453,7 +484,7 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     return PlanResult(c.t, c.p, c.d // c.fs, c.v, c.b, c.m, c.sp, c.recompute, c.schedule,
                       best.step_time, best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
                       best.memory / 2**30, best, top, rejected, len(cands), cluster,
-                      ev.memory_prediction(c), c.fs)
+                      ev.memory_prediction(c), c.fs, c.ep)
 
 
 __all__ = ["Candidate", "Estimate", "Evaluator", "enumerate_candidates", "search", "PlanResult",
