@@ -40,7 +40,8 @@ def op_histogram(gm: fx.GraphModule) -> collections.Counter:
 
 
 def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = None,
-               trial_partition: Optional[Callable] = None) -> PassResult:
+               trial_partition: Optional[Callable] = None,
+               ep_rows_scale: float = 1.0) -> PassResult:
     """captured graph → per-rank graph, plan and pipeline chunks. ``params``: canonical
     name → tensor (full shape or this rank's shard; ``full_shapes`` gives the full shapes
     when they differ). ``trial_partition(gm)``: codegen's partition of a tagged graph on
@@ -63,7 +64,7 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
         gm = tensor_parallel_pass(gm, cfg, coords, params, plan)
     if getattr(cfg, "ep", 1) > 1:
         from .expert_parallel import expert_parallel_pass
-        gm = expert_parallel_pass(gm, cfg, coords, params, plan)
+        gm = expert_parallel_pass(gm, cfg, coords, params, plan, ep_rows_scale)
     # recompute: tag nodes save / recompute for the partitioner
     from .recompute import recompute_pass
     gm, plan.recompute = recompute_pass(gm, cfg.recompute,

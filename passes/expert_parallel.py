@@ -35,6 +35,7 @@ parallelism (inside each expert, over tp) composes: tp shards dims 1-2, ep dim 0
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -205,8 +206,11 @@ def _grow(gemms, offs, E, params, order) -> ExpertRegion:
 
 
 # ---- the rewrite ------------------------------------------------------------------------------
-def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) -> fx.GraphModule:
-    """Rewrite every expert region for ``cfg.ep`` ranks (see the module doc)."""
+def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
+                         rows_scale: float = 1.0) -> fx.GraphModule:
+    """Rewrite every expert region for ``cfg.ep`` ranks (see the module doc).
+    ``rows_scale``: the most tokens any rank of the ep group holds in this microbatch over
+    this rank's (ranks may hold different numbers): the receive buffers are sized for it."""
     from ptdp_compiler import expert_dispatch  # noqa: F401  (registers the ptdp::ep_* ops)
     ep = cfg.ep
     group = coords.group("ep") if coords is not None else None
@@ -220,7 +224,7 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
             raise ExpertParallelError(f"ep={ep} does not divide the {reg.experts} experts of "
                                       f"the layer with {reg.gemms[0].name}: choose ep "
                                       f"dividing {reg.experts}")
-        _rewrite(gm, reg, ep, group_name)
+        _rewrite(gm, reg, ep, group_name, rows_scale)
         for name in reg.params:
             pp = plan.params[name]
             shape = list(pp.local_shape or pp.full_shape)
@@ -248,9 +252,10 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     return gm
 
 
-def _rewrite(gm, reg: ExpertRegion, ep: int, group_name: str):
+def _rewrite(gm, reg: ExpertRegion, ep: int, group_name: str, rows_scale: float = 1.0):
     g = gm.graph
-    N, cap = reg.rows, reg.rows * ep
+    # dropless worst case: every row of every ep rank routed here (the largest rank's count)
+    N, cap = reg.rows, ep * math.ceil(reg.rows * rows_scale - 1e-9)
     order = {n: i for i, n in enumerate(g.nodes)}
     with g.inserting_after(reg.offs):
         counts = g.call_function(torch.ops.ptdp.ep_counts.default, (reg.offs, group_name, ep, cap))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import inspect as _inspect
 
 import torch
@@ -206,16 +207,17 @@ class ParallelModule:
         self._buckets = self._make_buckets()
 
     # ---- training -------------------------------------------------------------------------
-    def _program(self, mb):
-        """The applied Program of ``mb``'s input signature (built on first sight)."""
-        key = _signature(mb)
+    def _program(self, mb, ep_rows_scale: float = 1.0):
+        """The applied Program of ``mb``'s input signature (built on first sight);
+        ``ep_rows_scale``: ep > 1, the ep group's largest microbatch over this one."""
+        key = _signature(mb) + ((("ep_rows_scale", ep_rows_scale),) if ep_rows_scale != 1 else ())
         prog = self._programs.get(key)
         if prog is None:
             self._check_meta_buffers()
             if self.config.memory_limit is not None:   # refused before anything is compiled
                 self._check_memory_limit(mb)
             program = build_program(self.module, self.config, mb, self.coords, self._params,
-                                    self._full_shapes)
+                                    self._full_shapes, ep_rows_scale=ep_rows_scale)
             self._apply(program)
             if self.config.pp > 1:
                 from .stages import PipelineRunner
@@ -229,7 +231,8 @@ class ParallelModule:
         if target is not None and self.config.loss_fn is None:
             raise ConfigError("train_step(target=...) needs parallelize(..., loss_fn=fn)")
         mbs = split_microbatches(args, kwargs, target, self.config.microbatches)
-        programs = [self._program(mb) for mb in mbs]
+        scales = self._ep_rows_scales(mbs)
+        programs = [self._program(mb, s) for mb, s in zip(mbs, scales)]
         if self.config.pp > 1:
             if any(p is not programs[0] for p in programs):
                 raise InputShapeError("pipeline parallelism needs every microbatch of a step "
@@ -242,6 +245,24 @@ class ParallelModule:
                             self._batch_group)
         self.train_steps += 1
         return loss
+
+    def _ep_rows_scales(self, mbs) -> list:
+        """ep > 1: ranks of an ep group may hold different numbers of tokens; each expert
+        owner's receive buffer must hold the largest rank's rows. Every rank exchanges its
+        microbatches' token counts (one small all-reduce per step) and builds each program
+        for the group's largest over its own (1.0 when all agree)."""
+        if self.config.ep == 1 or self.coords.mesh is None:
+            return [1.0] * len(mbs)
+        from torch.utils import _pytree as pytree
+
+        def tokens(mb):
+            sizes = [math.prod(l.shape[:2]) for l in pytree.tree_leaves(mb)
+                     if isinstance(l, torch.Tensor) and l.dim() > 0]
+            return max(sizes, default=1)
+        mine = torch.tensor([tokens(mb) for mb in mbs], dtype=torch.float64)
+        most = mine.clone().to(self.coords.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.coords.group("ep"))
+        return [float(m) / float(t) if t else 1.0 for m, t in zip(most.cpu(), mine)]
 
     def dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice (dim 0) of a global-batch tensor: dp × dp_shard ranks read

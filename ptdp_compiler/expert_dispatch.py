@@ -22,10 +22,11 @@ Shapes are static, so the compiled graph has no data-dependent sizes: the receiv
 ``capacity`` rows (the dropless worst case, every row of every ep rank routed here: ep·N when
 all ranks hold N rows) of which the first ``local_offs[-1]`` are real and the rest zero. Only
 real rows cross the wire and only they are multiplied (``grouped_mm`` stops at the last
-offset), so the padding costs memory, not traffic or FLOPs. A rank that would receive more
-rows than ``capacity`` raises ``ExpertParallelError`` instead of dropping: that needs ranks
-of one ep group holding different numbers of tokens per microbatch (different shapes; token
-counts *per expert* may differ freely, and do in every step).
+offset), so the padding costs memory, not traffic or FLOPs. Ranks of one ep group may hold
+different numbers of tokens per microbatch: each step they exchange their counts
+(``ParallelModule._ep_rows_scales``) and every rank's program sizes ``capacity`` for the
+largest (ep × its rows). A rank that would still receive more rows than ``capacity``
+raises ``ExpertParallelError`` instead of dropping (a bug, never a routing outcome).
 
 gloo on CPU runs ``all_to_all_single`` with uneven splits (measured on torch 2.13), so the
 functional collective is used directly, with split sizes read from the exchanged counts.

@@ -138,7 +138,8 @@ STEPS = ("capture", "passes", "compile")
 
 def build_program(model_or_graph, config, example_inputs, coords=None,
                   params: Optional[dict] = None, full_shapes: Optional[dict] = None, *,
-                  from_dynamo: bool = False, until: str = "compile") -> Program:
+                  from_dynamo: bool = False, until: str = "compile",
+                  ep_rows_scale: float = 1.0) -> Program:
     """Capture, transform, split and compile for this rank (``coords``: its place in the
     mesh; its tp process group names the collectives).
 
@@ -175,6 +176,7 @@ def build_program(model_or_graph, config, example_inputs, coords=None,
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
     with progress.phase("passes"):
         result = run_passes(captured, config, coords, params, full_shapes,
+                            ep_rows_scale=ep_rows_scale,
                             trial_partition=trial_partition)
     if result.split is None:
         chunks = {0: ChunkProgram(0, result.gm, [("graph", key) for key in captured.inputs],

@@ -196,3 +196,35 @@ def test_planner_searches_ep_with_all_to_all_and_expert_memory():
     want = (2 * link.latency + nbytes / link.bandwidth) * mc.moe_layers / mc.num_layers
     assert ev.a2a_time(1, 1, 2, 1) == pytest.approx(want)
     assert ev.evaluate(two).memory < ev.evaluate(one).memory
+
+
+def _uneven_job(family: str, cuts: list):
+    import torch.distributed as dist
+    pm = ptdp.parallelize(Z.build(family), codegen="aot_eager", dp=2, ep=2)
+    _, kwargs = Z.batch(family, cuts[-1])
+    r = dist.get_rank()
+    mine = {k: v[cuts[r]:cuts[r + 1]] for k, v in kwargs.items()}
+    losses = []
+    for _ in range(2):   # the second step reuses the programs built for the group's largest
+        losses.append(float(pm.train_step(**mine)))
+    scales = [dict(k[-1:]).get("ep_rows_scale", 1.0) if k[-1][0] == "ep_rows_scale" else 1.0
+              for k in pm._programs]
+    return losses, pm.full_grads(), scales
+
+
+def test_ranks_holding_different_numbers_of_tokens_match_one_device(world):
+    """Token counts that differ across the ranks of an ep group are legal: rank 0 holds one
+    sample, rank 1 three; every owner's receive buffer is sized for the largest rank, and
+    the step equals one device on all four samples (token-weighted mean loss; without the
+    load-balancing loss, which is per rank by definition, see _reference)."""
+    family, cuts = "mixtral", [0, 1, 4]
+    model = Z.build(family)
+    _, kwargs = Z.batch(family, cuts[-1])
+    loss = model(**kwargs).loss
+    loss.backward()
+    res = world(2, _uneven_job, family, cuts, timeout=240)
+    assert [r[2] for r in res] == [[3.0], [1.0]]   # rank 0's buffers sized for rank 1's rows
+    for losses, grads, _ in res:
+        assert all(abs(l - loss.item()) <= 1e-5 * abs(loss.item()) for l in losses), losses
+        for n, p in model.named_parameters():
+            assert_close_tensor(n, grads[n], p.grad, rtol=1e-4)
