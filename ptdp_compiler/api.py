@@ -247,22 +247,8 @@ class ParallelModule:
         return loss
 
     def _ep_rows_scales(self, mbs) -> list:
-        """ep > 1: ranks of an ep group may hold different numbers of tokens; each expert
-        owner's receive buffer must hold the largest rank's rows. Every rank exchanges its
-        microbatches' token counts (one small all-reduce per step) and builds each program
-        for the group's largest over its own (1.0 when all agree)."""
-        if self.config.ep == 1 or self.coords.mesh is None:
-            return [1.0] * len(mbs)
-        from torch.utils import _pytree as pytree
-
-        def tokens(mb):
-            sizes = [math.prod(l.shape[:2]) for l in pytree.tree_leaves(mb)
-                     if isinstance(l, torch.Tensor) and l.dim() > 0]
-            return max(sizes, default=1)
-        mine = torch.tensor([tokens(mb) for mb in mbs], dtype=torch.float64)
-        most = mine.clone().to(self.coords.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.coords.group("ep"))
-        return [float(m) / float(t) if t else 1.0 for m, t in zip(most.cpu(), mine)]
+        from .runtime.expert_parallel import rows_scales
+        return rows_scales(self, mbs)
 
     def dp_shard(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's slice (dim 0) of a global-batch tensor: dp × dp_shard ranks read
@@ -425,30 +411,8 @@ class ParallelModule:
         single-device init after ``pm.init_weights(builder, seed)``, else NaN until
         ``ptdp.load_hf`` / ``pm.load`` write them (the gradient buckets
         and the compiled program need real tensors; the full model is never allocated)."""
-        if not any(p.is_meta for p in self._params.values()):
-            return
-        if (self.config.tp > 1 and self._placements is None) or \
-                (self.config.pp > 1 and getattr(self, "_stage_names", None) is None) or \
-                (self.config.dp_shard > 1 and getattr(self, "_fsdp_shapes", None) is None):
-            return
-        dev = self.coords.device
-        if getattr(self, "_pending_init", None) is not None:
-            # pm.init_weights(builder, seed): replay the builder, keep only this rank's shards
-            from .runtime.meta_init import materialize
-            materialize(self, dev, [n for n, p in self._params.items() if p.is_meta])
-            return
-        if not hasattr(self, "_uninitialized"):
-            self._uninitialized = set()
-        # new Parameter objects (a meta tensor's data cannot be swapped for a real one); the
-        # module keeps its meta parameters, so later captures still see a meta model
-        with torch.no_grad():
-            for n, p in list(self._params.items()):
-                if p.is_meta:
-                    real = torch.full(p.shape, float("nan"), dtype=p.dtype, device=dev) \
-                        if p.dtype.is_floating_point else torch.zeros(p.shape, dtype=p.dtype,
-                                                                      device=dev)
-                    self._params[n] = nn.Parameter(real, requires_grad=p.requires_grad)
-                    self._uninitialized.add(n)
+        from .runtime.meta_init import materialize_meta
+        materialize_meta(self)
 
     def _check_meta_buffers(self):
         """Before a first compile (not in __init__, where there is no pm yet to call

@@ -106,3 +106,25 @@ class ExpertBuckets:
     @property
     def nbytes(self) -> int:
         return self.dense.nbytes + self.expert.nbytes
+
+
+def rows_scales(pm, mbs) -> list:
+    """ep > 1: ranks of an ep group may hold different numbers of tokens; each expert
+    owner's receive buffer must hold the largest rank's rows. Every rank exchanges its
+    microbatches' token counts (one small all-reduce per step) and builds each program
+    for the group's largest over its own (1.0 when all agree)."""
+    if pm.config.ep == 1 or pm.coords.mesh is None:
+        return [1.0] * len(mbs)
+    import math
+
+    import torch.distributed as dist
+    from torch.utils import _pytree as pytree
+
+    def tokens(mb):
+        sizes = [math.prod(l.shape[:2]) for l in pytree.tree_leaves(mb)
+                 if isinstance(l, torch.Tensor) and l.dim() > 0]
+        return max(sizes, default=1)
+    mine = torch.tensor([tokens(mb) for mb in mbs], dtype=torch.float64)
+    most = mine.clone().to(pm.coords.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=pm.coords.group("ep"))
+    return [float(m) / float(t) if t else 1.0 for m, t in zip(most.cpu(), mine)]

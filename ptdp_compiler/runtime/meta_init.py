@@ -522,3 +522,30 @@ def _put_shard(full: torch.Tensor, piece: torch.Tensor, pl, t: int, r: int):
     view.copy_(piece.reshape(view.shape))
     if work is not full:
         full.copy_(work.narrow(pl.dim, 0, full.shape[pl.dim]))
+
+
+def materialize_meta(pm):
+    """``ParallelModule._materialize_meta`` (see there)."""
+    if not any(p.is_meta for p in pm._params.values()):
+        return
+    if (pm.config.tp > 1 and pm._placements is None) or \
+            (pm.config.pp > 1 and getattr(pm, "_stage_names", None) is None) or \
+            (pm.config.dp_shard > 1 and getattr(pm, "_fsdp_shapes", None) is None):
+        return
+    dev = pm.coords.device
+    if getattr(pm, "_pending_init", None) is not None:
+        # pm.init_weights(builder, seed): replay the builder, keep only this rank's shards
+        materialize(pm, dev, [n for n, p in pm._params.items() if p.is_meta])
+        return
+    if not hasattr(pm, "_uninitialized"):
+        pm._uninitialized = set()
+    # new Parameter objects (a meta tensor's data cannot be swapped for a real one); the
+    # module keeps its meta parameters, so later captures still see a meta model
+    with torch.no_grad():
+        for n, p in list(pm._params.items()):
+            if p.is_meta:
+                real = torch.full(p.shape, float("nan"), dtype=p.dtype, device=dev) \
+                    if p.dtype.is_floating_point else torch.zeros(p.shape, dtype=p.dtype,
+                                                                  device=dev)
+                pm._params[n] = nn.Parameter(real, requires_grad=p.requires_grad)
+                pm._uninitialized.add(n)
