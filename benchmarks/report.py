@@ -124,6 +124,30 @@ KNOWN = {
             "step time / ep's",
             ["layout", "dp", "ep", "tp", "expert_bytes_per_rank", "expert_share", "step_ms",
              "vs_ep", "a2a_bytes_per_layer", "formula_bytes", "a2a_ratio"]),
+    "fsdp": ("Fully sharded data parallelism (dp_shard) vs PyTorch's FSDP2, eager and compiled",
+             "the project GPT (tied embedding / head), fp32, AdamW, on the same gloo CPU ranks "
+             "(world = dp_shard = 2, 4), four programs stepped in interleaved rounds of one run: "
+             "ptdp dp_shard under Inductor and aot_eager, FSDP2 (fully_shard per block, then "
+             "the root: torchtitan's recipe) eager and with each block torch.compile'd. "
+             "step_ms: median step (zero grad + forward + backward + AdamW), slowest rank; "
+             "vs_fsdp2_eager / vs_fsdp2_compiled = FSDP2's step time / this one's (> 1: faster); "
+             "*_min: the same of each one's fastest step, *_cpu: of the median process CPU "
+             "time per step (the 2 cores are shared with other jobs: wall times spread 2–5×). "
+             "peak_bytes: a malloc interposer's peak over a step (every thread, Inductor's "
+             "buffers included) + the training state at its start, max over ranks; "
+             "peak_vs_fsdp2 = peak / FSDP2 eager's; peak_fwd_bwd / peak_opt_bytes: the same over "
+             "forward + backward / the optimizer step alone; state_bytes: parameters + gradients + "
+             "optimizer state per rank, state_share = that / the whole model's (≈ 1/n). "
+             "ag_fwd / ag_bwd / rs_bytes: bytes one rank sent per step (profiler c10d / gloo "
+             "events, NCCL ring bytes) vs formula_bytes = 3·(n−1)/n·P; FSDP2 re-gathers "
+             "neither the root nor the last block in backward, ptdp gathers and "
+             "reduce-scatters the tied embedding / head in both buckets that read it",
+             ["world", "variant", "step_ms", "vs_fsdp2_eager", "vs_fsdp2_compiled",
+              "vs_fsdp2_eager_min", "vs_fsdp2_compiled_min", "vs_fsdp2_eager_cpu",
+              "vs_fsdp2_compiled_cpu", "peak_bytes", "peak_vs_fsdp2", "peak_fwd_bwd_bytes", "peak_opt_bytes",
+              "state_bytes", "state_share", "act_peak_bytes",
+              "ag_fwd_bytes", "ag_bwd_bytes", "rs_bytes", "formula_bytes", "bytes_ratio",
+              "loss_diff"]),
     "gpu_throughput": ("GPU throughput / MFU (one H100, tp = pp = 1, selective recompute)",
                        "GPT h=4096, 32 heads, s=2048, bf16; one step = zero grads, forward, "
                        "loss, backward; modes timed in alternating rounds of one run (median). "
@@ -193,6 +217,11 @@ def _native(d, key, configs):
     return _span(vals, ".2f", "×")
 
 
+def _fsdp(d, key, variant="ptdp_inductor"):
+    return _span([r[key] for r in _rows(d, variant=variant) if r.get(key) is not None],
+                 ".2f", "×")
+
+
 TP_CONFIGS = ("tp2", "tp2_sp", "tp2_pp2")
 PP_CONFIGS = ("pp2_1f1b", "pp2_v2_interleaved")
 
@@ -235,6 +264,11 @@ FIGURES = {
     "train_hf_losses": ("train_hf", lambda d: "{} → {}".format(
         _span([r["first10_mean"] for r in _rows(d, status="ok")]),
         _span([r["last10_mean"] for r in _rows(d, status="ok")]))),
+    "fsdp_vs_eager": ("fsdp", lambda d: _fsdp(d, "vs_fsdp2_eager")),
+    "fsdp_vs_compiled": ("fsdp", lambda d: _fsdp(d, "vs_fsdp2_compiled")),
+    "fsdp_peak": ("fsdp", lambda d: _fsdp(d, "peak_vs_fsdp2")),
+    "fsdp_bytes": ("fsdp", lambda d: _fsdp(d, "bytes_ratio")),
+    "fsdp_fsdp2_bytes": ("fsdp", lambda d: _fsdp(d, "bytes_ratio", "fsdp2_eager")),
 }
 # where figures are filled (tables go to TABLES_FILE)
 FIGURE_FILES = ("README.md", "docs")
