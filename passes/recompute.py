@@ -60,8 +60,18 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.graph_utils import input_only as _input_only
 from ptdp_compiler.graph_utils import DROPOUT_OPS, is_op, layer_spans, node_flops, numel
 
+from ptdp_compiler import expert_dispatch as _ep_ops   # registers ptdp::ep_* (replayable)
+
 from .cp_ops import CP_COLLECTIVES
+from .cp_rules import CHAIN as _LAYOUT_ONLY
 from .cp_rules import regathered as cp_regathered
+
+# expert parallelism's token dispatch: an all-to-all of rows, deterministic given its
+# counts; re-run in backward it is what "recompute the MoE layer's gathered tokens,
+# keep its dispatch indices" means (the buffer holds ep x this rank's rows)
+EP_REPLAYABLE = {torch.ops.ptdp.ep_dispatch.default}
+_ROW_GATHERS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
+                torch.ops.aten.gather.default}
 
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
@@ -242,7 +252,29 @@ def replayable(n: fx.Node) -> bool:
     if torch.Tag.nondeterministic_seeded in t.tags:
         return True
     # ptdp's own collectives are deterministic: safe to run again in backward
-    return t in TP_COLLECTIVES or t in CP_COLLECTIVES
+    return t in TP_COLLECTIVES or t in CP_COLLECTIVES or t in EP_REPLAYABLE
+
+
+def ep_redispatched(nodes) -> set:
+    """The expert dispatches among ``nodes`` and the layout-only ops from each to the
+    expert GEMMs: recomputed in backward (one more all-to-all) from the rows this rank
+    routed and the exchanged counts, instead of storing the received buffer."""
+    nodes, out = set(nodes), set()
+    stack = [n for n in nodes if n.op == "call_function" and n.target in EP_REPLAYABLE]
+    for d in list(stack):   # the rows it sends, gathered from the tokens by index: re-gathered
+        src = d.args[0]
+        while isinstance(src, fx.Node) and src in nodes and (
+                src.target in _LAYOUT_ONLY or src.target in _ROW_GATHERS):
+            out.add(src)
+            if src.target in _ROW_GATHERS:
+                break
+            src = src.args[0]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(u for u in n.users if u in nodes and u.target in _LAYOUT_ONLY)
+    return out
 
 
 def _tag(gm, layers, recomputed: set, input_only: set, always: set, free: set = frozenset()):
@@ -395,12 +427,19 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     if sp_regather:
         regather = {n for n in in_layer if n.target is torch.ops.ptdp.sp_gather.default}
     regather |= cp_regathered(in_layer)   # context parallelism's K/V all-gathers
+    redispatch = ep_redispatched(in_layer) if mode_name not in ("none", "budget") else set()
+    regather |= redispatch
     flops = {n: node_flops(n) for n in gm.graph.nodes}
     report = RecomputeReport(mode_name, [], budget_bytes=budget,
                              forward_flops=sum(flops.values()))
     if fused:
         report.notes.append(f"{len(fused)} scaled_dot_product_attention node(s) run a fused "
                             "kernel that keeps no s² activations: left as they are")
+    if redispatch:
+        report.notes.append(f"expert parallelism: "
+                            f"{sum(1 for n in redispatch if n.target in EP_REPLAYABLE)} token "
+                            "dispatch(es) re-run in backward: their counts are kept, not the "
+                            "received rows")
     if regather:
         report.notes.append(f"sequence parallel: {len(regather)} all-gathered linear inputs "
                             "are re-gathered in backward instead of stored")

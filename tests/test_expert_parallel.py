@@ -228,3 +228,35 @@ def test_ranks_holding_different_numbers_of_tokens_match_one_device(world):
         assert all(abs(l - loss.item()) <= 1e-5 * abs(loss.item()) for l in losses), losses
         for n, p in model.named_parameters():
             assert_close_tensor(n, grads[n], p.grad, rtol=1e-4)
+
+
+def _recompute_job(rc):
+    pm = ptdp.parallelize(Z.build("mixtral"), codegen="aot_eager", dp=2, ep=2, recompute=rc)
+    _, kw = Z.batch("mixtral", 4)
+    kw = {k: pm.dp_shard(v) for k, v in kw.items()}
+    pm.compile(**kw)
+    seen, total = set(), [0]
+
+    def pack(x):
+        key = x.untyped_storage().data_ptr()
+        if key not in seen and not isinstance(x, torch.nn.Parameter):
+            seen.add(key)
+            total[0] += x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = float(pm.train_step(**kw))
+    rows = [r["rows"] for r in pm.plan.expert_regions]
+    return loss, total[0], pm.full_grads(), rows
+
+
+def test_selective_recompute_keeps_dispatch_counts_not_the_received_tokens(world):
+    """Under selective recompute an MoE layer's token dispatch is re-run in backward: the
+    bytes saved drop by each layer's received buffer (ep x its rows x h, fp32), the
+    numbers stay the same."""
+    (l0, b0, g0, rows), _ = world(2, _recompute_job, "none", timeout=240)
+    (l1, b1, g1, _), _ = world(2, _recompute_job, "selective", timeout=240)
+    assert l0 == l1
+    for k in g0:
+        assert_close_tensor(k, g1[k], g0[k], rtol=1e-6)
+    h = Z.build("mixtral").config.hidden_size
+    assert b0 - b1 == sum(2 * r * h * 4 for r in rows), (b0, b1, rows)
