@@ -58,6 +58,7 @@ queries are not sequence-sharded. The sequence length must divide into 2·cp chu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -73,6 +74,10 @@ from .rules import context as _tp_rule  # noqa: F401  (tp's rule for cp_gather)
 from .cp_rules import LOSS, RULES, SAME, Seq, is_pointwise
 
 aten = torch.ops.aten
+
+
+class WholeSequenceWarning(UserWarning):
+    """Some ops ran on the whole sequence (replicated over cp): see the message."""
 
 
 def _val(n):
@@ -98,6 +103,9 @@ class Walker:
         self._full: dict = {}           # captured node -> its whole-sequence new node
         self._positions: dict = {}
         self.gathers: list = []         # (new gather node, captured node it gathers, why)
+        self.attention_gathers = 0
+        self.wholes: list = []          # (captured node, why): ops run on the whole sequence
+        self.strict = False
         self.localized: list = []       # (captured node, dim, outer)
         self.loss_target = None         # (captured target node, dim, outer) of a token loss
         self.loss_reduction = None
@@ -261,9 +269,10 @@ class Walker:
         return None
 
     # ---- the whole sequence for attention ----------------------------------------------------
-    def full(self, a, why: str):
+    def full(self, a, why: str, attention: bool = True):
         """Captured ``a`` (sequence-sharded) whole, in natural order: all-gathered at the
-        smallest value of the layout-only chain leading to it, the chain replayed."""
+        smallest value of the layout-only chain leading to it, the chain replayed.
+        ``attention``: keys / values (else a whole-sequence op's input)."""
         if a in self._full:
             return self._full[a]
         from .cp_rules import CHAIN
@@ -283,6 +292,7 @@ class Walker:
         gathered = self.emit(torch.ops.ptdp.cp_gather.default,
                              (self.v(g), pl.dim, pl.outer, self.group_name, self.cp), like=g)
         self.gathers.append((gathered, g, why))
+        self.attention_gathers += attention
         self._full[g] = gathered
         for node in reversed(chain[:best]):
             self._full[node] = self.graph.node_copy(
@@ -331,9 +341,38 @@ class Walker:
             rule = RULES["pointwise"]
         if rule is None:
             pls = ", ".join(f"{a.name}: {self.p(a)}" for a in tensors)
-            self.fail(node, f"no context-parallel rule for this op with sequence-sharded "
-                            f"inputs ({pls}); it may mix tokens across the sequence")
-        return rule(self, node)
+            why = (f"no context-parallel rule for this op with sequence-sharded inputs "
+                   f"({pls}); it may mix tokens across the sequence")
+            if self.strict:
+                self.fail(node, why)
+            return self.whole(node, why)
+        try:
+            return rule(self, node)
+        except ContextParallelError as e:
+            if self.strict:
+                raise
+            return self.whole(node, str(e))
+
+    def whole(self, node, why: str):
+        """An op that mixes tokens in a way no rule covers (a mixture-of-experts block
+        sorting its tokens by expert, a cumulative sum) runs on the whole sequence, as
+        sequence parallelism runs Megatron's MoE: its sequence-split inputs are all-gathered
+        (``cp_gather``: the gradients of the replicated computation, partial per rank
+        because each rank's result is later cut to its own tokens, are reduce-scattered
+        back), the op is replicated, and its result is localized where it meets the
+        sequence split again. Recorded (``wholes``), warned about; ``strict=True`` refuses."""
+        def whole_of(x):
+            p = self.p(x) if isinstance(x, fx.Node) else None
+            if p == LOSS or isinstance(p, list) and any(q is not None for q in p):
+                self.fail(node, why)
+            if isinstance(p, Seq):
+                return self.full(x, f"whole sequence for {node.name}", attention=False)
+            return self.v(x)
+        n = self.graph.node_copy(node, whole_of)
+        val = node.meta.get("val")
+        self.P[n] = [None] * len(val) if isinstance(val, (tuple, list)) else None
+        self.wholes.append((node, why))
+        return n
 
     def _seq_dim(self, a) -> Optional[int]:
         """Which dimension of a sequence source is the sequence: [B, T, ...] -> 1, [T, ...]
@@ -368,17 +407,21 @@ def sequence_length(gm: fx.GraphModule, cp: int) -> int:
                                "dimension ([batch, sequence, ...])")
 
 
-def context_parallel(gm: fx.GraphModule, cp: int, rank: int, group_name: str):
+def context_parallel(gm: fx.GraphModule, cp: int, rank: int, group_name: str,
+                     strict: bool = False):
     T = sequence_length(gm, cp)
     w = Walker(gm, T, cp, rank, group_name)
+    w.strict = strict
     g = w.run()
     g.eliminate_dead_code()
     new = fx.GraphModule(gm, g)
-    if not w.gathers:
+    if not w.attention_gathers:
+        whole = f" ({len(w.wholes)} op(s) ran on the whole sequence: " + ", ".join(
+            f"{n.name} ({n.target})" for n, _ in w.wholes[:4]) + ")" if w.wholes else ""
         raise ContextParallelError(
             "context parallelism found no attention (no matmul or "
             "scaled_dot_product_attention reading keys / values of other tokens): the model "
-            "mixes no tokens, or does so in an op the compiler does not know; use cp=1")
+            f"mixes no tokens, or does so in an op the compiler does not know{whole}; use cp=1")
     _refresh_values(new)
     return new, w, T
 
@@ -452,8 +495,18 @@ def context_parallel_pass(gm: fx.GraphModule, cfg, coords, plan, lw):
     group = coords.group("cp") if coords is not None else None
     group_name = group.group_name if group is not None else "cp"
     rank = getattr(coords, "cp_rank", 0)
-    new, w, T = context_parallel(gm, cp, rank, group_name)
+    new, w, T = context_parallel(gm, cp, rank, group_name, getattr(cfg, "strict", False))
     lw = local_count_graph(gm, lw, w)
+    if w.wholes:
+        ops = sorted({str(n.target) for n, _ in w.wholes})
+        msg = (f"cp={cp}: {len(w.wholes)} op(s) that mix tokens in a way context parallelism "
+               f"has no rule for ({', '.join(ops)}; first: {w.wholes[0][0].name} at "
+               f"{source_line(w.wholes[0][0])}) run on the all-gathered whole sequence, "
+               "replicated on every cp rank (correct, but neither their activations nor their "
+               "compute shrink with cp); strict=True refuses instead")
+        plan.pass_log.append(("context_parallel", msg))
+        if getattr(coords, "rank", 0) == 0:
+            warnings.warn(msg, WholeSequenceWarning, stacklevel=2)
     for n, g, why in w.gathers:
         v = n.meta.get("val")
         nbytes = v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
@@ -466,12 +519,12 @@ def context_parallel_pass(gm: fx.GraphModule, cfg, coords, plan, lw):
         plan.loss_weighting += "; under cp each rank counts the targets of its own chunks"
     plan.pass_log.append(("context_parallel", (
         f"cp={cp}: sequence of {T} in {2 * cp} chunks, this rank holds positions of chunks "
-        f"{rank} and {2 * cp - 1 - rank}; {len(w.gathers)} K/V all-gathers; "
+        f"{rank} and {2 * cp - 1 - rank}; {w.attention_gathers} K/V all-gathers; "
         f"{len(w.localized)} whole-sequence values indexed to local positions")))
     plan.cp = dict(T=T, cp=cp, rank=rank, positions=cp_ops.local_positions(T, cp, rank),
                    gathers=[(n.name, g.name) for n, g, _ in w.gathers])
     return new, lw
 
 
-__all__ = ["Seq", "LOSS", "Walker", "context_parallel", "context_parallel_pass",
+__all__ = ["Seq", "LOSS", "WholeSequenceWarning", "Walker", "context_parallel", "context_parallel_pass",
            "sequence_length"]

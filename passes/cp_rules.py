@@ -464,7 +464,15 @@ def embedding(w, node):
     return w.copy(node, w.p(idx))
 
 
-# ---- the loss ------------------------------------------------------------------------------------
+@rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
+      aten.new_full.default, aten.new_empty_strided.default)
+def new_tensor(w, node):
+    """A fresh tensor of the sizes given: whole-sequence sizes stay whole (it is localized
+    where it meets the sequence split); only its dtype / device come from the input."""
+    return w.copy(node, None)
+
+
+# ---- the loss ---# ---- the loss ------------------------------------------------------------------------------------
 @rule(aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default)
 def token_loss(w, node):
     x, target = node.args[:2]

@@ -6,7 +6,9 @@ its own targets in the loss weight. Two SGD steps: every rank's loss and rank 0'
 gradients must equal one device's. The suite runs FAST (GPT / Llama at cp=2, cp=4,
 cp=2 x tp=2+SP, cp=2 x pp=2, cp=2 x dp=2: about a minute on 2 cores); PTDP_CP_ALL=1 adds
 every layout on eight model-zoo families (MHA, GQA, MQA, fused qkv, sliding windows,
-soft-capping, ALiBi, local attention). Plus padding masks (left and right), a checkpoint
+soft-capping, ALiBi, local attention) and two MoE families at cp=2 (their token sort runs
+on the whole sequence). Plus ops without a rule run on the whole sequence (warned;
+strict=True refuses them by name), padding masks (left and right), a checkpoint
 saved at cp=2 and loaded without cp, the layout itself (activations T/cp, one
 gather per K and V, no T x T mask) and the named errors. Worlds are shared per size
 (conftest); every run has a timeout."""
@@ -36,6 +38,7 @@ LAYOUTS = {
 FAST = {("gpt", "cp2"), ("llama", "cp4"), ("llama", "cp2-tp2sp"), ("gpt", "cp2-pp2"),
         ("llama", "cp2-dp2")}
 ZOO = ["gpt2", "qwen3", "gemma2", "phi3", "falcon", "bloom", "mistral", "gpt_neo"]
+MOE = ["mixtral", "deepseek_v3"]   # MoE blocks run on the whole sequence (PTDP_CP_ALL, cp2)
 
 
 def _build(family):
@@ -63,6 +66,8 @@ def _cases():
             elif fam in ("gpt", "llama"):
                 out.append(pytest.param(fam, lay, id=f"{fam}-{lay}", marks=pytest.mark.skip(
                     reason="PTDP_CP_ALL=1 runs it")))
+    if os.environ.get("PTDP_CP_ALL") == "1":
+        out += [pytest.param(fam, "cp2", id=f"{fam}-cp2") for fam in MOE]
     return out
 
 
@@ -191,7 +196,7 @@ def test_sequence_length_must_split_into_2cp_chunks():
 
 
 class _CumsumMixer(nn.Module):
-    """Tokens mixed by a running mean along the sequence: no attention to gather for."""
+    """Tokens mixed by a running sum along the sequence: no attention to gather for."""
 
     def __init__(self):
         super().__init__()
@@ -201,19 +206,6 @@ class _CumsumMixer(nn.Module):
     def forward(self, ids, targets):
         h = self.emb(ids).cumsum(1)
         return F.cross_entropy(self.out(h).flatten(0, 1), targets.flatten())
-
-
-class _ShiftedLogits(nn.Module):
-    """The loss shifts the logits (an activation) by one token: mixes neighbours."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(32, 16)
-        self.out = nn.Linear(16, 32)
-
-    def forward(self, ids, targets):
-        logits = self.out(self.emb(ids))[:, :-1]
-        return F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten())
 
 
 class _NoAttention(nn.Module):
@@ -226,12 +218,73 @@ class _NoAttention(nn.Module):
         return F.cross_entropy(self.out(self.emb(ids)).flatten(0, 1), targets.flatten())
 
 
+class _MixedTokens(nn.Module):
+    """Causal attention, then two token mixers context parallelism has no rule for: a
+    running sum along the sequence and logits shifted by one token (the labels shifted on
+    the activations' side). They run on the all-gathered whole sequence."""
+
+    def __init__(self, cumsum: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cumsum = cumsum
+        self.emb = nn.Embedding(32, 16)
+        self.qkv, self.proj, self.head = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 32)
+
+    def forward(self, ids, targets):
+        x = self.emb(ids)
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, 16))
+        if self.cumsum:
+            x = x + 0.1 * x.cumsum(1)
+        logits = self.head(x)[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten())
+
+
 @pytest.mark.parametrize("model,match", [
     (_CumsumMixer, r"cumsum.*runs along the sequence"),
-    (_ShiftedLogits, r"slice.*takes part of the sequence"),
-    (_NoAttention, r"found no attention"),
+    (lambda: _MixedTokens(cumsum=False), r"slice.*takes part of the sequence"),
 ])
-def test_token_mixing_it_cannot_split_is_refused_by_name(model, match):
+def test_strict_refuses_token_mixing_it_has_no_rule_for_by_name(model, match):
+    ids = torch.randint(0, 32, (2, 8))
+    with pytest.raises(ContextParallelError, match=match):
+        _passes(model(), (ids, ids), {}, cp=2, strict=True)
+
+
+@pytest.mark.parametrize("model,match", [
+    (_NoAttention, r"found no attention"),
+    (_CumsumMixer, r"found no attention.*cumsum"),
+])
+def test_a_model_without_attention_is_refused(model, match):
     ids = torch.randint(0, 32, (2, 8))
     with pytest.raises(ContextParallelError, match=match):
         _passes(model(), (ids, ids), {}, cp=2)
+
+
+def _mixed_job():
+    import warnings
+    import torch.distributed as dist
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = ptdp.parallelize(_MixedTokens(), codegen="aot_eager", cp=2)
+        losses, grads = Z.parallel_sgd(pm, *_mixed_batch(), STEPS, LR)
+    return {"losses": [float(x) for x in losses], "grads": grads,
+            "warned": [str(w.message) for w in caught if "whole sequence" in str(w.message)
+                       and dist.get_rank() == 0]}
+
+
+def _mixed_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 32, (GB, 16), generator=g)
+    return (ids, ids), {}
+
+
+def test_ops_without_a_rule_run_on_the_whole_sequence_and_match(world):
+    ref_losses, ref_grads = M.reference_sgd(_MixedTokens(), *_mixed_batch(), STEPS, LR)
+    results = world(2, _mixed_job, timeout=240)
+    for res in results:
+        assert res["losses"] == pytest.approx([float(x) for x in ref_losses], rel=1e-5)
+    for name, want in ref_grads[-1].items():
+        M.assert_close_tensor(name, results[0]["grads"][-1][name], want, 1e-4)
+    assert results[0]["warned"] and "cumsum" in results[0]["warned"][0]
