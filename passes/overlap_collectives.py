@@ -17,7 +17,8 @@ reduce-scatter's wait right after it, and the partitioner puts a recomputed all-
   layer's weights arrive while this layer computes — one bucket ahead, as the forward
   graph's prefetch (passes/fully_shard.py).
 
-Guarantees afterwards: the same nodes, topologically ordered; every ``wait_tensor`` of a
+Guarantees afterwards: the same nodes (autograd-variant collectives replaced by the plain
+functional ones: nothing is differentiated after partitioning), topologically ordered; every ``wait_tensor`` of a
 collective directly precedes its first user or the next collective of its kind; gathers of inputs start at most one gather
 ahead. Graphs without functional collectives are returned unchanged.
 """
@@ -80,6 +81,20 @@ def _views_to_output(w: fx.Node):
 
 def overlap_collectives(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
+    # a partitioned half differentiates nothing: the autograd variant of the all-gather
+    # (dp_shard's) becomes the plain functional collective, which Inductor schedules as
+    # a collective rather than as an opaque fallback kernel
+    plain = {}
+    try:
+        plain[torch.ops._c10d_functional_autograd.all_gather_into_tensor.default] = \
+            _c10d.all_gather_into_tensor.default
+        plain[torch.ops._c10d_functional_autograd.reduce_scatter_tensor.default] = \
+            _c10d.reduce_scatter_tensor.default
+    except AttributeError:
+        pass
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in plain:
+            n.target = plain[n.target]
     waits = [n for n in graph.nodes if n.op == "call_function" and n.target is _WAIT
              and n.args and getattr(n.args[0], "target", None) in _STARTS]
     if not waits:
