@@ -349,3 +349,38 @@ def _fake_check(gm, params, plan):
     except Exception as e:
         raise ShardingError(f"the expert-parallel graph does not type-check at local shapes: "
                             f"{type(e).__name__}: {e}") from e
+
+
+# ---- recompute: the dispatch is re-run in backward (passes/recompute.py tags it) -----------
+# expert parallelism's token dispatch: an all-to-all of rows, deterministic given its
+# counts; re-run in backward it is what "recompute the MoE layer's gathered tokens, keep
+# its dispatch indices" means (the received buffer holds ep x this rank's rows)
+from ptdp_compiler import expert_dispatch as _ep_ops  # noqa: E402,F401  (registers ptdp::ep_*)
+
+EP_REPLAYABLE = {torch.ops.ptdp.ep_dispatch.default}
+_ROW_GATHERS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
+                torch.ops.aten.gather.default}
+
+
+def ep_redispatched(nodes) -> set:
+    """The expert dispatches among ``nodes``, the row gather (tokens by routing index)
+    feeding each and the layout-only ops from each to the expert GEMMs: recomputed in
+    backward (one more all-to-all) from the tokens and the exchanged counts, instead of
+    storing the received buffer."""
+    from .cp_rules import CHAIN as layout_only
+    nodes, out = set(nodes), set()
+    stack = [n for n in nodes if n.op == "call_function" and n.target in EP_REPLAYABLE]
+    for d in list(stack):
+        src = d.args[0]
+        while isinstance(src, fx.Node) and src in nodes and (
+                src.target in layout_only or src.target in _ROW_GATHERS):
+            out.add(src)
+            if src.target in _ROW_GATHERS:
+                break
+            src = src.args[0]
+    while stack:
+        n = stack.pop()
+        if n not in out:
+            out.add(n)
+            stack.extend(u for u in n.users if u in nodes and u.target in layout_only)
+    return out

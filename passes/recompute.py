@@ -60,18 +60,9 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.graph_utils import input_only as _input_only
 from ptdp_compiler.graph_utils import DROPOUT_OPS, is_op, layer_spans, node_flops, numel
 
-from ptdp_compiler import expert_dispatch as _ep_ops   # registers ptdp::ep_* (replayable)
-
 from .cp_ops import CP_COLLECTIVES
-from .cp_rules import CHAIN as _LAYOUT_ONLY
 from .cp_rules import regathered as cp_regathered
-
-# expert parallelism's token dispatch: an all-to-all of rows, deterministic given its
-# counts; re-run in backward it is what "recompute the MoE layer's gathered tokens,
-# keep its dispatch indices" means (the buffer holds ep x this rank's rows)
-EP_REPLAYABLE = {torch.ops.ptdp.ep_dispatch.default}
-_ROW_GATHERS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default,
-                torch.ops.aten.gather.default}
+from .expert_parallel import EP_REPLAYABLE, ep_redispatched
 
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
@@ -253,28 +244,6 @@ def replayable(n: fx.Node) -> bool:
         return True
     # ptdp's own collectives are deterministic: safe to run again in backward
     return t in TP_COLLECTIVES or t in CP_COLLECTIVES or t in EP_REPLAYABLE
-
-
-def ep_redispatched(nodes) -> set:
-    """The expert dispatches among ``nodes`` and the layout-only ops from each to the
-    expert GEMMs: recomputed in backward (one more all-to-all) from the rows this rank
-    routed and the exchanged counts, instead of storing the received buffer."""
-    nodes, out = set(nodes), set()
-    stack = [n for n in nodes if n.op == "call_function" and n.target in EP_REPLAYABLE]
-    for d in list(stack):   # the rows it sends, gathered from the tokens by index: re-gathered
-        src = d.args[0]
-        while isinstance(src, fx.Node) and src in nodes and (
-                src.target in _LAYOUT_ONLY or src.target in _ROW_GATHERS):
-            out.add(src)
-            if src.target in _ROW_GATHERS:
-                break
-            src = src.args[0]
-    while stack:
-        n = stack.pop()
-        if n not in out:
-            out.add(n)
-            stack.extend(u for u in n.users if u in nodes and u.target in _LAYOUT_ONLY)
-    return out
 
 
 def _tag(gm, layers, recomputed: set, input_only: set, always: set, free: set = frozenset()):
