@@ -120,10 +120,10 @@ def add_layout_args(p: argparse.ArgumentParser, steps: int = 200, lr: float = 3e
     p.add_argument("--json", help="write the run's numbers here")
 
 
-def layout_str(args) -> str:
-    extra = "".join(f" {k}={getattr(args, k)}" for k in ("dp_shard", "cp")
-                    if getattr(args, k, 1) > 1)
-    return f"dp={args.dp} tp={args.tp} pp={args.pp}{extra}"
+def layout_str(args, sep: str = ", ") -> str:
+    parts = [f"{k}={getattr(args, k)}" for k in ("dp", "tp", "pp")]
+    parts += [f"{k}={getattr(args, k)}" for k in ("dp_shard", "cp") if getattr(args, k, 1) > 1]
+    return sep.join(parts)
 
 
 def train(args, make_job) -> dict:
@@ -179,7 +179,7 @@ def train(args, make_job) -> dict:
                     if args.codegen == "inductor" else ""))
                 bar = tqdm(total=args.steps, initial=first, file=sys.stdout,
                            dynamic_ncols=True,
-                           desc=f"{layout_str(args)} {args.precision}")
+                           desc=f"{layout_str(args, ' ')} {args.precision}")
         else:
             tokens += x.numel()
         if args.fail_at_step == step and restart_count() == 0 and rank == world - 1:
@@ -216,7 +216,7 @@ def run(args, make_job) -> dict:
     if restart_count() > 0 and int(os.environ.get("RANK", "0")) > 0:
         time.sleep(args.restart_skew)
     if not dist.is_initialized() and int(os.environ.get("RANK", "0")) == 0:
-        progress.say(f"starting {world} CPU ranks ({layout_str(args)})")
+        progress.say(f"starting {world} CPU ranks ({layout_str(args, ' ')})")
     results = ptdp.launch(train, args, make_job, world_size=world, timeout=args.timeout)
     r0 = results[0]
     if dist.is_initialized() and dist.get_rank() != 0:  # under torchrun: rank 0 reports
