@@ -201,7 +201,9 @@ def fully_shard_pass(gms: list, cfg, coords, plan) -> None:
             plan.collectives.append(CollectivePlan(
                 "all_gather", "dp_shard", f"bucket {key} ({len(names)} parameters)",
                 sent * again, f"{nbytes} bytes gathered per microbatch"
-                + (", again in backward" if again == 2 else "")
+                + (", again in backward where backward reads the weights (an embedding's "
+                   "gradient needs none: the bytes given are an upper bound)"
+                   if again == 2 else "")
                 + "; backward: one reduce-scatter of its gradients"))
             summary.append((key, len(names), nbytes))
             plan.fsdp_buckets.append((key, names, nbytes))
@@ -209,6 +211,6 @@ def fully_shard_pass(gms: list, cfg, coords, plan) -> None:
     plan.pass_log.append(("fully_shard", (
         f"dp_shard={n}: {len(summary)} buckets (one all-gather + one reduce-scatter each), "
         f"{total:,} bytes of full weights gathered per microbatch; "
-        + ("re-gathered in backward" if cfg.reshard_after_forward else
+        + ("re-gathered in backward where read" if cfg.reshard_after_forward else
            "kept for backward (reshard_after_forward=False)")
         + "; next bucket prefetched during the current one")))
