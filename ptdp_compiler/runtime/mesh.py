@@ -80,6 +80,8 @@ class Coords:
     def group(self, axis: str):
         if self.mesh is None:
             return None
+        if axis in ("batch", "grad") and self.dp_shard == 1 and self.cp == 1:
+            axis = "dp"   # the compact (dp, pp, tp) mesh: both are the dp group
         return self.mesh.get_group(axis)
 
     def group_if(self, axis: str):
@@ -154,16 +156,27 @@ def build_mesh(dp: int, pp: int, tp: int, ep: int = 1, dp_shard: int = 1,
     if entry is None or entry[1] is not dist.group.WORLD:
         from torch.distributed.device_mesh import init_device_mesh
         dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        if ep == 1:
-            mesh = init_device_mesh(dev, (dp, dp_shard, pp, cp, tp), mesh_dim_names=DIMS)
-            data = ("dp",)
+        if dp_shard == 1 and cp == 1:
+            # the (dp, pp, tp) mesh of a layout without dp_shard / cp: every process group
+            # costs a rendezvous, so none is built for axes of one rank ("batch" and
+            # "grad" are then "dp", Coords.group)
+            if ep == 1:
+                mesh = init_device_mesh(dev, (dp, pp, tp), mesh_dim_names=("dp", "pp", "tp"))
+            else:
+                mesh = init_device_mesh(dev, (dp // ep, ep, pp, tp),
+                                        mesh_dim_names=("edp", "ep", "pp", "tp"))
+                mesh["edp", "ep"]._flatten("dp")
         else:
-            mesh = init_device_mesh(dev, (dp // ep, ep, dp_shard, pp, cp, tp),
-                                    mesh_dim_names=("edp", "ep") + DIMS[1:])
-            mesh["edp", "ep"]._flatten("dp")
-            data = ("edp", "ep")
-        mesh[data + ("dp_shard", "cp")]._flatten("batch")
-        mesh[data + ("cp",)]._flatten("grad")
+            if ep == 1:
+                mesh = init_device_mesh(dev, (dp, dp_shard, pp, cp, tp), mesh_dim_names=DIMS)
+                data = ("dp",)
+            else:
+                mesh = init_device_mesh(dev, (dp // ep, ep, dp_shard, pp, cp, tp),
+                                        mesh_dim_names=("edp", "ep") + DIMS[1:])
+                mesh["edp", "ep"]._flatten("dp")
+                data = ("edp", "ep")
+            mesh[data + ("dp_shard", "cp")]._flatten("batch")
+            mesh[data + ("cp",)]._flatten("grad")
         _MESHES[key] = (mesh, dist.group.WORLD)
     mesh = _MESHES[key][0]
     c = coords_of(rank, sizes)
