@@ -135,15 +135,9 @@ class ParallelModule:
             for n, pl in placements.items():
                 p = self._params[n]
                 p.data = shard_tensor(p.data, pl, t, r)
-                # the module's full weight is needed from now on only for its shape (a new
-                # input signature is captured from the module): a zero-stride view of one
-                # element keeps shape and dtype and frees the storage
-                m = self.module.get_parameter(n)
-                m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
+                self._release_module_weight(n)
         self._placements = placements
-        for h in self._buckets._hooks:
-            h.remove()
-        self._buckets = self._make_buckets()
+        self._rebuild_buckets()
 
     def _apply_experts(self, plan):
         """ep > 1: keep this rank's block of every routed expert's tensors (once) and bucket
@@ -161,9 +155,20 @@ class ParallelModule:
             for n in names:
                 p = self._params[n]
                 p.data = _ep.shard_experts(p.data, self.config.ep, self.coords.ep_rank)
-                m = self.module.get_parameter(n)
-                m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
+                self._release_module_weight(n)
         self._expert_names = names
+        self._rebuild_buckets()
+
+    def _release_module_weight(self, name: str):
+        """Once this rank's shard of ``name`` is its own Parameter, the module's full
+        weight is needed only for its shape (a new input signature is captured from the
+        module): a zero-stride view of one element keeps shape and dtype, frees storage."""
+        m = self.module.get_parameter(name)
+        if not m.is_meta and m.numel() and m.stride() != (0,) * m.dim():
+            m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
+
+    def _rebuild_buckets(self):
+        """Gradient buckets for the parameters as they are now (after a layout change)."""
         for h in self._buckets._hooks:
             h.remove()
         self._buckets = self._make_buckets()
@@ -202,9 +207,7 @@ class ParallelModule:
             return
         self._stage_names = list(names)
         self._params = {n: self._params[n] for n in names}
-        for h in self._buckets._hooks:
-            h.remove()
-        self._buckets = self._make_buckets()
+        self._rebuild_buckets()
 
     # ---- training -------------------------------------------------------------------------
     def _program(self, mb, ep_rows_scale: float = 1.0):

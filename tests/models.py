@@ -78,3 +78,19 @@ def reference_sgd(model, args, kwargs, steps: int, lr: float):
 
 
 from benchmarks.zoo_models import parallel_sgd  # noqa: E402,F401  (one SGD loop for tests and the zoo)
+
+
+def saved_tensor_bytes(step) -> tuple:
+    """Run ``step()`` and return (its result, bytes autograd saved for backward meanwhile):
+    each storage counted once, parameters left out."""
+    seen, total = set(), [0]
+
+    def pack(x):
+        key = x.untyped_storage().data_ptr()
+        if key not in seen and not isinstance(x, torch.nn.Parameter):
+            seen.add(key)
+            total[0] += x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = step()
+    return out, total[0]

@@ -17,7 +17,7 @@ from benchmarks import zoo_models as Z
 from ptdp_compiler.config import ParallelConfig
 from ptdp_compiler.errors import ExpertParallelError
 from ptdp_compiler.program import build_program
-from tests.models import assert_close_tensor
+from tests.models import assert_close_tensor, saved_tensor_bytes
 
 GB, STEPS, LR, CLIP, RTOL = 4, 3, 0.1, 1.0, 1e-4
 
@@ -235,18 +235,9 @@ def _recompute_job(rc):
     _, kw = Z.batch("mixtral", 4)
     kw = {k: pm.dp_shard(v) for k, v in kw.items()}
     pm.compile(**kw)
-    seen, total = set(), [0]
-
-    def pack(x):
-        key = x.untyped_storage().data_ptr()
-        if key not in seen and not isinstance(x, torch.nn.Parameter):
-            seen.add(key)
-            total[0] += x.untyped_storage().nbytes()
-        return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = float(pm.train_step(**kw))
+    loss, saved = saved_tensor_bytes(lambda: float(pm.train_step(**kw)))
     rows = [r["rows"] for r in pm.plan.expert_regions]
-    return loss, total[0], pm.full_grads(), rows
+    return loss, saved, pm.full_grads(), rows
 
 
 def test_selective_recompute_keeps_dispatch_counts_not_the_received_tokens(world):

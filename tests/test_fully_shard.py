@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptdp_compiler as ptdp
-from tests.models import assert_close_tensor, build
+from tests.models import assert_close_tensor, build, saved_tensor_bytes
 from tests.test_training import LR, _data
 
 STEPS = 3
@@ -141,18 +141,10 @@ def _saved_bytes_job(reshard):
                           reshard_after_forward=reshard)
     ids, tgt = _data(0)
     pm.compile(pm.dp_shard(ids), targets=pm.dp_shard(tgt))
-    seen, total = set(), [0]
-
-    def pack(x):
-        key = x.untyped_storage().data_ptr()
-        if key not in seen and not isinstance(x, torch.nn.Parameter):
-            seen.add(key)
-            total[0] += x.untyped_storage().nbytes()
-        return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        pm.train_step(pm.dp_shard(ids), targets=pm.dp_shard(tgt))
+    _, saved = saved_tensor_bytes(lambda: pm.train_step(pm.dp_shard(ids),
+                                                        targets=pm.dp_shard(tgt)))
     full = sum(n for _, _, n in pm.plan.fsdp_buckets)
-    return total[0], full
+    return saved, full
 
 
 def test_reshard_after_forward_keeps_no_gathered_weight_for_backward(world):

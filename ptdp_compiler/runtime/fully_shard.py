@@ -31,16 +31,9 @@ def apply_fully_shard(pm, plan):
                 raise ConfigError(f"parameter {name!r} has shape {tuple(p.shape)} on this rank "
                                   f"but the program expects {shapes[name]} before dp_shard")
             p.data = shard_flat(p.data, n, r)
-            try:   # the module's own copy is needed only for its shape from now on
-                m = pm.module.get_parameter(name)
-                if m.data_ptr() != 0 and m.numel() and m.stride() != (0,) * m.dim():
-                    m.data = torch.zeros((), dtype=m.dtype, device=m.device).expand(m.shape)
-            except AttributeError:
-                pass
+            pm._release_module_weight(name)
     pm._fsdp_shapes = shapes
-    for h in pm._buckets._hooks:
-        h.remove()
-    pm._buckets = pm._make_buckets()
+    pm._rebuild_buckets()
 
 
 def gather_flat(local: torch.Tensor, shape, group, n: int) -> torch.Tensor:
