@@ -288,3 +288,49 @@ def test_ops_without_a_rule_run_on_the_whole_sequence_and_match(world):
     for name, want in ref_grads[-1].items():
         M.assert_close_tensor(name, results[0]["grads"][-1][name], want, 1e-4)
     assert results[0]["warned"] and "cumsum" in results[0]["warned"][0]
+
+
+# ---- cp in the planner --------------------------------------------------------------------------
+def test_planner_searches_cp_with_kv_traffic_and_sequence_local_memory():
+    """The planner tries cp | world/(t·p) with 2·cp | s: per-rank compute and activations
+    are 1/cp (attention scores keep all s keys), each layer adds the K/V all-gather forward
+    and gather + reduce-scatter backward (3 · 2·(cp−1)/cp · b·s·kv/t elements, kv = K's
+    width before repeat_kv, read from the graph), and gradients are summed over dp × cp.
+    A long sequence picks cp; a short one does not; under a memory limit only cp meets,
+    the search without cp fails."""
+    from ptdp_compiler.errors import MemoryLimitError
+    from ptdp_compiler.planner import Cluster, CostOptions, gpt_model_cost, model_cost, plan
+    from ptdp_compiler.planner.search import Candidate, Evaluator
+
+    llama = M.build("llama")          # 4 query heads, 2 kv heads of 8: K is 16 wide
+    mc_small = model_cost(llama, *M.batch("llama", 4))
+    assert (mc_small.heads, mc_small.kv_width) == (4, 16)
+
+    cl = Cluster(nodes=2, gpus_per_node=8, gpu="H100-SXM")
+    long = gpt_model_cost(4096, 32, 32, seq=32768)
+    ev = Evaluator(long, cl, 8)
+    est = {}
+    for cp in (1, 2, 4):
+        c = Candidate(t=4, p=1, d=4 // cp, v=1, b=1, m=2 * cp, sp=True, recompute="selective",
+                      cp=cp)
+        est[cp] = (ev.evaluate(c), ev.memory_prediction(c).worst)
+        kv = 3 * 2 * (cp - 1) / cp * 1 * 32768 * 4096 / 4 * 2
+        assert est[cp][0].breakdown["cp_kv_bytes_per_layer"] == pytest.approx(kv)
+        assert (est[cp][0].breakdown["cp_kv_per_layer_s"] > 0) == (cp > 1)
+    for cp in (2, 4):   # activations per microbatch 1/cp, the state the same
+        assert est[cp][1].per_microbatch == pytest.approx(est[1][1].per_microbatch / cp)
+        assert est[cp][1].params == est[1][1].params
+
+    chosen = plan(long, cluster=cl, global_batch=8)
+    assert chosen.cp > 1 and chosen.to_parallel_config().cp == chosen.cp
+    assert f"cp={chosen.cp}" in chosen.explain()
+    short = plan(gpt_model_cost(4096, 32, 32, seq=2048), cluster=cl, global_batch=64)
+    assert short.cp == 1
+
+    fits = plan(long, cluster=cl, global_batch=8, memory_limit="27GiB")
+    assert fits.cp > 1 and fits.memory_gib <= 27
+    with pytest.raises(MemoryLimitError):
+        plan(long, cluster=cl, global_batch=8, memory_limit="27GiB",
+             options=CostOptions(cp_search=False))
+    odd = plan(gpt_model_cost(4096, 32, 32, seq=2050), cluster=cl, global_batch=64)
+    assert odd.cp == 1 and any("cp needs" in why for _, why in odd.rejected)

@@ -51,7 +51,7 @@ def test_resume_at_8_then_4_then_6_ranks_replans_and_continues_the_losses(world,
         assert all(r[1] == plan for r in res), "ranks planned differently"
         got += losses
         plans.append(plan)
-    w = [p["tp"] * p["pp"] * p["dp"] * p["dp_shard"] for p in plans]
+    w = [p["tp"] * p["pp"] * p["dp"] * p["dp_shard"] * p["cp"] for p in plans]
     assert w == [8, 4, 6], plans
     for s, (a, b) in enumerate(zip(got, ref)):
         assert abs(a - b) <= 1e-5 * abs(b), (s, got, ref)

@@ -167,9 +167,9 @@ def test_plan_auto_matches_single_device(world, n, tight):
     res = world(n, _auto_job, tight, timeout=350)
     chosen = res[0][2]
     assert all(r[2] == chosen for r in res), "ranks chose different configurations"
-    assert chosen["tp"] * chosen["pp"] * chosen["dp"] * chosen["dp_shard"] == n
-    if tight:   # a full replica does not fit: split by tp, pp or dp_shard
-        assert chosen["tp"] * chosen["pp"] * chosen["dp_shard"] > 1, chosen
+    assert chosen["tp"] * chosen["pp"] * chosen["dp"] * chosen["dp_shard"] * chosen["cp"] == n
+    if tight:   # a full replica does not fit: split by tp, pp, dp_shard or cp
+        assert chosen["tp"] * chosen["pp"] * chosen["dp_shard"] * chosen["cp"] > 1, chosen
     assert "plan='auto' chose" in res[0][3]
     for rank, (losses, grads, _, _) in enumerate(res):
         for s in range(2):

@@ -28,7 +28,7 @@ from .hardware import GPU_SPECS, GPUSpec, Link
 CPU_NOMINAL = GPUSpec("cpu (nominal)", 80e9, 30e9, 16 * 2 ** 30, gemm_eff=1.0, gemm_dim_half=4.0,
                       attn_eff=0.5, mem_eff=0.25, kernel_overhead=3e-6, reserved_memory=0.0)
 GLOO_LOCAL = Link("gloo-local", 4e9, 1e-4)
-PLANNED_FIELDS = ("tp", "pp", "dp", "dp_shard", "ep", "virtual_stages", "microbatches",
+PLANNED_FIELDS = ("tp", "pp", "dp", "dp_shard", "ep", "cp", "virtual_stages", "microbatches",
                   "sequence_parallel", "recompute", "schedule")
 
 

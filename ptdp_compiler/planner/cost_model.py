@@ -79,6 +79,9 @@ class ModelCost:
     moe_layers: int = 0
     expert_params: int = 0
     moe_topk: float = 0.0
+    # key/value width per token (kv heads × head dim) read by attention: what context
+    # parallelism all-gathers; 0 if no attention op was found (cp is then not planned)
+    kv_width: int = 0
 
     @property
     def total_params(self) -> int:
@@ -168,7 +171,7 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
             if c is not None and c.kind in ("gemm", "embedding") and params and \
                     params <= replicated:
                 c.tp_split = c.sp_split = False   # every rank computes it whole
-    heads, seq = _attention_shape(gm)
+    heads, seq, kv_width = _attention_shape(gm)
     vocab = 0
     for c in pre_c:
         if c.kind == "embedding" and c.param_elems:
@@ -187,6 +190,7 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
                      **moe, dtype_bytes=itemsize, params_layer=params["layer"],
                      params_pre=params["pre"], params_post=params["post"],
                      tied_embedding=params["tied"], replicated_layer=rep["layer"],
+                     kv_width=kv_width,
                      replicated_pre=rep["pre"], replicated_post=rep["post"],
                      tp_shares="placements of the tensor-parallel pass" if placements is not None
                      else ModelCost.tp_shares)
@@ -228,13 +232,32 @@ def _residual_width(costs) -> int:
     return dims.most_common(1)[0][0] if dims else 0
 
 
+_KV_VIEWS = ("expand", "view", "reshape", "unsqueeze", "_unsafe_view", "clone",
+             "contiguous", "repeat_interleave", "repeat")
+
+
 def _attention_shape(gm) -> tuple:
+    """(query heads, sequence, kv width) of the first attention op. The kv width is
+    heads × head dim per token of K as it was before a ``repeat_kv`` broadcast it to the
+    query heads (what context parallelism gathers): the smallest tensor on the chain of
+    views and expansions that feeds K."""
     for n in gm.graph.nodes:
         if is_op(n, *ATTN_OPS):
             q = val(n.args[0])
-            if isinstance(q, torch.Tensor) and q.dim() == 4:
-                return int(q.shape[1]), int(q.shape[2])
-    return 0, 0
+            if not (isinstance(q, torch.Tensor) and q.dim() == 4):
+                continue
+            tokens = int(q.shape[0] * q.shape[2])
+            k, kv = n.args[1], int(q.shape[1] * q.shape[3]) * tokens
+            while isinstance(k, fx.Node):
+                v = val(k)
+                if isinstance(v, torch.Tensor):
+                    kv = min(kv, numel(v))
+                name = getattr(getattr(k.target, "overloadpacket", None), "__name__", "")
+                if k.op != "call_function" or name not in _KV_VIEWS:
+                    break
+                k = k.args[0]
+            return int(q.shape[1]), int(q.shape[2]), max(kv // max(tokens, 1), 1)
+    return 0, 0, 0
 
 
 def _param_elems_by_group(gm, layer_of: dict, only: Optional[set] = None) -> dict:
@@ -367,6 +390,8 @@ class CostOptions:
     # sharded; gathers and reduce-scatters per microbatch, overlapped with compute
     dp_shard_search: bool = True
     reshard_after_forward: bool = True
+    # search context parallelism: cp ranks split each sequence (2·cp | s), K/V all-gathered
+    cp_search: bool = True
 
 
 def node_time(c: NodeCost, gpu: GPUSpec, b: int, t: int, sp: bool, opts: CostOptions) -> float:
@@ -421,7 +446,7 @@ BACKWARD_FACTOR = 2.0   # backward = 2x forward (two GEMMs per forward GEMM; 2x 
 # memory (Korthikanti et al. 2022)
 # --------------------------------------------------------------------------------------------
 def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
-                               recompute: str = "none") -> float:
+                               recompute: str = "none", cp: int = 1) -> float:
     """Activation bytes one transformer layer keeps for backward (Korthikanti et al. 2022,
     Table 2; 16-bit activations, 1-byte dropout masks):
 
@@ -431,8 +456,11 @@ def activation_bytes_per_layer(s: int, b: int, h: int, a: int, t: int = 1, sp: b
     TP + selective:         sbh(10 + 24/t)
     TP + SP + selective:    sbh(34/t)
     full recompute:         2sbh (the layer input; /t with SP)
-    """
-    sbh = s * b * h
+
+    Context parallelism (``cp``) keeps s/cp of the tokens on a rank; its queries still
+    attend to all s keys, so the score term keeps the full s (K/V are re-gathered in
+    backward, not kept)."""
+    sbh = s / cp * b * h
     if recompute == "full":
         return 2.0 * sbh / (t if sp else 1)
     attn = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)

@@ -69,6 +69,13 @@ class Layout:
     optimizer_states: int = 2    # fp32 tensors per parameter the optimizer keeps (AdamW: 2)
     fs: int = 1                  # dp_shard: parameters, gradients, optimizer state / fs
     ep: int = 1                  # routed experts split over ep ranks (ep divides d)
+    cp: int = 1                  # context parallel: s/cp tokens per rank; grads summed
+                                 # (and ZeRO-1 sharded) over d × cp
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks a gradient is summed over outside the graph (the "grad" group)."""
+        return self.d * self.cp
 
     @property
     def sched(self) -> str:
@@ -79,7 +86,8 @@ class Layout:
                 f"sp={'on' if self.sp else 'off'} recompute={self.recompute} "
                 f"{self.precision}{' zero1' if self.zero else ''}"
                 f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}"
-                f"{f' ep={self.ep}' if self.ep > 1 else ''}")
+                f"{f' ep={self.ep}' if self.ep > 1 else ''}"
+                f"{f' cp={self.cp}' if self.cp > 1 else ''}")
 
     @classmethod
     def from_config(cls, config, microbatch_size: int = 1) -> "Layout":
@@ -87,7 +95,8 @@ class Layout:
         return cls(config.tp, config.pp, config.dp, config.virtual_stages, config.microbatches,
                    microbatch_size, config.sequence_parallel, rc, config.precision,
                    config.distributed_optimizer, config.split_backward, config.schedule,
-                   fs=getattr(config, "dp_shard", 1), ep=getattr(config, "ep", 1))
+                   fs=getattr(config, "dp_shard", 1), ep=getattr(config, "ep", 1),
+                   cp=getattr(config, "cp", 1))
 
 
 @dataclasses.dataclass
@@ -182,10 +191,11 @@ def state_bytes(elems: float, lay: Layout) -> tuple:
     elems = elems / lay.fs     # dp_shard: each rank keeps a flat 1/fs (padding aside)
     params = e * elems
     states = 4.0 * lay.optimizer_states * elems
+    g = lay.grad_ranks
     if lay.zero:
-        # the bucket keeps every local fp32 gradient; the reduce-scatter lands this rank's 1/d
-        grads = 4.0 * elems + (4.0 * elems / lay.d if lay.d > 1 else 0.0)
-        optimizer = states / lay.d + (4.0 * elems / lay.d if low else 0.0)
+        # the bucket keeps every local fp32 gradient; the reduce-scatter lands this rank's 1/g
+        grads = 4.0 * elems + (4.0 * elems / g if g > 1 else 0.0)
+        optimizer = states / g + (4.0 * elems / g if low else 0.0)
     else:
         grads = 4.0 * elems
         optimizer = states + (4.0 * elems if low else 0.0)
@@ -195,7 +205,7 @@ def state_bytes(elems: float, lay: Layout) -> tuple:
 def grads_bucketed(lay: Layout) -> bool:
     """Are gradients alive while activations are: buffers for the whole step
     (runtime/optimizer.make_buckets), or an earlier microbatch's gradients accumulating?"""
-    return lay.d > 1 or lay.zero or lay.precision != "fp32" or lay.m > 1
+    return lay.grad_ranks > 1 or lay.zero or lay.precision != "fp32" or lay.m > 1
 
 
 def stage_memory(stage: int, lay: Layout, elems: float, chunk_acts: list,
@@ -221,20 +231,11 @@ def stage_memory(stage: int, lay: Layout, elems: float, chunk_acts: list,
 
 # ---- source 1: a ModelCost and Korthikanti et al.'s formulas ---------------------------------
 def layer_activation_bytes(s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: str,
-                           dtype_bytes: int = 2) -> float:
-    """Korthikanti et al. 2022 Table 2 (16-bit activations), scaled to ``dtype_bytes``."""
-    sbh = s * b * h
-    if recompute == "full":
-        x = 2.0 * sbh / (t if sp else 1)
-    else:
-        attn = 0.0 if recompute == "selective" else 5.0 * a * s / (h * t)
-        if t == 1:
-            x = sbh * (34.0 + attn)
-        elif sp:
-            x = sbh * (34.0 / t + attn)
-        else:
-            x = sbh * (10.0 + 24.0 / t + attn)
-    return x * dtype_bytes / 2.0
+                           dtype_bytes: int = 2, cp: int = 1) -> float:
+    """Korthikanti et al. 2022 Table 2 (16-bit activations, ``cost_model``), scaled to
+    ``dtype_bytes``."""
+    from .cost_model import activation_bytes_per_layer
+    return activation_bytes_per_layer(s, b, h, a, t, sp, recompute, cp) * dtype_bytes / 2.0
 
 
 def stage_param_elems(mc, lay: Layout, stage: int) -> float:
@@ -258,8 +259,8 @@ def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> Memory
     e = PARAM_BYTES[lay.precision]
     s, h, a, V = mc.seq, mc.hidden, max(mc.heads, 1), mc.vocab or 0
     sp_div = lay.t if lay.sp else 1
-    sbh = s * lay.b * h
-    per_layer = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, lay.recompute, e)
+    sbh = s / lay.cp * lay.b * h          # this rank's tokens (cp splits the sequence)
+    per_layer = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, lay.recompute, e, lay.cp)
     chunks = lay.p * lay.v
     per_chunk_layers = mc.num_layers / chunks
     out = []
@@ -270,9 +271,9 @@ def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> Memory
             if ch == 0:    # embedding output and its dropout mask
                 x += sbh * (e + 1) / sp_div
             if ch == chunks - 1 and V:   # final norm input, fp32 log-probabilities
-                x += sbh * e / sp_div + 4.0 * s * lay.b * V / lay.t
+                x += sbh * e / sp_div + 4.0 * s / lay.cp * lay.b * V / lay.t
             acts.append(x)
-        none = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, "none", e)
+        none = layer_activation_bytes(s, lay.b, h, a, lay.t, lay.sp, "none", e, lay.cp)
         # while a layer's backward runs, what it recomputed is alive again
         rc_layer = none - per_layer if lay.recompute in ("full", "selective") else 0.0
         # a deferred weight-gradient half keeps each weight GEMM's input (7h per token in a
@@ -282,7 +283,8 @@ def predict(mc, lay: Layout, limit: Optional[int] = None, stages=None) -> Memory
         # a received boundary is the residual stream, whole after scatter/gather (1/t with SP)
         recv = sum(sbh * e / sp_div * ((ch > 0) + (ch < chunks - 1))
                    for ch in range(st, chunks, lay.p))
-        ws = 2.0 * 4.0 * s * lay.b * V / lay.t if st == lay.p - 1 and V else 2.0 * sbh * e
+        ws = 2.0 * 4.0 * s / lay.cp * lay.b * V / lay.t if st == lay.p - 1 and V \
+            else 2.0 * sbh * e
         gathered = 2.0 * e * mc.params_layer / lay.t if lay.fs > 1 else 0.0
         out.append(stage_memory(st, lay, stage_param_elems(mc, lay, st), acts, rc_layer,
                                 deferred, recv, ws, gathered))
@@ -443,7 +445,7 @@ def cheapest_fit(evaluate, lay: Layout, limit: int, world: Optional[int] = None)
     """Changes to ``lay`` that fit under ``limit``, cheapest first: [(description, peak)].
     ``evaluate(layout) -> MemoryPrediction or None`` (None: not possible for the model)."""
     tries = []
-    if lay.d > 1 and not lay.zero:
+    if lay.grad_ranks > 1 and not lay.zero:
         tries.append(("distributed_optimizer=True (ZeRO-1: optimizer states 1/d)",
                       dataclasses.replace(lay, zero=True)))
     order = ["none", "selective", "full"]
@@ -462,7 +464,7 @@ def cheapest_fit(evaluate, lay: Layout, limit: int, world: Optional[int] = None)
         if pred is not None and pred.peak <= limit:
             out.append((desc, pred.peak))
     # combined: ZeRO-1 + full recompute as a last resort
-    if not out and lay.d > 1:
+    if not out and lay.grad_ranks > 1:
         alt = dataclasses.replace(lay, zero=True, recompute="full")
         pred = evaluate(alt)
         if pred is not None and pred.peak <= limit:

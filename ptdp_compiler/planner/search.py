@@ -1,4 +1,4 @@
-"""Search: enumerate legal (t, p, d, v, b, m, sp, recompute), estimate each with the cost
+"""Search: enumerate legal (t, p, d, v, b, m, sp, recompute, dp_shard, ep, cp), estimate each with the cost
 model (closed form to screen, the schedule simulator for the finalists), keep those that
 fit in memory and pick the fastest."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from .cluster import Cluster
 from .cost_model import (BACKWARD_FACTOR, CostOptions, ModelCost, activation_bytes_per_layer,
                          model_flops_per_iteration, nodes_time, param_bytes_per_gpu,
                          tp_allreduces_per_layer, weight_grad_time)
-from .hardware import all_gather_time, all_reduce_time, p2p_time
+from .hardware import all_gather_time, all_reduce_time, p2p_time, reduce_scatter_time
 from .memory import Layout, MemoryPrediction, stage_param_elems
 from .memory import predict as predict_memory
 from .simulator import SimResult, simulate_config
@@ -33,6 +33,7 @@ class Candidate:
     recompute: str
     fs: int = 1          # dp_shard: of the d data-parallel ranks, fs shard the model
     ep: int = 1          # routed experts split over ep of the d data-parallel ranks
+    cp: int = 1          # context parallel: each sequence split over cp more ranks
 
     @property
     def schedule(self) -> str:
@@ -42,7 +43,12 @@ class Candidate:
         return (f"t={self.t} p={self.p} d={self.d} v={self.v} b={self.b} m={self.m} "
                 f"sp={'on' if self.sp else 'off'} rc={self.recompute}"
                 f"{f' dp_shard={self.fs}' if self.fs > 1 else ''}"
-                f"{f' ep={self.ep}' if self.ep > 1 else ''}")
+                f"{f' ep={self.ep}' if self.ep > 1 else ''}"
+                f"{f' cp={self.cp}' if self.cp > 1 else ''}")
+
+    @property
+    def world(self) -> int:
+        return self.t * self.p * self.d * self.cp
 
 
 @dataclasses.dataclass
@@ -82,27 +88,57 @@ class Evaluator:
         return self.cl.group_link(t, 1)
 
     def layer_times(self, b: int, t: int, sp: bool, rc: str, ep: int = 1,
-                    stride: int = 1) -> tuple:
+                    stride: int = 1, cp: int = 1) -> tuple:
         """(forward, backward incl. recompute) seconds of one layer for one microbatch;
-        ``ep`` > 1 adds the MoE layers' token all-to-all (averaged over the layers)."""
-        key = ("layer", b, t, sp, rc, ep, stride)
+        ``ep`` > 1 adds the MoE layers' token all-to-all (averaged over the layers);
+        ``cp`` > 1 runs s/cp tokens per rank (causal chunks balanced, so attention too is
+        1/cp) and adds the K/V all-gather (``cp_time``)."""
+        key = ("layer", b, t, sp, rc, ep, stride, cp)
         if key in self._cache:
             return self._cache[key]
         layer = self.mc.layers[0]
-        f = nodes_time(layer, self.gpu, b, t, sp, self.o)
-        act = self.mc.seq * b * self.mc.hidden * self.mc.dtype_bytes
+        tokens = b / cp          # node costs scale with the tokens a rank holds
+        f = nodes_time(layer, self.gpu, tokens, t, sp, self.o)
+        act = self.mc.seq * tokens * self.mc.hidden * self.mc.dtype_bytes
         comm = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
         f_tot = f + self.pairs * comm
         bwd = BACKWARD_FACTOR * f + self.pairs * comm
         a2a = self.a2a_time(b, t, ep, stride)
         f_tot += a2a
         bwd += a2a
+        kv_fwd, kv_bwd = self.cp_time(b, t, cp)
+        f_tot += kv_fwd
+        bwd += kv_bwd
         if rc == "full":
             bwd += f_tot
         elif rc == "selective":
-            bwd += nodes_time(layer, self.gpu, b, t, sp, self.o, kinds=("attention", "softmax"))
+            bwd += nodes_time(layer, self.gpu, tokens, t, sp, self.o,
+                              kinds=("attention", "softmax"))
         self._cache[key] = (f_tot, bwd)
         return f_tot, bwd
+
+    def cp_kv_bytes(self, b: int, t: int, cp: int) -> float:
+        """Bytes one rank receives per layer and microbatch in forward when context
+        parallelism all-gathers K and V: 2·(cp−1)/cp · b·s·kv_width/t elements."""
+        mc = self.mc
+        if cp == 1:
+            return 0.0
+        return 2.0 * (cp - 1) / cp * b * mc.seq * (mc.kv_width or mc.hidden) / t * \
+            mc.dtype_bytes
+
+    def cp_time(self, b: int, t: int, cp: int) -> tuple:
+        """(forward, backward) seconds of context parallelism's K/V traffic per layer and
+        microbatch: forward all-gathers K and V over the cp ranks (``t`` apart in the mesh);
+        backward gathers them again (they are not kept) and reduce-scatters their
+        gradients: three transfers of the same size. Attention waits for them, so they are
+        on the critical path."""
+        if cp == 1:
+            return 0.0, 0.0
+        full = 2.0 * b * self.mc.seq * (self.mc.kv_width or self.mc.hidden) / t * \
+            self.mc.dtype_bytes
+        link = self.cl.group_link(cp, t)
+        ag = all_gather_time(full, cp, link)
+        return ag, ag + reduce_scatter_time(full, cp, link)
 
     def a2a_time(self, b: int, t: int, ep: int, stride: int) -> float:
         """Per layer (averaged over all layers) and microbatch, one direction: dispatch +
@@ -119,7 +155,7 @@ class Evaluator:
 
     def edge_times(self, b, t, sp, rc) -> tuple:
         """(pre fwd, pre bwd, post fwd, post bwd): embedding on the first chunk, final norm,
-        LM head and loss on the last."""
+        LM head and loss on the last (``b``: samples, or a fraction of one under cp)."""
         act = self.mc.seq * b * self.mc.hidden * self.mc.dtype_bytes
         ar = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
         pf = nodes_time(self.mc.pre, self.gpu, b, t, sp, self.o) + ar
@@ -129,8 +165,8 @@ class Evaluator:
     def p2p(self, c: Candidate) -> float:
         if c.p == 1:
             return 0.0
-        nbytes = self.mc.seq * c.b * self.mc.hidden * self.mc.dtype_bytes
-        stride = c.t * c.d
+        nbytes = self.mc.seq * c.b / c.cp * self.mc.hidden * self.mc.dtype_bytes
+        stride = c.t * c.d * c.cp
         link = self.cl.group_link(2, stride)
         if c.sp:
             return p2p_time(nbytes / c.t, link)
@@ -141,8 +177,8 @@ class Evaluator:
     def chunk_costs(self, c: Candidate):
         L = self.mc.num_layers
         per_chunk = L // (c.p * c.v)
-        lf, lb = self.layer_times(c.b, c.t, c.sp, c.recompute, c.ep, c.t * c.p)
-        pf, pb, qf, qb = self.edge_times(c.b, c.t, c.sp, c.recompute)
+        lf, lb = self.layer_times(c.b, c.t, c.sp, c.recompute, c.ep, c.t * c.p, c.cp)
+        pf, pb, qf, qb = self.edge_times(c.b / c.cp, c.t, c.sp, c.recompute)
         last = c.p * c.v - 1
 
         def fwd(ch):
@@ -155,7 +191,7 @@ class Evaluator:
     def weight_grad_costs(self, c: Candidate):
         """chunk -> seconds of its backward that are weight gradients (the split
         backward's deferred part; the embedding's chunk 0 never defers)."""
-        L, g = self.mc.num_layers, (c.b, c.t, c.sp)
+        L, g = self.mc.num_layers, (c.b / c.cp, c.t, c.sp)
         per_chunk = L // (c.p * c.v)
         lw = weight_grad_time(self.mc.layers[0], self.gpu, *g, self.o)
         qw = weight_grad_time(self.mc.post, self.gpu, *g, self.o)
@@ -171,13 +207,13 @@ class Evaluator:
     def act_per_chunk(self, c: Candidate) -> float:
         mc = self.mc
         per_layer = activation_bytes_per_layer(mc.seq, c.b, mc.hidden, max(mc.heads, 1), c.t,
-                                               c.sp, c.recompute)
+                                               c.sp, c.recompute, c.cp)
         return per_layer * mc.num_layers / (c.p * c.v)
 
     def layout(self, c: Candidate) -> Layout:
         return Layout(c.t, c.p, c.d // c.fs, c.v, c.m, c.b, c.sp, c.recompute, "bf16",
                       self.o.distributed_optimizer and c.fs == 1, self.o.split_backward,
-                      c.schedule, fs=c.fs, ep=c.ep)
+                      c.schedule, fs=c.fs, ep=c.ep, cp=c.cp)
 
     def memory_prediction(self, c: Candidate) -> MemoryPrediction:
         """Every pipeline stage's peak, broken down (planner/memory.py)."""
@@ -191,20 +227,20 @@ class Evaluator:
     def _memory_bound(self, c: Candidate) -> float:
         """Peak bytes on the worst of the first and last pipeline ranks."""
         mc = self.mc
-        sbh = mc.seq * c.b * mc.hidden
+        sbh = mc.seq * c.b / c.cp * mc.hidden
         worst = 0.0
         for r in {0, c.p - 1}:
-            static = param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs, c.d // c.fs,
-                                         self.o) + self.gathered_bytes(c)
+            static = param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs,
+                                         c.d // c.fs * c.cp, self.o) + self.gathered_bytes(c)
             inflight = expected_peak_inflight(c.schedule, c.p, c.v, c.m, r)
             act = inflight * self.act_per_chunk(c)
             if c.recompute == "full":   # one layer's activations while recomputing it
                 act += activation_bytes_per_layer(mc.seq, c.b, mc.hidden, max(mc.heads, 1), c.t,
-                                                  c.sp, "none")
+                                                  c.sp, "none", c.cp)
             if r == 0:   # embedding output + dropout mask per microbatch in flight
                 act += inflight / c.v * 3 * sbh / (c.t if c.sp else 1)
             if r == c.p - 1 and mc.vocab:   # fp32 logits / softmax of one microbatch
-                act += 4.0 * mc.seq * c.b * mc.vocab / c.t * 2
+                act += 4.0 * mc.seq * c.b / c.cp * mc.vocab / c.t * 2
             worst = max(worst, static + act)
         return worst
 
@@ -239,7 +275,9 @@ class Evaluator:
         return exposed + last_rs + max(0.0, earlier - compute * (c.m - 1) / c.m)
 
     def dp_time(self, c: Candidate) -> float:
-        if c.d // c.fs == 1:
+        """The gradient all-reduce over the "grad" group: the replicated dp ranks and the
+        cp ranks (each saw part of every sequence)."""
+        if c.d // c.fs * c.cp == 1:
             return 0.0
         if c.fs > 1:   # HSDP: the shards' gradients are all-reduced over the replicas
             grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) / c.fs * \
@@ -248,13 +286,14 @@ class Evaluator:
             t = all_reduce_time(grads, r, self.cl.group_link(r, c.t * c.fs))
             return 0.1 * t if self.o.dp_overlap else t
         grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.o.grad_reduce_bytes
-        t = all_reduce_time(grads, c.d, self.cl.group_link(c.d, c.t))
+        g = c.d * c.cp
+        t = all_reduce_time(grads, g, self.cl.group_link(g, c.t))
         return 0.1 * t if self.o.dp_overlap else t
 
     def optimizer_time(self, c: Candidate) -> float:
         n = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) / c.fs
         if self.o.distributed_optimizer and c.fs == 1:
-            n /= c.d
+            n /= c.d * c.cp
         return n * self.o.optimizer_bytes_per_param * self.o.optimizer_passes / \
             (self.gpu.mem_bw * self.gpu.mem_eff)
 
@@ -271,7 +310,8 @@ class Evaluator:
         fwd, bwd = self.chunk_costs(c)
         comm = self.p2p(c)
         act = self.act_per_chunk(c)
-        static = [param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs, c.d // c.fs, self.o)
+        static = [param_bytes_per_gpu(self.params_on_rank(c, r) / c.fs, c.d // c.fs * c.cp,
+                                      self.o)
                   + self.gathered_bytes(c) for r in range(c.p)]
         return simulate_config(c.schedule, c.p, c.v, c.m, fwd, bwd, lambda a: comm,
                                act_bytes=lambda ch: act, static_bytes=static, max_m=max_m,
@@ -291,7 +331,7 @@ class Evaluator:
         dp += fs
         T = pipe + dp + opt
         mc = self.mc
-        N = c.t * c.p * c.d
+        N = c.world
         B = c.b * c.m * c.d
         paper = model_flops_per_iteration(B, mc.seq, mc.num_layers, mc.hidden, mc.vocab or 0, True)
         model = model_flops_per_iteration(B, mc.seq, mc.num_layers, mc.hidden, mc.vocab or 0,
@@ -314,8 +354,10 @@ class Evaluator:
                          "dp_shard_exposed_s": fs,
                          "p2p_per_transfer_s": self.p2p(c),
                          "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute,
-                                                             c.ep, c.t * c.p),
-                         "all_to_all_per_layer_s": self.a2a_time(c.b, c.t, c.ep, c.t * c.p)}
+                                                             c.ep, c.t * c.p, c.cp),
+                         "all_to_all_per_layer_s": self.a2a_time(c.b, c.t, c.ep, c.t * c.p),
+                         "cp_kv_per_layer_s": sum(self.cp_time(c.b, c.t, c.cp)),
+                         "cp_kv_bytes_per_layer": 3 * self.cp_kv_bytes(c.b, c.t, c.cp)}
         return est
 
 
@@ -329,7 +371,7 @@ def _divisors(n: int) -> list:
 def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, global_batch: int,
                          max_v: int = 8, microbatch_sizes: Iterable[int] = (1, 2, 4, 8, 16),
                          recomputes=RECOMPUTES, rejected: Optional[list] = None,
-                         dp_shard: bool = True) -> list:
+                         dp_shard: bool = True, cp: bool = True) -> list:
     """All legal candidates; illegal ones are appended to ``rejected`` as (desc, reason)."""
     out = []
     rej = rejected if rejected is not None else []
@@ -338,15 +380,23 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
         if a % t or mc.hidden % t:
             rej.append((f"t={t}", f"{a} heads / hidden {mc.hidden} not divisible by t"))
             continue
-        for p in _divisors(num_gpus // t):
-            if (num_gpus // t) % p:
-                continue
+        for p, cpn in ((p, k) for p in _divisors(num_gpus // t)
+                       for k in _divisors(num_gpus // (t * p))):
             if L % p:
-                rej.append((f"t={t} p={p}", f"{L} layers not divisible by p"))
+                if cpn == 1:
+                    rej.append((f"t={t} p={p}", f"{L} layers not divisible by p"))
                 continue
-            d = num_gpus // (t * p)
+            if cpn > 1 and not cp:
+                continue
+            if cpn > 1 and (not mc.heads or mc.seq % (2 * cpn)):
+                rej.append((f"t={t} p={p} cp={cpn}",
+                            "cp needs an attention op and 2·cp dividing the sequence "
+                            f"({mc.seq})"))
+                continue
+            d = num_gpus // (t * p * cpn)
             if global_batch % d:
-                rej.append((f"t={t} p={p} d={d}", f"batch {global_batch} not divisible by d"))
+                rej.append((f"t={t} p={p} d={d}" + (f" cp={cpn}" if cpn > 1 else ""),
+                            f"batch {global_batch} not divisible by d"))
                 continue
             per = global_batch // d
             for b in microbatch_sizes:
@@ -357,15 +407,17 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
                             if p > 1 else [])
                 # dp_shard: none, all d ranks, or (HSDP) the d-divisor filling a node
                 node = max(k for k in _divisors(d) if k * t <= max(gpus_per_node, t))
-                fss = sorted({1, d, node}) if dp_shard and d > 1 else [1]
-                # expert parallelism: ep | d and ep | experts (not with dp_shard yet)
-                eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0] or [1]
+                fss = sorted({1, d, node}) if dp_shard and d > 1 and cpn == 1 else [1]
+                # expert parallelism: ep | d and ep | experts (not with dp_shard / cp yet)
+                eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0
+                       and cpn == 1] or [1]
                 for v in vs:
                     for sp in ([False, True] if t > 1 else [False]):
                         for rc in recomputes:
                             for fs in fss:
                                 for ep in (eps if fs == 1 else [1]):
-                                    out.append(Candidate(t, p, d, v, b, m, sp, rc, fs, ep))
+                                    out.append(Candidate(t, p, d, v, b, m, sp, rc, fs, ep,
+                                                         cpn))
     return out
 
 
@@ -394,9 +446,11 @@ class PlanResult:
     memory_prediction: Optional[MemoryPrediction] = None   # the chosen layout, per stage
     dp_shard: int = 1                                      # dp above is the replicated part
     ep: int = 1                                            # experts split over ep of dp
+    cp: int = 1                                            # context parallel ranks
 
     def parallel_config_kwargs(self) -> dict:
         return dict(tp=self.tp, pp=self.pp, dp=self.dp, dp_shard=self.dp_shard, ep=self.ep,
+                    cp=self.cp,
                     virtual_stages=self.virtual_stages,
                     microbatches=self.microbatches, sequence_parallel=self.sequence_parallel,
                     recompute=self.recompute, schedule=self.schedule)
@@ -444,6 +498,7 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     bytes per rank when given: no layout predicted over it is ever proposed)."""
     rejected: list = []
     enum_kw.setdefault("dp_shard", opts.dp_shard_search)
+    enum_kw.setdefault("cp", opts.cp_search)
     cands = enumerate_candidates(mc, cluster.num_gpus, cluster.gpus_per_node, global_batch,
                                  rejected=rejected, **enum_kw)
     if not cands:
@@ -484,7 +539,7 @@ def search(mc: ModelCost, cluster: Cluster, global_batch: int, opts: CostOptions
     return PlanResult(c.t, c.p, c.d // c.fs, c.v, c.b, c.m, c.sp, c.recompute, c.schedule,
                       best.step_time, best.samples_per_s, best.model_tflops_per_gpu, best.mfu,
                       best.memory / 2**30, best, top, rejected, len(cands), cluster,
-                      ev.memory_prediction(c), c.fs, c.ep)
+                      ev.memory_prediction(c), c.fs, c.ep, c.cp)
 
 
 __all__ = ["Candidate", "Estimate", "Evaluator", "enumerate_candidates", "search", "PlanResult",
