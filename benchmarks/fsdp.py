@@ -51,8 +51,9 @@ A step is zero grad + forward + loss + backward + AdamW step of this rank's slic
   (P = the model's parameter bytes, the tied embedding / head counted once); ``bytes_ratio``
   = (ag + rs bytes) / formula. FSDP2 re-gathers in backward neither the root (embeddings,
   head) nor, under torchtitan's policy, the last block, so it sends less than the formula;
-  ptdp gathers and reduce-scatters the tied embedding / head in both buckets that read it
-  and does not re-gather the embedding bucket in backward (its backward needs no weight);
+  ptdp gathers and reduce-scatters the tied embedding / head once (in the embedding's
+  bucket, the full weight serving the head too), and re-gathers in backward only the
+  buckets whose backward reads a weight;
 - ``loss_diff``: the largest |loss − fsdp2_eager's loss| over every step run (same model,
   data and optimizer: ≈ 0).
 

@@ -15,7 +15,10 @@ sequence rebuilds the full tensors just before the bucket's first use::
 The functional all-gather's autograd is a reduce-scatter (sum), so backward produces
 each shard's gradient summed over dp_shard with ONE reduce-scatter per bucket; the
 cat's backward splits it. A parameter read in several buckets (tied embedding / LM head)
-is gathered in each; autograd sums the shard gradients.
+belongs to the first: it is gathered and reduce-scattered once, and the full weight of
+that gather serves its later readers too (with ``reshard_after_forward`` it is alive from
+the embedding to the head, as FSDP2 keeps its root's parameters; recomputed once in
+backward). So the bytes per step are exactly (n−1)/n·P per all-gather / reduce-scatter.
 
 Memory: the gathered weights are tagged MUST_RECOMPUTE (``reshard_after_forward=True``,
 FSDP2's default): the partitioner frees them after their layer's forward and re-gathers
@@ -98,12 +101,15 @@ def fully_shard_graph(gm: fx.GraphModule, n: int, group_name: str, plan,
     order = {node: i for i, node in enumerate(graph.nodes)}
     params = [ph for ph in graph.find_nodes(op="placeholder")
               if ph.meta.get("ptdp_input_kind") == "param"]
-    # bucket -> {placeholder: [users in that bucket]}
+    # bucket -> {placeholder: [its users]}. A parameter read in several buckets (a tied
+    # embedding / LM head) is gathered once, in the bucket that reads it first, and its
+    # later readers use that gather: one all-gather and one reduce-scatter per parameter
     buckets: dict = {}
     for ph in params:
-        for u in ph.users:
-            k = keys.get(u, -1)
-            buckets.setdefault(k, {}).setdefault(ph, []).append(u)
+        if not ph.users:
+            continue
+        first = min(ph.users, key=order.__getitem__)
+        buckets.setdefault(keys.get(first, -1), {})[ph] = list(ph.users)
     out = []
     policy = CheckpointPolicy.MUST_RECOMPUTE if reshard_after_forward else \
         CheckpointPolicy.MUST_SAVE
