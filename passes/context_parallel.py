@@ -31,6 +31,18 @@ What the per-rank graph does (found by dataflow, never by names):
   layer a rank sends 3·2·(cp−1)/cp·B·T·h_kv·d elements: K and V all-gathered forward,
   re-gathered backward, dK and dV reduce-scattered (benchmarks/context_parallel.py
   measures both against these formulas).
+- **Routed experts run on this rank's tokens** (``cp_moe_rules``). A mixture-of-experts
+  block (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, DeepSeek-V3, gpt-oss) sorts this rank's
+  N/cp·k token slots by expert, gathers their rows, counts them per expert and runs its
+  grouped GEMMs with this rank's offsets, then un-sorts with the inverse permutation (its
+  ``arange(N·k)`` made ``arange(N·k/cp)``): this rank's rows of one device's result, with
+  no collective (placements ``Bag``: this rank's rows in a sort's order, ``PerRank``: the
+  per-rank expert counts, which may only become offsets). If such a block meets an op
+  those rules cannot keep local (an auxiliary loss from the counts, index values used as
+  data) the walk is redone without them and the block runs on the whole sequence below.
+- **Ops without a rule run on the whole sequence** (``Walker.whole``): their inputs are
+  all-gathered, the op is replicated, its result localized again; correct, warned
+  (``WholeSequenceWarning``), refused under ``strict=True``.
 - **Composition.** The pass runs before tensor parallelism, which then splits a model of
   T/cp tokens (heads over tp; under SP the local tokens over tp); pipeline stages pass
   sequence-sharded activations; gradients of the (replicated) weights are partial per cp
@@ -72,6 +84,8 @@ from ptdp_compiler.placement import CollectivePlan
 from . import cp_ops
 from .rules import context as _tp_rule  # noqa: F401  (tp's rule for cp_gather)
 from .cp_rules import LOSS, RULES, SAME, Seq, is_pointwise
+from . import cp_moe_rules
+from .cp_moe_rules import BagError
 
 aten = torch.ops.aten
 
@@ -92,7 +106,8 @@ def _shape(n) -> Optional[tuple]:
 class Walker:
     """One walk over the captured graph, building this cp rank's graph."""
 
-    def __init__(self, gm: fx.GraphModule, T: int, cp: int, rank: int, group_name: str):
+    def __init__(self, gm: fx.GraphModule, T: int, cp: int, rank: int, group_name: str,
+                 bags: bool = True):
         self.gm, self.T, self.cp, self.rank, self.group_name = gm, T, cp, rank, group_name
         self.graph = fx.Graph()
         self.env: dict = {}             # captured node -> new node
@@ -110,6 +125,9 @@ class Walker:
         self.loss_target = None         # (captured target node, dim, outer) of a token loss
         self.loss_reduction = None
         self.override: dict = {}        # captured node -> (new node, placement), one op
+        self.bags = bags                # rank-local expert rules (cp_moe_rules) on
+        self.refs: dict = {}            # new node -> cp_moe_rules.Ref: its entries are indices
+        self.bag_fallback = None        # why the walk with rank-local experts was abandoned
 
     # ---- lookups -------------------------------------------------------------------------
     def v(self, a):
@@ -314,6 +332,8 @@ class Walker:
             elif node.op == "output":
                 out = self.graph.output(fx.node.map_arg(node.args[0], self.v))
                 for a in node.all_input_nodes:
+                    if cp_moe_rules.bagish(self.p(a)) or self.refs.get(self.v(a)) is not None:
+                        raise BagError("the model's output holds rank-local expert rows")
                     if isinstance(self.p(a), Seq):
                         self.fail(node, "the model's output is still split along the sequence")
                 out.meta.update(node.meta)
@@ -333,6 +353,10 @@ class Walker:
             for a in seeds:
                 d = self._seq_dim(a)
                 self.override[a] = (self.localize(a, d, 1, node), Seq(d))
+        if self.bags:
+            new = cp_moe_rules.dispatch(self, node)
+            if new is not None:
+                return new
         if node.target is aten._assert_tensor_metadata.default and \
                 ("size" in node.kwargs or len(node.args) > 1):
             return self.emit(aten.alias.default, (self.v(node.args[0]),), like=node)
@@ -349,13 +373,13 @@ class Walker:
         try:
             return rule(self, node)
         except ContextParallelError as e:
-            if self.strict:
+            if self.strict or isinstance(e, BagError):
                 raise
             return self.whole(node, str(e))
 
     def whole(self, node, why: str):
-        """An op that mixes tokens in a way no rule covers (a mixture-of-experts block
-        sorting its tokens by expert, a cumulative sum) runs on the whole sequence, as
+        """An op that mixes tokens in a way no rule covers (a cumulative sum; a
+        mixture-of-experts block whose rank-local rules gave up) runs on the whole sequence, as
         sequence parallelism runs Megatron's MoE: its sequence-split inputs are all-gathered
         (``cp_gather``: the gradients of the replicated computation, partial per rank
         because each rank's result is later cut to its own tokens, are reduce-scattered
@@ -363,6 +387,10 @@ class Walker:
         sequence split again. Recorded (``wholes``), warned about; ``strict=True`` refuses."""
         def whole_of(x):
             p = self.p(x) if isinstance(x, fx.Node) else None
+            if cp_moe_rules.bagish(p) or isinstance(x, fx.Node) and \
+                    self.refs.get(self.v(x)) is not None:
+                raise BagError(f"{node.name} ({node.target}) at {source_line(node)} reads "
+                               f"rank-local expert rows and has no rule ({why})")
             if p == LOSS or isinstance(p, list) and any(q is not None for q in p):
                 self.fail(node, why)
             if isinstance(p, Seq):
@@ -412,7 +440,14 @@ def context_parallel(gm: fx.GraphModule, cp: int, rank: int, group_name: str,
     T = sequence_length(gm, cp)
     w = Walker(gm, T, cp, rank, group_name)
     w.strict = strict
-    g = w.run()
+    try:
+        g = w.run()
+    except BagError as e:
+        # a routed-expert block met an op its rank-local rules cannot keep local: walk
+        # again without them (its sort runs on the all-gathered whole sequence, warned)
+        w = Walker(gm, T, cp, rank, group_name, bags=False)
+        w.strict, w.bag_fallback = strict, str(e)
+        g = w.run()
     g.eliminate_dead_code()
     new = fx.GraphModule(gm, g)
     if not w.attention_gathers:
@@ -504,6 +539,9 @@ def context_parallel_pass(gm: fx.GraphModule, cfg, coords, plan, lw):
                f"{source_line(w.wholes[0][0])}) run on the all-gathered whole sequence, "
                "replicated on every cp rank (correct, but neither their activations nor their "
                "compute shrink with cp); strict=True refuses instead")
+        if w.bag_fallback:
+            msg += (f"; the routed experts were not kept on this rank's tokens: "
+                    f"{w.bag_fallback}")
         plan.pass_log.append(("context_parallel", msg))
         if getattr(coords, "rank", 0) == 0:
             warnings.warn(msg, WholeSequenceWarning, stacklevel=2)

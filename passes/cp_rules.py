@@ -467,8 +467,19 @@ def embedding(w, node):
 @rule(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
       aten.new_full.default, aten.new_empty_strided.default)
 def new_tensor(w, node):
-    """A fresh tensor of the sizes given: whole-sequence sizes stay whole (it is localized
-    where it meets the sequence split); only its dtype / device come from the input."""
+    """A fresh tensor of the sizes given (only its dtype / device come from the input). Of
+    the input's rank, with the input's sequence length on its sequence dimension, it is
+    made at local size (DeepSeek's keys, filled slice by slice): its entries do not depend
+    on the position, so that is exactly this rank's part. Otherwise it stays whole (it is
+    localized where it meets the sequence split)."""
+    x = node.args[0]
+    pl, s = w.p(x), _shape(x)
+    if isinstance(pl, Seq) and node.target is not aten.new_empty_strided.default and \
+            isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == len(s) and \
+            node.args[1][pl.dim] == s[pl.dim]:
+        sizes = list(node.args[1])
+        sizes[pl.dim] //= w.cp
+        return w.copy(node, Seq(pl.dim, pl.outer), (w.v(x), sizes) + tuple(node.args[2:]))
     return w.copy(node, None)
 
 

@@ -6,8 +6,8 @@ its own targets in the loss weight. Two SGD steps: every rank's loss and rank 0'
 gradients must equal one device's. The suite runs FAST (GPT / Llama at cp=2, cp=4,
 cp=2 x tp=2+SP, cp=2 x pp=2, cp=2 x dp=2: about a minute on 2 cores); PTDP_CP_ALL=1 adds
 every layout on eight model-zoo families (MHA, GQA, MQA, fused qkv, sliding windows,
-soft-capping, ALiBi, local attention) and two MoE families at cp=2 (their token sort runs
-on the whole sequence). Plus ops without a rule run on the whole sequence (warned;
+soft-capping, ALiBi, local attention) and seven MoE families (their routed experts run on
+this rank's tokens: cp2, cp4, cp2 x tp2+SP, cp2 x pp2). Plus ops without a rule run on the whole sequence (warned;
 strict=True refuses them by name), padding masks (left and right), a checkpoint
 saved at cp=2 and loaded without cp, the layout itself (activations T/cp, one
 gather per K and V, no T x T mask) and the named errors. Worlds are shared per size
@@ -38,7 +38,12 @@ LAYOUTS = {
 FAST = {("gpt", "cp2"), ("llama", "cp4"), ("llama", "cp2-tp2sp"), ("gpt", "cp2-pp2"),
         ("llama", "cp2-dp2")}
 ZOO = ["gpt2", "qwen3", "gemma2", "phi3", "falcon", "bloom", "mistral", "gpt_neo"]
-MOE = ["mixtral", "deepseek_v3"]   # MoE blocks run on the whole sequence (PTDP_CP_ALL, cp2)
+# routed experts run on this rank's tokens (cp_moe_rules); PTDP_CP_ALL: every layout below
+MOE = {"mixtral": ("cp2", "cp4", "cp2-tp2sp", "cp2-pp2"),
+       "qwen2_moe": ("cp2", "cp4", "cp2-tp2sp", "cp2-pp2"),
+       "deepseek_v3": ("cp2", "cp4", "cp2-tp2sp", "cp2-pp2"),
+       "olmoe": ("cp2", "cp4", "cp2-tp2sp", "cp2-pp2"),
+       "qwen3_moe": ("cp2",), "granitemoe": ("cp2",), "gpt_oss": ("cp2",)}
 
 
 def _build(family):
@@ -67,7 +72,8 @@ def _cases():
                 out.append(pytest.param(fam, lay, id=f"{fam}-{lay}", marks=pytest.mark.skip(
                     reason="PTDP_CP_ALL=1 runs it")))
     if os.environ.get("PTDP_CP_ALL") == "1":
-        out += [pytest.param(fam, "cp2", id=f"{fam}-cp2") for fam in MOE]
+        out += [pytest.param(fam, lay, id=f"{fam}-{lay}") for fam, lays in MOE.items()
+                for lay in lays]
     return out
 
 
