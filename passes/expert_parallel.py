@@ -215,16 +215,22 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
     ep = cfg.ep
     group = coords.group("ep") if coords is not None else None
     group_name = group.group_name if group is not None else "ep"
+    from .expert_dense import find_dense_expert_regions, rewrite_dense
     regions = find_expert_regions(gm)
-    if not regions:
+    dense = find_dense_expert_regions(gm)
+    if not regions and not dense:
         raise ExpertParallelError(f"ep={ep}: the model has no routed experts (no grouped "
-                                  "expert GEMMs found in its graph); use ep=1")
-    for reg in regions:
+                                  "or batched expert GEMMs over 3-D expert weights found in "
+                                  "its graph); use ep=1")
+    for reg in regions + dense:
         if reg.experts % ep:
             raise ExpertParallelError(f"ep={ep} does not divide the {reg.experts} experts of "
                                       f"the layer with {reg.gemms[0].name}: choose ep "
                                       f"dividing {reg.experts}")
-        _rewrite(gm, reg, ep, group_name, rows_scale)
+        if reg in dense:
+            rewrite_dense(gm, reg, ep, group_name, rows_scale)
+        else:
+            _rewrite(gm, reg, ep, group_name, rows_scale)
         for name in reg.params:
             pp = plan.params[name]
             shape = list(pp.local_shape or pp.full_shape)
@@ -242,13 +248,25 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
             "all_to_all", "ep", f"{r.gemms[0].name}: dispatch + combine (fwd, mirrored bwd)",
             expected, f"{r.rows} rows x {h}; bytes sent under uniform routing; "
             f"+ {r.experts} counts exchanged"))
+    for r in dense:
+        h = _val(r.entry).shape[-1]
+        expected = int(2 * r.experts * r.rows * h * _val(r.entry).element_size() *
+                       (ep - 1) / ep)
+        plan.collectives.append(CollectivePlan(
+            "all_to_all", "ep", f"{r.gemms[0].name}: every token to every expert's owner "
+            "and back (fwd, mirrored bwd)", expected,
+            f"{r.experts} experts x {r.rows} rows x {h}: dense dispatch (scores 0 for experts "
+            "not chosen), E/top-k times a sorted dispatch"))
+    regions = regions + dense
     nparams = sum(len(r.params) for r in regions)
     plan.pass_log.append(("expert_parallel", (
         f"ep={ep}: {len(regions)} routed-experts region(s), {nparams} expert parameters "
         f"hold 1/{ep} of the experts each; tokens dispatched and combined by all-to-all "
         "(dropless; router, top-k, weighting and auxiliary losses unchanged)")))
     plan.expert_regions = [{"gemms": [g.name for g in r.gemms], "experts": r.experts,
-                            "rows": r.rows, "params": sorted(r.params)} for r in regions]
+                            "rows": r.rows, "params": sorted(r.params),
+                            "dispatch": "dense" if r in dense else "sorted"}
+                           for r in regions]
     return gm
 
 

@@ -22,9 +22,10 @@ from tests.models import assert_close_tensor, saved_tensor_bytes
 GB, STEPS, LR, CLIP, RTOL = 4, 3, 0.1, 1.0, 1e-4
 
 # name -> (family, layout, world size). The suite runs FAST (mixtral with its load-balancing
-# loss at ep=2, ep x tp, ep x dp with ZeRO-1: ~2 minutes on 2 shared cores); PTDP_EP_ALL=1
-# runs every case (the acceptance set: 6 families, ep=2, ep=4, ep x tp, ep x pp, ep x dp).
-FAST = ("mixtral-ep2", "qwen2_moe-ep2-tp2", "deepseek_v3-ep2-dp2-zero1")
+# loss at ep=2, ep x tp, ep x dp with ZeRO-1, Llama 4's dense experts at ep=2: ~2 minutes on
+# 2 shared cores); PTDP_EP_ALL=1 runs every case (the acceptance set: 7 families, ep=2,
+# ep=4, ep x tp, ep x pp, ep x dp).
+FAST = ("mixtral-ep2", "qwen2_moe-ep2-tp2", "deepseek_v3-ep2-dp2-zero1", "llama4_text-ep2")
 CASES = {
     "mixtral-ep2": ("mixtral", dict(dp=2, ep=2), 2),
     "qwen3_moe-ep2": ("qwen3_moe", dict(dp=2, ep=2), 2),
@@ -34,6 +35,11 @@ CASES = {
     "qwen2_moe-ep2-tp2": ("qwen2_moe", dict(dp=2, ep=2, tp=2), 4),
     "mixtral-ep2-pp2": ("mixtral", dict(dp=2, ep=2, pp=2, microbatches=2), 4),
     "deepseek_v3-ep2-dp2-zero1": ("deepseek_v3", dict(dp=4, ep=2, distributed_optimizer=True), 4),
+    # Llama 4: every token scaled per expert, experts as bmm over 3-D weights (expert_dense)
+    "llama4_text-ep2": ("llama4_text", dict(dp=2, ep=2), 2),
+    "llama4_text-ep2-tp2": ("llama4_text", dict(dp=2, ep=2, tp=2), 4),
+    "llama4_text-ep4": ("llama4_text", dict(dp=4, ep=4), 4),
+    "llama4_text-ep2-pp2": ("llama4_text", dict(dp=2, ep=2, pp=2, microbatches=2), 4),
 }
 
 
@@ -212,12 +218,14 @@ def _uneven_job(family: str, cuts: list):
     return losses, pm.full_grads(), scales
 
 
-def test_ranks_holding_different_numbers_of_tokens_match_one_device(world):
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
+def test_ranks_holding_different_numbers_of_tokens_match_one_device(world, family):
     """Token counts that differ across the ranks of an ep group are legal: rank 0 holds one
-    sample, rank 1 three; every owner's receive buffer is sized for the largest rank, and
-    the step equals one device on all four samples (token-weighted mean loss; without the
+    sample, rank 1 three; every owner's receive buffer is sized for the largest rank (Llama
+    4's dense experts: each rank's tokens padded to the largest rank's), and the step
+    equals one device on all four samples (token-weighted mean loss; without the
     load-balancing loss, which is per rank by definition, see _reference)."""
-    family, cuts = "mixtral", [0, 1, 4]
+    cuts = [0, 1, 4]
     model = Z.build(family)
     _, kwargs = Z.batch(family, cuts[-1])
     loss = model(**kwargs).loss

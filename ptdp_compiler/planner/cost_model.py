@@ -200,10 +200,13 @@ def _moe_facts(gm: fx.GraphModule) -> dict:
     """Routed experts found by dataflow (the regions expert parallelism rewrites)."""
     import math
     try:
+        from ..passes.expert_dense import find_dense_expert_regions
         from ..passes.expert_parallel import find_expert_regions
-        regions = find_expert_regions(gm)
+        sorted_ = find_expert_regions(gm)
+        dense = find_dense_expert_regions(gm)
     except Exception:   # no analysable experts: planned as a dense model
         return {}
+    regions = sorted_ + dense
     if not regions:
         return {}
     users = [ph for ph in gm.graph.find_nodes(op="placeholder")
@@ -211,9 +214,11 @@ def _moe_facts(gm: fx.GraphModule) -> dict:
              and isinstance(val(ph), torch.Tensor) and not val(ph).is_floating_point()]
     tokens = max((math.prod(val(ph).shape) for ph in users), default=0)
     params = {n: p for r in regions for n, p in r.params.items()}
+    # rows each token sends: its top-k copies (sorted dispatch), or one per expert (dense)
+    rows = regions[0].rows * (regions[0].experts if not sorted_ else 1)
     return dict(experts=regions[0].experts, moe_layers=len(regions),
                 expert_params=sum(math.prod(val(p).shape) for p in params.values()),
-                moe_topk=regions[0].rows / tokens if tokens else 1.0)
+                moe_topk=rows / tokens if tokens else 1.0)
 
 
 def _weight_of(a: fx.Node) -> fx.Node:
