@@ -123,6 +123,11 @@ def dispatch(w, node):
     if any(ref(w, a) is not None for a in ins) and node.target not in REF_OK:
         fail(node, "index values of this rank's tokens are used as data (they differ from "
                    "one device's)")
+    if any(isinstance(w.p(a), PerRank) for a in ins) and not (
+            node.target in SAME or node.target is aten.cumsum.default or
+            is_grouped_mm(node.target)):
+        fail(node, "per-rank expert counts (of this rank's tokens only) used other than as "
+                   "grouped-GEMM offsets")
     fn = BAG_RULES.get(node.target)
     if fn is None and is_grouped_mm(node.target):
         fn = grouped_mm

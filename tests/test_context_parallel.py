@@ -194,6 +194,66 @@ def test_activations_are_sequence_local_and_kv_gathered_once():
     assert "chunks 1 and 2" in log
 
 
+def test_routed_experts_run_on_this_ranks_tokens_and_match(world):
+    """Qwen2-MoE at cp=2: the expert block sorts, gathers and multiplies this rank's N·k/cp
+    token slots only (no all-gather but attention's K and V, no whole-sequence warning),
+    and two SGD steps equal one device's."""
+    import warnings
+    from ptdp_compiler.passes.analyze import is_grouped_mm
+    fam = "qwen2_moe"
+    args, kwargs = Z.batch(fam, 2)                 # 2 x 16 tokens, top-2 of 4 experts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = _passes(Z.build(fam), args, kwargs, rank=1, cp=2).gm
+    assert not [w for w in caught if "whole sequence" in str(w.message)]
+    gathers = [n for n in gm.graph.nodes if n.target is torch.ops.ptdp.cp_gather.default]
+    assert len(gathers) == 4                       # K and V of each of the 2 layers
+    slots = 2 * 16 * 2 // 2
+    rows = [n.meta["val"].shape[0] for n in gm.graph.nodes if is_grouped_mm(n.target)]
+    assert rows == [slots] * 4, rows               # gate_up and down of 2 layers
+    sorts = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sort.default]
+    assert [tuple(n.args[0].meta["val"].shape) for n in sorts] == [(slots,)] * 2
+    test_context_parallel_matches_one_device(world, fam, "cp2")
+
+
+class _CountedExperts(nn.Module):
+    """Attention, then tokens sorted by a routed expert id whose per-expert counts also
+    scale the experts' weights: counts of this rank's tokens would give another number, so
+    the expert block falls back to the whole sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(32, 16)
+        self.qkv, self.router, self.head = nn.Linear(16, 48), nn.Linear(16, 4), nn.Linear(16, 32)
+        self.experts = nn.Parameter(torch.randn(4, 16, 16) * 0.1)
+
+    def forward(self, ids, targets):
+        x = self.emb(ids)
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        x = x + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2) \
+            .reshape(b, t, 16)
+        h = x.reshape(-1, 16)
+        e = self.router(h).argmax(-1)
+        order = e.argsort()
+        counts = torch.histc(e[order].float(), 4, 0, 3)
+        wt = self.experts * (1 + counts / e.numel()).view(4, 1, 1)
+        y = torch.bmm(h[order].unsqueeze(1), wt[e[order]]).squeeze(1)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+        x = x + y[inv].view(b, t, 16)
+        return F.cross_entropy(self.head(x).flatten(0, 1), targets.flatten())
+
+
+def test_expert_counts_feeding_the_loss_fall_back_to_the_whole_sequence():
+    ids = torch.randint(0, 32, (2, 8))
+    with pytest.warns(UserWarning, match=r"argsort.*routed experts were not kept.*per-rank expert counts"):
+        gm = _passes(_CountedExperts(), (ids, ids), {}, cp=2).gm
+    sort = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.argsort.default)
+    assert tuple(sort.meta["val"].shape) == (16,)          # the whole sequence's 2 x 8 tokens
+
+
 def test_sequence_length_must_split_into_2cp_chunks():
     model = M.build("gpt")
     ids = torch.randint(0, M.VOCAB, (2, 18))
