@@ -38,6 +38,8 @@ what the unsplit backward would have accumulated.
 """
 from __future__ import annotations
 
+import operator
+
 import collections
 import contextlib
 import dataclasses
@@ -82,6 +84,12 @@ def split_backward_graph(bw: fx.GraphModule, weight_outputs: set) -> Optional[Sp
         return None
     d_nodes = ancestors([outs[i] for i in d_idx])
     w_nodes = ancestors([outs[i] for i in w_idx]) - d_nodes
+    # an op of D with several outputs (a fused backward returning grad input and grad
+    # weight) is handed to W by its items, never as a tuple: Inductor outputs tensors only
+    for n in list(w_nodes):
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in d_nodes:
+            w_nodes.discard(n)
+            d_nodes.add(n)
     if not any(n.op == "call_function" for n in w_nodes):
         return None            # every weight gradient is a by-product of D: nothing to defer
     # W reads: backward inputs (placeholders) and D's values (the stash)

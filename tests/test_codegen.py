@@ -388,3 +388,44 @@ def test_backend_dp_shard_trains_like_ddp_on_one_device(world):
         for gw, gg in zip(want, got):
             for n in gw:
                 assert_close_tensor(n, gg[n], gw[n], rtol=1e-5)
+
+
+@torch.library.custom_op("ptdp_test::fused_backward", mutates_args=())
+def _fused_backward(g: torch.Tensor, x: torch.Tensor,
+                    w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused backward in one kernel, as transformers' grouped-GEMM backward is: (grad
+    input, grad weight) of y = x @ w."""
+    return g @ w.t(), x.t() @ g
+
+
+@_fused_backward.register_fake
+def _(g, x, w):
+    return g.new_empty(x.shape), g.new_empty(w.shape)
+
+
+def test_split_backward_hands_a_fused_backward_to_w_by_its_items():
+    """A D-half op with several outputs (grad input for D, grad weight for W, from one
+    kernel: transformers' grouped-GEMM backward in MoE layers) reaches W as its items,
+    never as a tuple: Inductor compiles graphs that output tensors only (Mixtral and
+    DeepSeek-V3 at pp=2 under Inductor failed on it)."""
+    import operator
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from ptdp_compiler.codegen.split_backward import split_backward_graph
+
+    def backward(x, w, g):
+        gi, gw = torch.ops.ptdp_test.fused_backward(g, x, w)
+        return gi * 2, gw * 3
+    inputs = [torch.randn(4, 8), torch.randn(8, 6), torch.randn(4, 6)]
+    gm = make_fx(backward)(*inputs)
+    sg = split_backward_graph(gm, {1})
+    assert sg is not None
+    outs = next(iter(sg.d_gm.graph.find_nodes(op="output"))).args[0]
+    assert all(not isinstance(o.meta.get("val"), (tuple, list)) for o in outs)
+    assert any(o.target is operator.getitem for o in outs)   # the grad-weight item
+    d_out = compile_fx_inner(sg.d_gm, inputs)(list(inputs))
+    stash = list(d_out[len(sg.d_out_index):])
+    w_out = sg.w_gm(*[inputs[i] for i in sg.w_input_index], *stash)
+    want = backward(*inputs)
+    assert_close_tensor("grad input", d_out[0], want[0], rtol=1e-5)
+    assert_close_tensor("grad weight", w_out[0], want[1], rtol=1e-5)
