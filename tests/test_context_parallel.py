@@ -400,3 +400,30 @@ def test_planner_searches_cp_with_kv_traffic_and_sequence_local_memory():
              options=CostOptions(cp_search=False))
     odd = plan(gpt_model_cost(4096, 32, 32, seq=2050), cluster=cl, global_batch=64)
     assert odd.cp == 1 and any("cp needs" in why for _, why in odd.rejected)
+
+
+# ---- precision and dropout ------------------------------------------------------------------------
+def _precision_job(precision: str, dropout: float):
+    model = M.build("llama", attention_dropout=dropout)
+    args, kwargs = M.batch("llama", GB)
+    pm = ptdp.parallelize(model, cp=2, precision=precision, codegen="aot_eager")
+    pm.optimizer(torch.optim.SGD, lr=LR)
+    losses = []
+    for _ in range(STEPS + 1):
+        losses.append(float(pm.train_step(*args, **kwargs)))
+        pm.step()
+    return losses
+
+
+def test_bf16_tracks_fp32_and_attention_dropout_trains_under_cp(world):
+    """bf16 (bf16 compute, fp32 masters) at cp=2 stays within bf16 rounding of one fp32
+    device over 3 SGD steps; attention dropout at cp=2 trains (each rank draws its own
+    tokens' masks, so the numbers are a different sample than one device's, not equal)."""
+    ref, _ = M.reference_sgd(M.build("llama"), *M.batch("llama", GB), STEPS + 1, LR)
+    ref = [float(x) for x in ref]
+    bf16 = world(2, _precision_job, "bf16", 0.0, timeout=240)
+    assert bf16[0] == bf16[1]                      # both cp ranks report the step's loss
+    assert bf16[0] == pytest.approx(ref, rel=2e-2), (bf16[0], ref)
+    drop = world(2, _precision_job, "fp32", 0.3, timeout=240)
+    assert drop[0] == drop[1] and drop[0] != pytest.approx(ref, rel=1e-6)
+    assert drop[0] == pytest.approx(ref, rel=0.1) and drop[0][-1] < drop[0][0]
