@@ -140,8 +140,8 @@ KNOWN = {
              "optimizer state per rank, state_share = that / the whole model's (≈ 1/n). "
              "ag_fwd / ag_bwd / rs_bytes: bytes one rank sent per step (profiler c10d / gloo "
              "events, NCCL ring bytes) vs formula_bytes = 3·(n−1)/n·P; FSDP2 re-gathers "
-             "neither the root nor the last block in backward, ptdp gathers and "
-             "reduce-scatters the tied embedding / head in both buckets that read it",
+             "neither the root nor the last block in backward; ptdp gathers and "
+             "reduce-scatters the tied embedding / head once",
              ["world", "variant", "step_ms", "vs_fsdp2_eager", "vs_fsdp2_compiled",
               "vs_fsdp2_eager_min", "vs_fsdp2_compiled_min", "vs_fsdp2_eager_cpu",
               "vs_fsdp2_compiled_cpu", "peak_bytes", "peak_vs_fsdp2", "peak_fwd_bwd_bytes", "peak_opt_bytes",
