@@ -64,7 +64,7 @@ def _reference(pp):
 
 LAYOUTS = {"ds2": dict(dp_shard=2), "ds4": dict(dp_shard=4),
            "ds2_tp2": dict(dp_shard=2, tp=2), "ds2_pp2": dict(dp_shard=2, pp=2),
-           "dp2_ds2": dict(dp=2, dp_shard=2)}
+           "dp2_ds2": dict(dp=2, dp_shard=2), "ds2_cp2": dict(dp_shard=2, cp=2)}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

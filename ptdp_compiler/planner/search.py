@@ -279,10 +279,10 @@ class Evaluator:
         cp ranks (each saw part of every sequence)."""
         if c.d // c.fs * c.cp == 1:
             return 0.0
-        if c.fs > 1:   # HSDP: the shards' gradients are all-reduced over the replicas
+        if c.fs > 1:   # HSDP / cp: the shards' gradients all-reduced over replicas × cp
             grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) / c.fs * \
                 self.o.grad_reduce_bytes
-            r = c.d // c.fs
+            r = c.d // c.fs * c.cp
             t = all_reduce_time(grads, r, self.cl.group_link(r, c.t * c.fs))
             return 0.1 * t if self.o.dp_overlap else t
         grads = max(self.params_on_rank(c, r) for r in {0, c.p - 1}) * self.o.grad_reduce_bytes
@@ -407,7 +407,7 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
                             if p > 1 else [])
                 # dp_shard: none, all d ranks, or (HSDP) the d-divisor filling a node
                 node = max(k for k in _divisors(d) if k * t <= max(gpus_per_node, t))
-                fss = sorted({1, d, node}) if dp_shard and d > 1 and cpn == 1 else [1]
+                fss = sorted({1, d, node}) if dp_shard and d > 1 else [1]
                 # expert parallelism: ep | d and ep | experts (not with dp_shard / cp yet)
                 eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0
                        and cpn == 1] or [1]
