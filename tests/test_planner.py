@@ -106,6 +106,9 @@ def test_cli_plan_runs():
 
 # ---- the simulator against the pipeline runtime on this machine ---------------------------
 @pytest.mark.timeout(300)
+@pytest.mark.skipif(os.environ.get("PTDP_TIMED") != "1",
+                    reason="timed against the machine's clock: PTDP_TIMED=1 runs it "
+                           "(benchmarks/simulator_vs_runtime.py measures it on more pairs)")
 def test_simulator_predicts_runtime_schedule_ratios(world):
     """Predicted 1F1B / interleaved step-time ratio (cost model + calibration + simulator,
     no step of the run itself) within 20% of the runtime's measured ratio, for sleeping

@@ -68,11 +68,9 @@ class TinyNeoX(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-# variants: grouped-query attention that tp=4 can shard (8 heads, 4 kv heads), and
-# vocabularies tp does not divide (Megatron-style padding; ids stay < VOCAB)
+# variants: vocabularies tp does not divide (Megatron-style padding; ids stay < VOCAB)
 VARIANTS = {
-    "llama_gqa_v130": ("llama", dict(num_attention_heads=8, num_key_value_heads=4,
-                                     vocab_size=VOCAB + 2)),
+    "llama_v130": ("llama", dict(vocab_size=VOCAB + 2)),
     "gpt2_v129": ("gpt2", dict(vocab_size=VOCAB + 1)),
     "bert_v131": ("bert", dict(vocab_size=VOCAB + 3)),
 }
@@ -122,19 +120,20 @@ def _check_parity(world, name, tp, dp, sp, codegen="aot_eager"):
     return res
 
 
-# (model, tp, dp, sequence_parallel): every model at tp 2, tp 4 on four of them, SP off and
-# on, dp 1 and 2 (world <= 8; each world-4/8 case costs 20-40 s on 2 cores, so one per
-# feature: SP at tp 4 on Llama, dp 2 at tp 4 on GPT, padded vocabularies at tp 4 on GPT-2). Llama is grouped-query attention (4 heads / 2 kv heads at tp 2; 8 / 4 at
-# tp 4; 4 / 2 at tp 4 replicates the kv heads, as Megatron does). The *_v1xx variants have a
-# vocabulary tp does not divide: padded rows on tied (GPT-2, BERT with a head bias) and
-# untied (Llama) embeddings / LM heads.
+# (model, tp, dp, sequence_parallel): every model at tp 2, SP off and on, dp 1 and 2; tp 4
+# twice (world <= 8; each world-4/8 case costs 20-40 s on 2 cores, so one per feature: dp 2
+# at tp 4 on GPT; SP, replicated kv heads and a padded untied vocabulary at tp 4 on Llama).
+# Llama is grouped-query attention (4 heads / 2 kv heads: sharded at tp 2, replicated at
+# tp 4, as Megatron does). The *_v1xx variants have a vocabulary tp does not divide: padded
+# rows on tied (GPT-2, BERT with a head bias) and untied (Llama) embeddings / LM heads.
 PARITY = [
     ("gpt", 2, 1, False), ("gpt", 2, 1, True), ("gpt", 4, 2, False),
-    ("gpt2", 2, 1, False), ("gpt2_v129", 4, 1, False),
-    ("llama", 2, 2, True), ("llama_gqa_v130", 4, 1, True),
-    ("llama", 4, 1, True),   # 2 kv heads < tp=4: replicated, each rank uses its group's
-    ("bert", 2, 2, False), ("bert_v131", 2, 1, True),
-    ("neox", 2, 1, True), ("neox", 4, 1, False),
+    ("gpt2", 2, 1, False), ("gpt2_v129", 2, 1, False),
+    ("llama", 2, 2, True),
+    # 2 kv heads < tp=4: replicated, each rank uses its group's; 130 rows padded to 132
+    ("llama_v130", 4, 1, True),
+    ("bert", 2, 1, False), ("bert_v131", 2, 1, True),
+    ("neox", 2, 1, True),
 ]
 
 
