@@ -445,16 +445,18 @@ class ParallelModule:
         self._materialize_meta()
         args = (int(self.config.bucket_mb * 2**20), self.config.precision,
                 self.config.distributed_optimizer)
-        if self._expert_names:   # ep > 1: expert gradients are summed over edp, not dp
+        if self._expert_names:   # ep > 1: expert gradients summed over edp (× cp), not dp
             from .runtime.expert_parallel import ExpertBuckets
-            c, experts = self.coords, self._expert_names
-            edp = self.config.dp // self.config.ep
+            c, experts, cp = self.coords, self._expert_names, self.config.cp
+            edp = self.config.dp // self.config.ep * cp
+            eg = c.group_if("egrad")
             b = ExpertBuckets(
                 make_buckets([p for n, p in self._params.items() if n not in experts],
                              self._dp_group, *args, self._grad_size),
                 make_buckets([p for n, p in self._params.items() if n in experts],
-                             c.group("edp") if edp > 1 else None, *args, edp),
-                self._dp_group, self.config.dp, c.dp_rank, c.group("edp"), edp, c.edp_rank)
+                             eg, *args, edp),
+                self._dp_group, self._grad_size, self._grad_rank, eg, edp,
+                c.edp_rank * cp + c.cp_rank)
         else:
             b = make_buckets(list(self._params.values()), self._dp_group, *args,
                              self._grad_size)

@@ -130,12 +130,12 @@ class ParallelConfig:
             raise ExpertParallelError(
                 f"ep={self.ep} does not divide dp={self.dp}: expert-parallel ranks are "
                 "data-parallel ranks of the dense part; choose ep dividing dp (e.g. dp=ep)")
-        if self.ep > 1 and (self.dp_shard > 1 or self.cp > 1):
+        if self.ep > 1 and self.dp_shard > 1:
             from .errors import ExpertParallelError
             raise ExpertParallelError(
-                f"ep={self.ep} with dp_shard={self.dp_shard} / cp={self.cp} is not supported "
-                "yet: expert parallelism carves ep out of the replicated dp; use dp=ep with "
-                "dp_shard=1 and cp=1, or ep=1")
+                f"ep={self.ep} with dp_shard={self.dp_shard} is not supported yet: expert "
+                "parallelism carves ep out of the replicated dp; use dp=ep with dp_shard=1, "
+                "or ep=1")
         if self.distributed_optimizer and self.dp_shard > 1:
             raise ConfigError(
                 f"distributed_optimizer=True with dp_shard={self.dp_shard} is redundant: "

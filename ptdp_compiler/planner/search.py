@@ -103,7 +103,7 @@ class Evaluator:
         comm = all_reduce_time(act, t, self._tp_link(t)) if t > 1 else 0.0
         f_tot = f + self.pairs * comm
         bwd = BACKWARD_FACTOR * f + self.pairs * comm
-        a2a = self.a2a_time(b, t, ep, stride)
+        a2a = self.a2a_time(tokens, t, ep, stride)
         f_tot += a2a
         bwd += a2a
         kv_fwd, kv_bwd = self.cp_time(b, t, cp)
@@ -355,7 +355,8 @@ class Evaluator:
                          "p2p_per_transfer_s": self.p2p(c),
                          "layer_fwd_bwd_s": self.layer_times(c.b, c.t, c.sp, c.recompute,
                                                              c.ep, c.t * c.p, c.cp),
-                         "all_to_all_per_layer_s": self.a2a_time(c.b, c.t, c.ep, c.t * c.p),
+                         "all_to_all_per_layer_s": self.a2a_time(c.b / c.cp, c.t, c.ep,
+                                                                 c.t * c.p),
                          "cp_kv_per_layer_s": sum(self.cp_time(c.b, c.t, c.cp)),
                          "cp_kv_bytes_per_layer": 3 * self.cp_kv_bytes(c.b, c.t, c.cp)}
         return est
@@ -408,9 +409,8 @@ def enumerate_candidates(mc: ModelCost, num_gpus: int, gpus_per_node: int, globa
                 # dp_shard: none, all d ranks, or (HSDP) the d-divisor filling a node
                 node = max(k for k in _divisors(d) if k * t <= max(gpus_per_node, t))
                 fss = sorted({1, d, node}) if dp_shard and d > 1 else [1]
-                # expert parallelism: ep | d and ep | experts (not with dp_shard / cp yet)
-                eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0
-                       and cpn == 1] or [1]
+                # expert parallelism: ep | d and ep | experts (not with dp_shard yet)
+                eps = [e for e in _divisors(d) if mc.experts and mc.experts % e == 0] or [1]
                 for v in vs:
                     for sp in ([False, True] if t > 1 else [False]):
                         for rc in recomputes:

@@ -82,12 +82,14 @@ class Coords:
             return None
         if axis in ("batch", "grad") and self.dp_shard == 1 and self.cp == 1:
             axis = "dp"   # the compact (dp, pp, tp) mesh: both are the dp group
+        if axis == "egrad" and self.cp == 1:
+            axis = "edp"  # expert gradients: summed over edp, and over cp when it splits tokens
         return self.mesh.get_group(axis)
 
     def group_if(self, axis: str):
         """The group along ``axis``, or None when it has one rank (nothing to talk about)."""
         size = {"batch": self.dp * self.dp_shard * self.cp, "grad": self.dp * self.cp,
-                "edp": self.dp // self.ep}.get(axis) or self.sizes.get(axis) or \
+                "edp": self.dp // self.ep, "egrad": self.dp // self.ep * self.cp}.get(axis) or self.sizes.get(axis) or \
             getattr(self, axis, 1)
         return self.group(axis) if size > 1 else None
 
@@ -175,6 +177,8 @@ def build_mesh(dp: int, pp: int, tp: int, ep: int = 1, dp_shard: int = 1,
                                         mesh_dim_names=("edp", "ep") + DIMS[1:])
                 mesh["edp", "ep"]._flatten("dp")
                 data = ("edp", "ep")
+                if cp > 1:   # an expert's gradient: its copies (edp) × the sequence chunks
+                    mesh["edp", "cp"]._flatten("egrad")
             mesh[data + ("dp_shard", "cp")]._flatten("batch")
             mesh[data + ("cp",)]._flatten("grad")
         _MESHES[key] = (mesh, dist.group.WORLD)

@@ -184,8 +184,10 @@ class ParallelOptimizer:
             for g in grads:
                 g.mul_(inv)
         counted = pm._grad_rank == 0 or self.distributed
-        # an expert tensor (ep > 1) differs across ep ranks: counted by its first copy
-        counted_expert = getattr(pm.coords, "edp_rank", 0) == 0 or self.distributed
+        # an expert tensor (ep > 1) differs across ep ranks: counted by its first copy (its
+        # copies: the edp ranks, and the cp ranks, which hold the same summed gradient)
+        counted_expert = (getattr(pm.coords, "edp_rank", 0) == 0 and
+                          getattr(pm.coords, "cp_rank", 0) == 0) or self.distributed
         # on the gradients' device: summing there needs no host sync per tensor, and under
         # NCCL the all-reduce below needs a GPU tensor anyway
         dev = grads[0].device if grads else torch.device("cpu")
