@@ -95,9 +95,16 @@ def compile_whole_graph(gm: fx.GraphModule, example_inputs: list, codegen: str =
         # (each half is still in Inductor's FX-graph cache); and no backward input may be
         # "donated" (its buffer reused by Inductor for temporaries): D would overwrite
         # saved activations that W reads after it
+        # Likewise a graph with functional collectives: AOTAutograd's cache keys on the
+        # graph before partitioning, so it would serve halves compiled before
+        # overlap_collectives (run in inner_compile) placed them as it does now
+        collectives = any(getattr(n.target, "namespace", "") in
+                          ("_c10d_functional", "_c10d_functional_autograd")
+                          for n in gm.graph.nodes if n.op == "call_function")
         no_aot_cache = torch._functorch.config.patch(enable_autograd_cache=False,
-                                                     donated_buffer=False) \
-            if weights else contextlib.nullcontext()
+                                                     donated_buffer=False) if weights \
+            else torch._functorch.config.patch(enable_autograd_cache=False) if collectives \
+            else contextlib.nullcontext()
         # ...but AOTAutograd fakeifies real inputs against that ShapeEnv with every dim
         # dynamic (parameters included: here they are plain inputs), so Inductor would
         # emit size-generic kernels; static fakes of the same mode keep every shape a
