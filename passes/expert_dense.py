@@ -40,8 +40,6 @@ aten = torch.ops.aten
 _c10d = torch.ops._c10d_functional
 _c10d_ag = torch.ops._c10d_functional_autograd
 _BATCHED = {aten.bmm.default, aten.matmul.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.expand.default}
 
 
 def _val(n):
@@ -84,13 +82,13 @@ def find_dense_expert_regions(gm: fx.GraphModule) -> list:
         prev = regions[-1] if regions else None
         between = _between(prev.gemms[-1], g, order) if prev is not None and \
             prev.experts == E and prev.rows == N else None
+        p = _param3d(g.args[1], E)
         if between is not None:
             prev.nodes |= between | {g}
             prev.gemms.append(g)
             prev.exit = g
-            prev.params[_an.param_name(_param3d(g.args[1], E))] = _param3d(g.args[1], E)
+            prev.params[_an.param_name(p)] = p
             continue
-        p = _param3d(g.args[1], E)
         regions.append(DenseExpertRegion([g], {g}, g.args[0], g, {_an.param_name(p): p}, E, N))
     return regions
 
@@ -116,6 +114,7 @@ def _between(a: fx.Node, b: fx.Node, order: dict):
 def rewrite_dense(gm: fx.GraphModule, reg: DenseExpertRegion, ep: int, group_name: str,
                   rows_scale: float = 1.0) -> None:
     """Route ``reg`` through the ep ranks owning its experts (see the module doc)."""
+    from .expert_parallel import _SHAPE_ARGS
     g = gm.graph
     E, N = reg.experts, reg.rows
     L, M = E // ep, math.ceil(N * rows_scale - 1e-9)
@@ -141,7 +140,7 @@ def rewrite_dense(gm: fx.GraphModule, reg: DenseExpertRegion, ep: int, group_nam
         y = call(aten.reshape.default, y, [L, ep * M, h])
     reg.gemms[0].replace_input_with(reg.entry, y)
     for n in reg.nodes:        # sizes written as literals: L experts of ep·M rows
-        if n.target in _VIEWS and isinstance(n.args[1], (list, tuple)) and \
+        if n.target in _SHAPE_ARGS and isinstance(n.args[1], (list, tuple)) and \
                 list(n.args[1][:2]) == [E, N]:
             n.update_arg(1, [L, ep * M] + list(n.args[1][2:]))
     outside = [u for u in reg.exit.users if u not in reg.nodes]

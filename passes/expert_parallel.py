@@ -215,7 +215,7 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
     ep = cfg.ep
     group = coords.group("ep") if coords is not None else None
     group_name = group.group_name if group is not None else "ep"
-    from .expert_dense import find_dense_expert_regions, rewrite_dense
+    from .expert_dense import DenseExpertRegion, find_dense_expert_regions, rewrite_dense
     regions = find_expert_regions(gm)
     dense = find_dense_expert_regions(gm)
     if not regions and not dense:
@@ -227,7 +227,7 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
             raise ExpertParallelError(f"ep={ep} does not divide the {reg.experts} experts of "
                                       f"the layer with {reg.gemms[0].name}: choose ep "
                                       f"dividing {reg.experts}")
-        if reg in dense:
+        if isinstance(reg, DenseExpertRegion):
             rewrite_dense(gm, reg, ep, group_name, rows_scale)
         else:
             _rewrite(gm, reg, ep, group_name, rows_scale)
@@ -265,7 +265,8 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
         "(dropless; router, top-k, weighting and auxiliary losses unchanged)")))
     plan.expert_regions = [{"gemms": [g.name for g in r.gemms], "experts": r.experts,
                             "rows": r.rows, "params": sorted(r.params),
-                            "dispatch": "dense" if r in dense else "sorted"}
+                            "dispatch": "dense" if isinstance(r, DenseExpertRegion)
+                            else "sorted"}
                            for r in regions]
     return gm
 
