@@ -33,6 +33,8 @@ import torch.fx as fx
 from ptdp_compiler.graph_utils import ancestors  # noqa: F401  (re-exported)
 from ptdp_compiler.placement import Shard
 
+from .embedding_sum import find as _embedding_sum
+
 aten = torch.ops.aten
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
@@ -111,6 +113,8 @@ class Analysis:
     # attention cores inside tensor-parallel blocks: each rank computes its own heads even
     # when q, k, v arrive replicated (a projection kept whole, kv heads < tp)
     block_attention: set = dataclasses.field(default_factory=set)
+    # the token embedding plus the position / type embeddings added to it, reduced once
+    embedding_sum: Optional[object] = None
 
 
 def param_name(node) -> Optional[str]:
@@ -417,13 +421,16 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is aten.embedding.default:
                 w = n.args[0]
+                # tied to the head, or a table of the vocabulary's rows looked up by the
+                # user's ids (its width may differ from the head's: RemBERT)
                 if param_name(w) == hname or (
-                        param_name(w) and an.head.w_out_dim == 0 and
-                        tuple(w.meta["val"].shape) == tuple(an.head.weight.meta["val"].shape)
-                        and _from_user_inputs(n.args[1])):
+                        param_name(w) and w.meta["val"].dim() == 2 and
+                        w.meta["val"].shape[0] == an.vocab and _from_user_inputs(n.args[1])):
                     an.vocab_embeddings.append(n)
         if an.vocab_embeddings:
             an.embed_out_shape = tuple(an.vocab_embeddings[0].meta["val"].shape)
+        if len(an.vocab_embeddings) == 1:
+            an.embedding_sum = _embedding_sum(an.vocab_embeddings[0], an.head.weight)
     for n in gm.graph.nodes:
         role = None
         if n in an.column:
@@ -434,6 +441,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             role = "LM head (vocab-parallel)"
         elif n in an.vocab_embeddings:
             role = "token embedding (vocab-parallel)"
+        elif an.embedding_sum is not None and n in an.embedding_sum.side_tables:
+            role = "position / type embedding (rows split, summed with the token embedding)"
         elif n in an.replicated:
             role = "replicated linear: " + an.replicated[n]
         if role:

@@ -305,6 +305,9 @@ class Rewriter:
         return self.graph
 
     def call(self, node):
+        es = self.analysis.embedding_sum
+        if es is not None and node in es.nodes:
+            return RULES["embedding_sum"](self, node)
         lin = self.analysis.linears.get(node)
         if lin is not None:
             return RULES["linear"](self, node, lin)
@@ -417,6 +420,8 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
         pp.grad_tp_reduce = name in rw.grad_tp_params
     for n in gm.graph.nodes:
         name = _an.param_name(n)
+        if name and not n.users and name in seeds:
+            plan.params[name].role = "not read by the forward: stored split by rows"
         if name and not plan.params[name].role:
             for u in n.users:
                 r = u.meta.get("ptdp", {}).get("role")

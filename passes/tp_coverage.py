@@ -63,8 +63,8 @@ def _reason(ph: fx.Node, analysis: _an.Analysis) -> str:
     users = [u for u in ph.users if u.op == "call_function"]
     for u in users:
         if u.target is aten.embedding.default and u.args[0] is ph:
-            return (f"embedding {_where(u)} is not the token embedding of the LM head's "
-                    "vocabulary (position / type embeddings stay whole, as in Megatron)")
+            return (f"embedding {_where(u)} is neither the token embedding of the LM head's "
+                    "vocabulary nor added to it first (only then are its rows split)")
     if not users:
         return "not used by the graph"
     return f"first used by {_where(users[0])}, which is local on every rank"

@@ -2,6 +2,7 @@
 the grouping of replicated parameters into one gradient all-reduce per layer."""
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from ptdp_compiler.capture import source_line
@@ -56,6 +57,20 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
                 seeds[name] = vocab(0)
             elif seeds[name] != vocab(0):  # tied to a [in, out] head: not supported
                 raise ShardingError(f"embedding '{name}' is tied to an LM head stored [in, out]")
+        if analysis.embedding_sum is not None:   # position / type tables: rows split
+            for e in analysis.embedding_sum.side_tables:
+                rows = e.args[0].meta["val"].shape[0]
+                seeds[_an.param_name(e.args[0])] = Shard(0) if rows % t == 0 else \
+                    PaddedShard(0, 1, rows, padded_size(rows, t))
+    for ph in gm.graph.find_nodes(op="placeholder"):
+        # a parameter the forward never reads (a decoder's cross-attention when there is
+        # no encoder) is only stored: split by rows, it costs 1/t on each rank
+        v = ph.meta.get("val")
+        if ph.meta.get("ptdp_input_kind") == "param" and not ph.users and \
+                isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            rows = v.shape[0]
+            seeds[_an.param_name(ph)] = Shard(0) if rows % t == 0 else \
+                PaddedShard(0, 1, rows, padded_size(rows, t))
     if sp:
         if analysis.embed_out_shape is None:
             raise ConfigError("sequence_parallel=True: no token embedding was found to split "

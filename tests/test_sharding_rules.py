@@ -153,3 +153,57 @@ def test_multi_query_tail_counts_once_in_clip_and_checkpoint(world, tmp_path):
     resumed = world(1, falcon_resume_job, path, timeout=300)[0]
     for (a, _), (b, _) in zip(resumed, saved[1:]):
         assert abs(a - b) <= 1e-5 * abs(b), (resumed, saved)
+
+
+def _passes_rank0(model, args, kwargs, **layout):
+    """Rank 0's program after the passes (fake process group, nothing compiled)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from ptdp_compiler.config import ParallelConfig
+    from ptdp_compiler.program import build_program
+    from ptdp_compiler.runtime.mesh import build_mesh
+    cfg = ParallelConfig(**layout)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.tp)
+    try:
+        return build_program(model, cfg, (args, kwargs, None), build_mesh(1, 1, cfg.tp),
+                             dict(model.named_parameters()), until="passes")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_position_and_type_tables_split_by_rows_and_reduced_with_the_tokens(sp):
+    """BERT's token + type + position embeddings: every table's rows are split and the
+    three partial lookups are summed before the one reduction the token embedding needs
+    (all-reduce, or reduce-scatter under SP): no table whole, no extra collective.
+    Numbers: test_tensor_parallel's BERT / GPT-2 parity cases."""
+    pytest.importorskip("transformers")
+    from models import batch, build
+    from ptdp_compiler.passes.tensor_parallel import count_tp_collectives
+    prog = _passes_rank0(build("bert"), *batch("bert", 2), tp=2, sequence_parallel=sp)
+    for table in ("position_embeddings", "token_type_embeddings", "word_embeddings"):
+        pp = prog.plan.params[f"bert.embeddings.{table}.weight"]
+        assert str(pp.placement) == "Shard(0)" and pp.local_shape[0] * 2 == pp.full_shape[0]
+    gm = prog.chunks[0].gm
+    lookups = [n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    assert len(lookups) == 3
+    counts = count_tp_collectives(gm)
+    # 2 layers x 2 row-parallel ends, plus the embedding sum's one reduction; the
+    # vocab-parallel cross-entropy all-reduces 3 statistics
+    want = {"all_reduce": 3, "reduce_scatter": 5} if sp else {"all_reduce": 5 + 3}
+    assert {k: counts.get(k) for k in want} == want, counts
+
+
+def test_parameters_the_forward_never_reads_are_stored_split():
+    """BART's decoder as a causal LM has cross-attention weights no token reaches: they are
+    stored split by rows (1/t of them per rank), said in explain's role column."""
+    pytest.importorskip("transformers")
+    from benchmarks import zoo_models as Z
+    model = Z.build("bart")
+    args, kwargs = Z.batch("bart", 2)
+    prog = _passes_rank0(model, args, kwargs, tp=2)
+    pp = prog.plan.params["model.decoder.layers.0.encoder_attn.q_proj.weight"]
+    assert str(pp.placement) == "Shard(0)" and "not read by the forward" in pp.role
+    share = sum(c.local_bytes for c in prog.plan.coverage) / \
+        sum(p.numel() * 4 for p in model.parameters())
+    assert share <= 0.55, share

@@ -1,11 +1,13 @@
 """Vocab-parallel embedding and cross-entropy (Megatron): the token embedding's rows and
 the LM head's outputs are split over tp (padded with zero rows where t does not divide
-the vocabulary). The embedding looks up only this rank's rows and sums over tp; the
+the vocabulary). The embedding looks up only this rank's rows and sums over tp (once for the
+token embedding and the position / type embeddings added to it); the
 cross-entropy reduces max, sum-exp and the target logit across tp, so the logits of the
 whole vocabulary never exist on one rank."""
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
 from ..analyze import LOSSES
 from ..sharding import local_shape
@@ -19,8 +21,9 @@ def _v(n):
     return n.meta["val"]
 
 
-@rule(aten.embedding.default)
-def embedding(rw, node):
+def _local_lookup(rw, node):
+    """This rank's rows of a row-split table looked up, zero where an id is another
+    rank's: partial sums of the full lookup."""
     W, ids = rw.env[node.args[0]], rw.env[node.args[1]]
     wp = rw.placement[W]
     if wp is None or wp.dim != 0 or wp.outer != 1 or rw.placement.get(ids) is not None:
@@ -37,8 +40,39 @@ def embedding(rw, node):
         rest[0] = rest[0] - lo if lo <= rest[0] < lo + vl else -1
     emb = rw.emit(aten.embedding.default, (W, safe, *rest), pl=None, like=node)
     mask = rw.emit(aten.unsqueeze.default, (outside, -1), pl=None, rg=False)
-    emb = rw.emit(aten.masked_fill.Scalar, (emb, mask, 0.0), pl=None, like=node)
-    return rw.reduce_partial(emb, node)
+    return rw.emit(aten.masked_fill.Scalar, (emb, mask, 0.0), pl=None, like=node)
+
+
+@rule(aten.embedding.default)
+def embedding(rw, node):
+    return rw.reduce_partial(_local_lookup(rw, node), node)
+
+
+@rule("embedding_sum")
+def embedding_sum(rw, node):
+    """A step of the embedding sum (``passes/embedding_sum.py``): lookups stay partial
+    sums, other addends are added on tp rank 0 only (their gradient, complete on rank 0
+    and zero elsewhere, is summed by f), and the chain's last node reduces once."""
+    es = rw.analysis.embedding_sum
+    if node.target is aten.embedding.default:
+        part = _local_lookup(rw, node)
+    else:
+        args = []
+        for a in node.args:
+            if isinstance(a, fx.Node) and a in es.nodes:
+                args.append(rw.env[a])
+            elif node.target in (aten.add.Tensor, aten.add_.Tensor):   # counted once
+                if isinstance(a, fx.Node):
+                    a = rw.f(rw.env[a])
+                    args.append(a if rw.rank == 0 else
+                                rw.emit(aten.mul.Tensor, (a, 0.0), pl=None, like=node))
+                else:
+                    args.append(a if rw.rank == 0 else 0)
+            else:
+                args.append(rw.env[a] if isinstance(a, fx.Node) else a)
+        part = rw.emit(node.target, args, node.kwargs, pl=None, like=node)
+    return rw.reduce_partial(part, node) if node is es.root else part
+
 
 @rule(*LOSSES)
 def cross_entropy(rw, node):
