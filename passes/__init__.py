@@ -1,6 +1,7 @@
 """The pass pipeline, in order. Each pass takes the captured graph (and the plan so far)
 and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]``.
 
+    dead_code          drop what the loss never reads (a pooler the LM loss ignores)
     loss_weight        how each microbatch's loss weighs (reads the captured graph)
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
     tensor_parallel    placements, f/g, shape rewrite (+ sequence_parallel rules)    (tp > 1)
@@ -48,11 +49,15 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     fake inputs (what it saves for backward), which the recompute pass's budget mode
     costs its choices with."""
     plan = Plan()
-    gm = captured.gm
+    from .dead_code import eliminate_dead_code
+    gm = eliminate_dead_code(captured.gm)
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
     for name, p in params.items():
         plan.params[name] = ParamPlan(name, tuple(full_shapes[name]))
     lw = find_loss_weight(gm)
+    if len(gm.graph.nodes) < len(captured.gm.graph.nodes):
+        plan.pass_log.append(("dead_code", f"{len(captured.gm.graph.nodes) - len(gm.graph.nodes)}"
+                              " op(s) the loss never reads dropped"))
     plan.loss_weighting = lw.describe()
     plan.pass_log.append(("loss_weight", lw.describe()))
     if getattr(cfg, "cp", 1) > 1:

@@ -410,8 +410,14 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     group_name = group.group_name if group is not None else "tp"
     analysis = _an.analyze(gm)
     requires_grad = {n: p.requires_grad for n, p in params.items()}
-    new, seeds, rw = tensor_parallel(gm, analysis, t, coords.tp_rank, group_name,
-                                     cfg.sequence_parallel, requires_grad)
+    try:
+        new, seeds, rw = tensor_parallel(gm, analysis, t, coords.tp_rank, group_name,
+                                         cfg.sequence_parallel, requires_grad)
+    except ShardingError as e:
+        raise ShardingError(
+            f"{e}\nWhat to change: train this model without tensor parallelism (tp=1: pp, dp "
+            "and dp_shard need no sharding rule), or report the op and the line above "
+            "so a rule can be added") from e
     for name, pp in plan.params.items():
         pl = seeds.get(name)
         if pl is not None:

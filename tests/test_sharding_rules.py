@@ -194,15 +194,20 @@ def test_position_and_type_tables_split_by_rows_and_reduced_with_the_tokens(sp):
     assert {k: counts.get(k) for k in want} == want, counts
 
 
-def test_parameters_the_forward_never_reads_are_stored_split():
-    """BART's decoder as a causal LM has cross-attention weights no token reaches: they are
-    stored split by rows (1/t of them per rank), said in explain's role column."""
+@pytest.mark.parametrize("family,unread", [
+    ("bart", "model.decoder.layers.0.encoder_attn.q_proj.weight"),   # no encoder
+    ("big_bird", "bert.pooler.weight"),                              # a dead pooler
+])
+def test_parameters_the_loss_never_reads_are_stored_split(family, unread):
+    """BART's decoder as a causal LM has cross-attention weights no token reaches;
+    BigBird computes a pooler whose output the loss drops (the dead ops are removed).
+    Such weights are stored split by rows (1/t per rank), said in explain's role column."""
     pytest.importorskip("transformers")
     from benchmarks import zoo_models as Z
-    model = Z.build("bart")
-    args, kwargs = Z.batch("bart", 2)
+    model = Z.build(family)
+    args, kwargs = Z.batch(family, 2)
     prog = _passes_rank0(model, args, kwargs, tp=2)
-    pp = prog.plan.params["model.decoder.layers.0.encoder_attn.q_proj.weight"]
+    pp = prog.plan.params[unread]
     assert str(pp.placement) == "Shard(0)" and "not read by the forward" in pp.role
     share = sum(c.local_bytes for c in prog.plan.coverage) / \
         sum(p.numel() * 4 for p in model.parameters())
