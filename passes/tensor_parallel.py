@@ -377,19 +377,30 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
     """Returns (new GraphModule, seeds {param: Shard}, rewriter).
 
     The walk runs again when it learns something: a fused projection's split (the weight
-    is re-seeded as block-sharded), or the replicated parameters that need f (their
-    gradients, partial over tp, are then summed by one bucketed all-reduce per layer)."""
+    is re-seeded as block-sharded, and so are its namesakes in the other layers), or the
+    replicated parameters that need f (their gradients, partial over tp, are then summed
+    by one bucketed all-reduce per layer)."""
     seeds = initial_seeds(gm, analysis, t, sp)
-    bucket = None
-    for _ in range(10):
+    bucket, siblings, guessed = None, True, False
+    for _ in range(10 + 2 * len(analysis.linears)):
         rw = Rewriter(gm, analysis, seeds, t, rank, group_name, sp, requires_grad, bucket)
         try:
             g = rw.run()
         except Refine as ref:
-            seeds = refine_seeds(seeds, analysis, ref)
+            seeds = refine_seeds(seeds, analysis, ref, siblings)
+            guessed |= siblings
             continue
         except KeepReplicated as keep:
-            seeds = keep_replicated(seeds, analysis, keep)
+            seeds = keep_replicated(seeds, analysis, keep, siblings)
+            guessed |= siblings
+            continue
+        except ShardingError:
+            if not guessed:
+                raise
+            # a layer learned from its namesake in another layer differs: learn each alone
+            analysis.kept_replicated.clear()
+            seeds, bucket, siblings, guessed = initial_seeds(gm, analysis, t, sp), None, \
+                False, False
             continue
         if rw.params_with_own_f and bucket is None:
             bucket = buckets_by_layer(gm, rw.params_with_own_f)

@@ -2,6 +2,8 @@
 the grouping of replicated parameters into one gradient all-reduce per layer."""
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 
@@ -82,32 +84,50 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
     return seeds
 
 
-def refine_seeds(seeds: dict, analysis: _an.Analysis, ref) -> dict:
+def _same_in_every_layer(name: str, analysis: _an.Analysis, siblings: bool) -> list:
+    """``name`` and, with ``siblings``, the weights of the linears at the same place in the
+    other layers (the name with its layer indices replaced, and the same shape): what one
+    layer's walk learned holds for identical layers, so a deep model converges in a few
+    walks instead of one per layer. The pass re-walks without this if it was wrong."""
+    if not siblings:
+        return [name]
+    pattern = re.sub(r"\.\d+\.", ".#.", name)
+    shapes = {_an.param_name(lin.weight): tuple(lin.weight.meta["val"].shape)
+              for lin in analysis.linears.values()}
+    return [n for n, shape in shapes.items()
+            if n == name or (re.sub(r"\.\d+\.", ".#.", n) == pattern and
+                             shape == shapes.get(name))]
+
+
+def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = False) -> dict:
     """``ref.param``'s output rows are whole blocks (a fused q/k/v or gate/up projection):
     re-seed it (and its bias) as ``Shard(dim, blocks)`` so each rank keeps its slice of
     every block. With ``ref.tail``: the last rows (a multi-query projection's shared key /
     value head) stay whole on every rank, ``TailShard``."""
     seeds = dict(seeds)
+    names = set(_same_in_every_layer(ref.param, analysis, siblings))
     for lin in analysis.linears.values():
-        if _an.param_name(lin.weight) == ref.param:
+        if _an.param_name(lin.weight) in names:
             pl = TailShard(lin.w_out_dim, 1, ref.tail) if ref.tail else \
                 Shard(lin.w_out_dim, ref.outer)
-            seeds[ref.param] = pl
+            seeds[_an.param_name(lin.weight)] = pl
             if lin.bias is not None:
                 seeds[_an.param_name(lin.bias)] = moved(pl, 0)
     return seeds
 
 
-def keep_replicated(seeds: dict, analysis: _an.Analysis, keep) -> dict:
+def keep_replicated(seeds: dict, analysis: _an.Analysis, keep, siblings: bool = False) -> dict:
     """``keep.param`` (and its bias) stays replicated: a key/value projection with fewer
     heads than tp ranks. The reason is kept for ``explain``."""
     seeds = dict(seeds)
+    names = set(_same_in_every_layer(keep.param, analysis, siblings))
     for n, lin in analysis.linears.items():
-        if _an.param_name(lin.weight) == keep.param:
-            seeds.pop(keep.param, None)
+        name = _an.param_name(lin.weight)
+        if name in names:
+            seeds.pop(name, None)
             if lin.bias is not None:
                 seeds.pop(_an.param_name(lin.bias), None)
-            analysis.kept_replicated[keep.param] = keep.reason
+            analysis.kept_replicated[name] = keep.reason
             n.meta.setdefault("ptdp", {})["role"] = f"replicated linear: {keep.reason}"
     return seeds
 

@@ -212,3 +212,27 @@ def test_parameters_the_loss_never_reads_are_stored_split(family, unread):
     share = sum(c.local_bytes for c in prog.plan.coverage) / \
         sum(p.numel() * 4 for p in model.parameters())
     assert share <= 0.55, share
+
+
+def test_a_deep_fused_projection_model_learns_each_split_once():
+    """Phi-3 with 12 layers (fused q/k/v and gate/up in every layer): what the walk learns
+    about one layer's fused weights holds for its namesakes in every layer, so the pass
+    converges in a few walks (it once re-walked per weight and gave up past 10)."""
+    pytest.importorskip("transformers")
+    import transformers as T
+    from benchmarks import zoo_models as Z
+    from ptdp_compiler.passes import tensor_parallel as tp_pass
+    cfg = Z.tiny_config("phi3")
+    cfg.num_hidden_layers = 12
+    torch.manual_seed(0)
+    model = T.Phi3ForCausalLM(cfg).float().train()
+    walks, run = [], tp_pass.Rewriter.run
+    tp_pass.Rewriter.run = lambda self: walks.append(1) or run(self)
+    try:
+        prog = _passes_rank0(model, *Z.batch("phi3", 2), tp=2)
+    finally:
+        tp_pass.Rewriter.run = run
+    assert len(walks) <= 4, len(walks)
+    for i in range(12):
+        pl = prog.plan.params[f"model.layers.{i}.self_attn.qkv_proj.weight"].placement
+        assert "blocks" in str(pl), pl
