@@ -57,7 +57,14 @@ def test_dp_matches_single_device_aot_eager(world, name, dp):
     assert losses[0][-1] < losses[0][0], "three SGD steps on one batch did not lower its loss"
 
 
-@pytest.mark.parametrize("name,dp", CASES, ids=[f"{n}-dp{d}" for n, d in CASES])
+# Inductor on one model (its first compile is the cost; dp 2 and 4 reuse its kernels); the
+# other models' dataflow is the same under aot_eager above, and Inductor compiles Llama /
+# BERT / GPT-2 graphs in test_codegen and test_pipeline
+INDUCTOR_CASES = [c for c in CASES if c[0] == "gpt"]
+
+
+@pytest.mark.parametrize("name,dp", INDUCTOR_CASES,
+                         ids=[f"{n}-dp{d}" for n, d in INDUCTOR_CASES])
 def test_dp_matches_single_device_inductor(world, name, dp):
     losses = world(dp, parity_job, name, dp, "inductor", timeout=600)
     assert all(l == losses[0] for l in losses)
