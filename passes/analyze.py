@@ -401,7 +401,7 @@ def analyze(gm: fx.GraphModule) -> Analysis:
                                     "no other linear") + " before any linear consumes it")
     # a linear cannot be both the end of one block and the start of another
     for n in list(an.column):
-        if n in an.row:
+        if n in an.row and n in an.column:   # (an earlier conflict may have removed it)
             gid = an.column[n]
             raise_conflict = [m for m, g in an.column.items() if g == gid]
             for m in raise_conflict:

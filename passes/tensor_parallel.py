@@ -11,7 +11,9 @@ placements and the model's source line: nothing is replicated silently.
 Placements: ``None`` is replicated; ``Shard(dim, outer)`` splits ``dim`` laid out as
 ``(outer, t, n/(outer·t))`` (``sharding.py``). Partial sums never leave the op that makes
 them: a row-parallel matmul is followed at once by g (all-reduce) or, under sequence
-parallelism, a reduce-scatter.
+parallelism, a reduce-scatter. One exception: the token embedding's partial lookup is
+first summed with the position / type embeddings added to it (``embedding_sum.py``), so
+their row-split tables cost no collective of their own.
 
 Megatron's f and g:
 
@@ -381,17 +383,17 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
     replicated parameters that need f (their gradients, partial over tp, are then summed
     by one bucketed all-reduce per layer)."""
     seeds = initial_seeds(gm, analysis, t, sp)
-    bucket, siblings, guessed = None, True, False
+    bucket, siblings, guessed, learned = None, True, False, set()
     for _ in range(10 + 2 * len(analysis.linears)):
         rw = Rewriter(gm, analysis, seeds, t, rank, group_name, sp, requires_grad, bucket)
         try:
             g = rw.run()
         except Refine as ref:
-            seeds = refine_seeds(seeds, analysis, ref, siblings)
+            seeds = refine_seeds(seeds, analysis, ref, siblings, learned)
             guessed |= siblings
             continue
         except KeepReplicated as keep:
-            seeds = keep_replicated(seeds, analysis, keep, siblings)
+            seeds = keep_replicated(seeds, analysis, keep, siblings, learned)
             guessed |= siblings
             continue
         except ShardingError:
@@ -401,6 +403,7 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
             analysis.kept_replicated.clear()
             seeds, bucket, siblings, guessed = initial_seeds(gm, analysis, t, sp), None, \
                 False, False
+            learned.clear()
             continue
         if rw.params_with_own_f and bucket is None:
             bucket = buckets_by_layer(gm, rw.params_with_own_f)

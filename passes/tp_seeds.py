@@ -3,6 +3,7 @@ the grouping of replicated parameters into one gradient all-reduce per layer."""
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -84,28 +85,33 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
     return seeds
 
 
-def _same_in_every_layer(name: str, analysis: _an.Analysis, siblings: bool) -> list:
+def _same_in_every_layer(name: str, analysis: _an.Analysis, siblings: bool,
+                         learned: set) -> list:
     """``name`` and, with ``siblings``, the weights of the linears at the same place in the
-    other layers (the name with its layer indices replaced, and the same shape): what one
-    layer's walk learned holds for identical layers, so a deep model converges in a few
-    walks instead of one per layer. The pass re-walks without this if it was wrong."""
+    other layers (the name with its layer indices replaced, and the same shape) that were
+    not learned themselves (``learned``): what one layer's walk learned holds for
+    identical layers, so a deep model converges in a few walks instead of one per layer.
+    The pass re-walks without this if it was wrong."""
+    learned.add(name)
     if not siblings:
         return [name]
     pattern = re.sub(r"\.\d+\.", ".#.", name)
     shapes = {_an.param_name(lin.weight): tuple(lin.weight.meta["val"].shape)
               for lin in analysis.linears.values()}
     return [n for n, shape in shapes.items()
-            if n == name or (re.sub(r"\.\d+\.", ".#.", n) == pattern and
-                             shape == shapes.get(name))]
+            if n == name or (n not in learned and shape == shapes.get(name) and
+                             re.sub(r"\.\d+\.", ".#.", n) == pattern)]
 
 
-def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = False) -> dict:
+def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = False,
+                 learned: Optional[set] = None) -> dict:
     """``ref.param``'s output rows are whole blocks (a fused q/k/v or gate/up projection):
     re-seed it (and its bias) as ``Shard(dim, blocks)`` so each rank keeps its slice of
     every block. With ``ref.tail``: the last rows (a multi-query projection's shared key /
     value head) stay whole on every rank, ``TailShard``."""
     seeds = dict(seeds)
-    names = set(_same_in_every_layer(ref.param, analysis, siblings))
+    names = set(_same_in_every_layer(ref.param, analysis, siblings,
+                                     set() if learned is None else learned))
     for lin in analysis.linears.values():
         if _an.param_name(lin.weight) in names:
             pl = TailShard(lin.w_out_dim, 1, ref.tail) if ref.tail else \
@@ -116,11 +122,13 @@ def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = Fals
     return seeds
 
 
-def keep_replicated(seeds: dict, analysis: _an.Analysis, keep, siblings: bool = False) -> dict:
+def keep_replicated(seeds: dict, analysis: _an.Analysis, keep, siblings: bool = False,
+                    learned: Optional[set] = None) -> dict:
     """``keep.param`` (and its bias) stays replicated: a key/value projection with fewer
     heads than tp ranks. The reason is kept for ``explain``."""
     seeds = dict(seeds)
-    names = set(_same_in_every_layer(keep.param, analysis, siblings))
+    names = set(_same_in_every_layer(keep.param, analysis, siblings,
+                                     set() if learned is None else learned))
     for n, lin in analysis.linears.items():
         name = _an.param_name(lin.weight)
         if name in names:

@@ -236,3 +236,42 @@ def test_a_deep_fused_projection_model_learns_each_split_once():
     for i in range(12):
         pl = prog.plan.params[f"model.layers.{i}.self_attn.qkv_proj.weight"].placement
         assert "blocks" in str(pl), pl
+
+
+class _FusedBlock(torch.nn.Module):
+    """A fused up-projection read as ``k`` blocks (k=2: a gated unit, k=3: one more)."""
+
+    def __init__(self, k, h=16):
+        super().__init__()
+        self.k, self.up, self.down = k, torch.nn.Linear(h, 12), torch.nn.Linear(12 // k, h)
+        self.norm = torch.nn.LayerNorm(h)
+
+    def forward(self, x):
+        p = self.up(self.norm(x)).chunk(self.k, -1)
+        y = p[0] * p[1] if self.k == 2 else p[0] * p[1] + p[2]
+        return x + self.down(y)
+
+
+class _MixedLM(torch.nn.Module):
+    def __init__(self, ks=(3, 2), vocab=32, h=16):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, h)
+        self.layers = torch.nn.ModuleList(_FusedBlock(k, h) for k in ks)
+        self.norm, self.head = torch.nn.LayerNorm(h), torch.nn.Linear(h, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        logits = self.head(self.norm(x))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_namesake_weights_split_differently_are_each_learned():
+    """Same name and shape in two layers, but read as 3 blocks in one and 2 in the other:
+    the guess from the first layer is corrected for the second, not ping-ponged."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (2, 8))
+    prog = _passes_rank0(_MixedLM(), (ids, ids), {}, tp=2)
+    got = [str(prog.plan.params[f"layers.{i}.up.weight"].placement) for i in (0, 1)]
+    assert got == ["Shard(0, blocks=3)", "Shard(0, blocks=2)"], got
