@@ -44,7 +44,8 @@ class MHABlock(nn.Module):
 
 class ShapeOpsBlock(nn.Module):
     """Attention with complex-form rotary embeddings (view_as_complex / view_as_real /
-    polar), L2-normalised per-head q/k (linalg.vector_norm), an in-place masked_fill_ with
+    polar), L2-normalised per-head q/k (linalg.vector_norm), scores as an einsum over the
+    heads, a gather along the keys, an in-place masked_fill_ with
     a mask taken expand_as the scores, shapes taken from other tensors (reshape_as,
     view_as, zeros_like) and a log-sigmoid-gated MLP."""
 
@@ -72,7 +73,10 @@ class ShapeOpsBlock(nn.Module):
 
         q, k = (z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-6)
                 for z in (rope(q), rope(k)))
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * D ** 0.5
+        scores = torch.einsum("bthd,bshd->bhts", q, k) * D ** 0.5
+        # each query also sees its score for the mirrored key (gather along the keys)
+        mirror = torch.arange(T - 1, -1, -1, device=x.device).expand(B, H, T, T)
+        scores = scores + 0.1 * scores.gather(-1, mirror)
         mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         scores.masked_fill_(mask.expand_as(scores), float("-inf"))
         y = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape_as(x)

@@ -97,7 +97,8 @@ def test_every_rule_is_registered_by_op_overload():
     aten = torch.ops.aten
     for op in (aten.stack.default, aten.baddbmm.default, aten.rms_norm.default,
                aten.max.dim, aten.logsumexp.default, aten.slice.Tensor, aten.narrow.default,
-               aten.scaled_dot_product_attention.default, aten.embedding.default):
+               aten.scaled_dot_product_attention.default, aten.embedding.default,
+               aten.einsum.default, aten.gather.default):
         assert op in RULES, op
     assert find_rule(aten.tanh.default) is RULES["pointwise"]   # by the pointwise tag
     assert find_rule(aten.cumsum.default) is not None
