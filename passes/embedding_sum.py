@@ -101,6 +101,12 @@ def find(token: fx.Node, head_weight) -> Optional[EmbeddingSum]:
             break
         nodes.add(u)
         cur = u
+    # a cast that ends the chain belongs to its reader (the first layer's norm upcasts):
+    # reducing before it keeps the reduction in the embedding's region, so every layer's
+    # region is alike and compiled once
+    while cur is not token and cur.target in _CAST:
+        nodes.discard(cur)
+        cur = cur.args[0]
     if cur is token:
         return None
     return EmbeddingSum(cur, nodes, side)
