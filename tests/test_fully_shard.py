@@ -2,6 +2,8 @@
 device over 3 AdamW steps at every layout the issue names, 1/dp_shard of the training
 state per rank, one all-gather per layer in the graph, checkpoints that reshard between
 dp_shard and other layouts, and named errors."""
+import os
+
 import pytest
 import torch
 
@@ -157,20 +159,25 @@ def test_reshard_after_forward_keeps_no_gathered_weight_for_backward(world):
     assert 0.75 * full <= kept - resh <= full, (kept, resh, full)
 
 
-def _inductor_recompute_job():
-    pm = ptdp.parallelize(_model(1), codegen="inductor", dp_shard=2, recompute="full",
+def _recompute_job(codegen):
+    pm = ptdp.parallelize(_model(1), codegen=codegen, dp_shard=2, recompute="full",
                           microbatches=2)
     ids, tgt = _data(0)
     loss = float(pm.train_step(pm.dp_shard(ids), targets=pm.dp_shard(tgt)))
     return loss, pm.full_grads()
 
 
-def test_dp_shard_under_inductor_with_full_recompute_matches_single_device(world):
+# Inductor here is a 45 s cold compile on CI's 2 cores: PTDP_INDUCTOR_ALL=1 runs it (the
+# whole-stack Inductor case in test_pipeline compiles collectives and recompute already)
+@pytest.mark.parametrize("codegen", [
+    "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+        os.environ.get("PTDP_INDUCTOR_ALL") != "1", reason="PTDP_INDUCTOR_ALL=1 runs it"))])
+def test_dp_shard_with_full_recompute_matches_single_device(world, codegen):
     ref = ptdp.parallelize(_model(1), codegen="aot_eager", microbatches=2)
     ids, tgt = _data(0)
     want = float(ref.train_step(ids, targets=tgt))
     grads = ref.full_grads()
-    for loss, got in world(2, _inductor_recompute_job, timeout=400):
+    for loss, got in world(2, _recompute_job, codegen, timeout=400):
         assert abs(loss - want) <= 1e-5 * abs(want)
         for k in grads:
             assert_close_tensor(k, got[k], grads[k], rtol=1e-4)

@@ -154,7 +154,9 @@ def _auto_job(tight: bool):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("n,tight", [(2, False), (4, True)])
+# world 4 with a tight memory limit: a full replica does not fit, so the plan splits the
+# model (a loose world-2 case, which chose plain dp, was dropped for CI time)
+@pytest.mark.parametrize("n,tight", [(4, True)])
 def test_plan_auto_matches_single_device(world, n, tight):
     from tests.models import assert_close_tensor, batch, build
     model = build("gpt", n_layer=4)
