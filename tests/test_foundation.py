@@ -1,6 +1,7 @@
 """Foundation: data-parallel training of unmodified models matches one device, the
 public contract behaves as documented, and bad input fails early with named errors."""
 import copy
+import os
 
 import pytest
 import torch
@@ -57,14 +58,16 @@ def test_dp_matches_single_device_aot_eager(world, name, dp):
     assert losses[0][-1] < losses[0][0], "three SGD steps on one batch did not lower its loss"
 
 
-# Inductor on one model (its first compile is the cost; dp 2 and 4 reuse its kernels); the
-# other models' dataflow is the same under aot_eager above, and Inductor compiles Llama /
-# BERT / GPT-2 graphs in test_codegen and test_pipeline
-INDUCTOR_CASES = [c for c in CASES if c[0] == "gpt"]
+# Inductor dp parity on GPT: opt-in (PTDP_INDUCTOR_ALL=1), a cold compile costs CI 16 s;
+# the default suite compiles with Inductor in test_pipeline's whole-stack case (GPT under
+# tp x pp + SP + recompute) and test_codegen's (kernels, fusion, comm_reorder)
+_GPT_CASES = [c for c in CASES if c[0] == "gpt"]
+INDUCTOR_CASES = [pytest.param(*c, id=f"{c[0]}-dp{c[1]}", marks=pytest.mark.skipif(
+    os.environ.get("PTDP_INDUCTOR_ALL") != "1", reason="PTDP_INDUCTOR_ALL=1 runs it"))
+    for c in _GPT_CASES]
 
 
-@pytest.mark.parametrize("name,dp", INDUCTOR_CASES,
-                         ids=[f"{n}-dp{d}" for n, d in INDUCTOR_CASES])
+@pytest.mark.parametrize("name,dp", INDUCTOR_CASES)
 def test_dp_matches_single_device_inductor(world, name, dp):
     losses = world(dp, parity_job, name, dp, "inductor", timeout=600)
     assert all(l == losses[0] for l in losses)
