@@ -61,7 +61,7 @@ from ptdp_compiler.errors import ShardingError
 from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
-from . import tp_coverage
+from . import tp_coverage, tp_sliced_params
 from .rules import RULES, KeepReplicated, Refine, find_rule
 from .sharding import PaddedShard, local_shape, view_rule
 from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
@@ -99,6 +99,7 @@ class Rewriter:
         # first use of any of them (so the op never crosses a layer/pipeline-stage boundary)
         self.bucket = dict(bucket or {})
         self.params_with_own_f = []
+        self.localized = []               # (value, dim, blocks, captured op): tp_sliced_params
         self.dropouts = {"sharded": 0, "replicated": 0}
         self.sequence_gathered = []       # ops run on the whole sequence under SP
         self.sequence_split, self.scattered = set(), set()
@@ -261,6 +262,7 @@ class Rewriter:
         if isinstance(out_pl, PaddedShard):
             self.fail(node, "a replicated operand meets the padded vocabulary dimension")
         n, o, t = full_shape[j], out_pl.outer, self.t
+        self.localized.append((v, j, o, node))
         v = self.f(v)
         if o == 1:
             lo = self.rank * (n // t)
@@ -384,6 +386,7 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
     by one bucketed all-reduce per layer)."""
     seeds = initial_seeds(gm, analysis, t, sp)
     bucket, siblings, guessed, learned = None, True, False, set()
+    sliced, before_sliced = None, None    # tp_sliced_params: learned once, dropped if wrong
     for _ in range(10 + 2 * len(analysis.linears)):
         rw = Rewriter(gm, analysis, seeds, t, rank, group_name, sp, requires_grad, bucket)
         try:
@@ -397,6 +400,9 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
             guessed |= siblings
             continue
         except ShardingError:
+            if sliced:   # a parameter seeded split by its slices broke the walk: keep it whole
+                seeds, sliced, bucket = before_sliced, {}, None
+                continue
             if not guessed:
                 raise
             # a layer learned from its namesake in another layer differs: learn each alone
@@ -404,10 +410,17 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
             seeds, bucket, siblings, guessed = initial_seeds(gm, analysis, t, sp), None, \
                 False, False
             learned.clear()
+            sliced = None
             continue
+        if sliced is None:
+            sliced = tp_sliced_params.learn(gm, rw, seeds)
+            if sliced:
+                before_sliced, seeds = seeds, {**seeds, **sliced}
+                continue
         if rw.params_with_own_f and bucket is None:
             bucket = buckets_by_layer(gm, rw.params_with_own_f)
             continue
+        rw.sliced_params = sliced or {}
         return fx.GraphModule(gm, g), seeds, rw
     raise ShardingError("sharding propagation did not converge (repeated fused-weight splits)")
 
@@ -438,10 +451,13 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
             pp.placement = pl
             pp.local_shape = tuple(local_shape(pp.full_shape, pl, t))
         pp.grad_tp_reduce = name in rw.grad_tp_params
+    sliced_names = rw.sliced_params
     for n in gm.graph.nodes:
         name = _an.param_name(n)
         if name and not n.users and name in seeds:
             plan.params[name].role = "not read by the forward: stored split by rows"
+        if name in sliced_names:
+            plan.params[name].role = tp_sliced_params.ROLE
         if name and not plan.params[name].role:
             for u in n.users:
                 r = u.meta.get("ptdp", {}).get("role")

@@ -28,25 +28,33 @@ def nn_job(block, sp):
     torch.manual_seed(0)
     pm = ptdp.parallelize(TorchNNLM(block), tp=2, sequence_parallel=sp, codegen="aot_eager")
     losses, grads = parallel_sgd(pm, *_batch(), STEPS, LR)
-    return losses, grads, sum(p.numel() for p in pm.parameters())
+    return losses, grads, sum(p.numel() for p in pm.parameters()), \
+        {n: str(pp.placement) for n, pp in pm.plan.params.items()}
 
 
-@pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True)])
+@pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
+                                      ("conv_mix", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
     vector norms, view_as / reshape_as / expand_as / zeros_like, masked_fill_ and
-    log_sigmoid (nn_models.ShapeOpsBlock)."""
+    log_sigmoid (nn_models.ShapeOpsBlock); a depthwise conv1d mixer whose filters and
+    per-channel parameters are stored split (nn_models.ConvMixBlock)."""
     torch.manual_seed(0)
     model = TorchNNLM(block)
     full = sum(p.numel() for p in model.parameters())
     ref_losses, ref_grads = reference_sgd(model, *_batch(), STEPS, LR)
-    for rank, (losses, grads, nlocal) in enumerate(world(2, nn_job, block, sp, timeout=300)):
+    for rank, (losses, grads, nlocal, placed) in enumerate(world(2, nn_job, block, sp,
+                                                                timeout=300)):
         for s in range(STEPS):
             assert_close_tensor(f"rank {rank} loss {s}", losses[s], ref_losses[s], rtol=1e-4)
             for n, g in ref_grads[s].items():
                 assert_close_tensor(f"rank {rank} step {s} {n}", grads[s][n], g, rtol=1e-4)
         assert nlocal / full <= 0.55, nlocal / full
+        if block == "conv_mix":   # the fused [x | gate] rows in 2 blocks; the rest by channel
+            assert placed["blocks.0.inp.weight"] == "Shard(0, blocks=2)", placed
+            for n in ("conv.weight", "conv.bias", "a_log", "d"):
+                assert placed[f"blocks.1.{n}"] == "Shard(0)", (n, placed)
 
 
 def norm_mix_job(strict):

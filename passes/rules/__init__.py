@@ -12,6 +12,7 @@ sharded ones are sliced to this rank's part (``rw.localize``) or wrapped in Mega
     shape.py       views, layout ops, slice / split / cat / stack / unbind, getitem
     reductions.py  reductions, softmax, max / logsumexp, layer_norm / rms_norm
     attention.py   scaled_dot_product_attention, batched matmuls, baddbmm
+    conv.py        depthwise convolution of channel-split inputs
     einsum.py      einsum split on an index the output keeps (heads)
     gather.py      gather along a dimension that is not split
     linear.py      column / row-parallel and replicated linears
@@ -66,4 +67,4 @@ def find_rule(target) -> Optional[Callable]:
     return fn
 
 
-from . import attention, einsum, gather, linear, pointwise, reductions, shape, vocab  # noqa: E402,F401,E501
+from . import attention, conv, einsum, gather, linear, pointwise, reductions, shape, vocab  # noqa: E402,F401,E501

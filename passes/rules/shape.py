@@ -24,6 +24,7 @@ aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
          aten.flatten.using_ints, aten.unflatten.int,
          aten.view_as.default, aten.reshape_as.default}   # the shape of another tensor
+_DIM_MOVES = {aten.transpose.int, aten.t.default, aten.permute.default, aten.unsqueeze.default}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.tensor_split.indices}
 
@@ -406,15 +407,16 @@ def _kv_tail(rw, x, dim) -> int:
 
 
 def _producing_weight(rw, x, node) -> str:
-    """The parameter whose output rows ``x``'s sharded dimension is (through copies and
-    views): the weight to re-seed as block-sharded."""
+    """The parameter whose output rows ``x``'s sharded dimension is (through copies,
+    views and transposes: Mamba reads its fused projection channels-first): the weight to
+    re-seed as block-sharded."""
     m = x
     while True:
         lin = rw.analysis.linears.get(m)
         if lin is not None:
             return _an.param_name(lin.weight)
         if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
-                m.target not in PASSTHROUGH | VIEWS | {aten.unsqueeze.default}:
+                m.target not in PASSTHROUGH | VIEWS | _DIM_MOVES:
             rw.fail(node, "a split of the sharded dimension into pieces the producing "
                           "weight cannot be permuted for")
         m = m.args[0]
