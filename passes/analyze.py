@@ -421,11 +421,15 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target is aten.embedding.default:
                 w = n.args[0]
-                # tied to the head, or a table of the vocabulary's rows looked up by the
-                # user's ids (its width may differ from the head's: RemBERT)
+                # tied to the head, or a table of (at least) the vocabulary's rows looked
+                # up by the user's ids (its width may differ from the head's: RemBERT; it
+                # may hold more rows: CPM-Ant's prompt tokens)
+                shape = tuple(w.meta["val"].shape)
+                width = an.head.weight.meta["val"].shape[an.head.w_in_dim]
                 if param_name(w) == hname or (
-                        param_name(w) and w.meta["val"].dim() == 2 and
-                        w.meta["val"].shape[0] == an.vocab and _from_user_inputs(n.args[1])):
+                        param_name(w) and len(shape) == 2 and _from_user_inputs(n.args[1])
+                        and (shape[0] == an.vocab or
+                             (shape[0] > an.vocab and shape[1] == width))):
                     an.vocab_embeddings.append(n)
         if an.vocab_embeddings:
             an.embed_out_shape = tuple(an.vocab_embeddings[0].meta["val"].shape)

@@ -56,24 +56,22 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
             seeds[_an.param_name(h.bias)] = vocab(0)
         for e in analysis.vocab_embeddings:
             name = _an.param_name(e.args[0])
+            rows = e.args[0].meta["val"].shape[0]
             if name not in seeds:
-                seeds[name] = vocab(0)
+                seeds[name] = vocab(0) if rows == analysis.vocab else _rows_split(rows, t)
             elif seeds[name] != vocab(0):  # tied to a [in, out] head: not supported
                 raise ShardingError(f"embedding '{name}' is tied to an LM head stored [in, out]")
         if analysis.embedding_sum is not None:   # position / type tables: rows split
             for e in analysis.embedding_sum.side_tables:
-                rows = e.args[0].meta["val"].shape[0]
-                seeds[_an.param_name(e.args[0])] = Shard(0) if rows % t == 0 else \
-                    PaddedShard(0, 1, rows, padded_size(rows, t))
+                seeds[_an.param_name(e.args[0])] = _rows_split(e.args[0].meta["val"].shape[0],
+                                                               t)
     for ph in gm.graph.find_nodes(op="placeholder"):
         # a parameter the forward never reads (a decoder's cross-attention when there is
         # no encoder) is only stored: split by rows, it costs 1/t on each rank
         v = ph.meta.get("val")
         if ph.meta.get("ptdp_input_kind") == "param" and not ph.users and \
                 isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
-            rows = v.shape[0]
-            seeds[_an.param_name(ph)] = Shard(0) if rows % t == 0 else \
-                PaddedShard(0, 1, rows, padded_size(rows, t))
+            seeds[_an.param_name(ph)] = _rows_split(v.shape[0], t)
     if sp:
         if analysis.embed_out_shape is None:
             raise ConfigError("sequence_parallel=True: no token embedding was found to split "
@@ -83,6 +81,11 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
             raise ConfigError(f"sequence_parallel=True needs tp={t} to divide the sequence "
                               f"length {s}; pad the sequence or change tp")
     return seeds
+
+
+def _rows_split(rows: int, t: int):
+    """Rows split over t ranks, padded with zero rows where t does not divide them."""
+    return Shard(0) if rows % t == 0 else PaddedShard(0, 1, rows, padded_size(rows, t))
 
 
 def _same_in_every_layer(name: str, analysis: _an.Analysis, siblings: bool,
