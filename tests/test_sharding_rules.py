@@ -284,3 +284,38 @@ def test_namesake_weights_split_differently_are_each_learned():
     prog = _passes_rank0(_MixedLM(), (ids, ids), {}, tp=2)
     got = [str(prog.plan.params[f"layers.{i}.up.weight"].placement) for i in (0, 1)]
     assert got == ["Shard(0, blocks=3)", "Shard(0, blocks=2)"], got
+
+
+class _ScaledMLP(torch.nn.Module):
+    """An embedding, then a residual MLP whose hidden channels are scaled by ``gain`` (read only
+    against the column-parallel output) and by ``shared``, whose mean is also added to
+    the MLP's output (a whole read)."""
+
+    def __init__(self, width=16, inner=32):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, width)
+        self.up = torch.nn.Linear(width, inner, bias=False)
+        self.down = torch.nn.Linear(inner, width, bias=False)
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, inner))
+        self.shared = torch.nn.Parameter(torch.linspace(1.0, 2.0, inner))
+        self.norm = torch.nn.RMSNorm(width)
+        self.head = torch.nn.Linear(width, VOCAB, bias=False)
+
+    def forward(self, input_ids, labels):
+        e = self.emb(input_ids)
+        h = torch.relu(self.up(e)) * torch.exp(self.gain)[None, None, :]
+        x = e + self.down(h * self.shared) + self.shared.mean()
+        logits = self.head(self.norm(x))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_a_parameter_read_only_as_this_ranks_slice_is_stored_split_and_no_other():
+    """``gain`` is sliced to the rank's channels by its one reader (through exp and a
+    size-1 view): stored Shard(0), no gradient all-reduce. ``shared`` is also read whole (its
+    mean): it stays replicated (sliced where the MLP reads it, its gradient summed)."""
+    prog = _passes_rank0(_ScaledMLP(), *_batch(), tp=2)
+    params = prog.plan.params
+    assert str(params["gain"].placement) == "Shard(0)" and params["gain"].local_shape == (16,)
+    assert "stored split" in params["gain"].role
+    assert not params["gain"].grad_tp_reduce
+    assert params["shared"].placement is None and params["shared"].grad_tp_reduce
