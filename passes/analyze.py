@@ -407,6 +407,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             for m in raise_conflict:
                 an.column.pop(m)
                 an.replicated[m] = f"{n.name} is both a block's end and start"
+            for r in [r for r, g in an.row.items() if g == gid]:   # its ends are no ends
+                an.row.pop(r)
     # LM head: a replicated linear feeding only the loss
     for n, lin in linears.items():
         if n in an.column or n in an.row:

@@ -44,6 +44,7 @@ import torch.fx as fx
 from ptdp_compiler.errors import ExpertParallelError, ShardingError
 
 from . import analyze as _an
+from .tp_fake_check import fake_check
 
 aten = torch.ops.aten
 # single-input ops between an expert parameter and the grouped GEMM that reads it
@@ -238,7 +239,7 @@ def expert_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan,
             pp.local_shape, pp.ep = tuple(shape), ep
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    _fake_check(gm, params, plan)
+    fake_check(gm, params, plan, "expert-parallel", "val")
     from ptdp_compiler.placement import CollectivePlan
     for r in regions:
         h = _val(r.entries[0]).shape[-1] if r.entries else 0
@@ -345,29 +346,6 @@ def _topo_fix(g: fx.Graph):
         if prev is not None:
             prev.append(n)
         prev = n
-
-
-def _fake_check(gm, params, plan):
-    """Re-run the graph with FakeTensor at local shapes (fills node.meta['val'])."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = []
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        kind, name = ph.meta.get("ptdp_input_kind"), ph.meta.get("ptdp_input_name")
-        if kind == "param":
-            pp = plan.params[name]
-            inputs.append(mode.from_tensor(torch.empty(pp.local_shape or pp.full_shape,
-                                                       dtype=params[name].dtype)))
-        else:
-            v = ph.meta.get("val")
-            inputs.append(mode.from_tensor(torch.empty(v.shape, dtype=v.dtype))
-                          if isinstance(v, torch.Tensor) else v)
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-    except Exception as e:
-        raise ShardingError(f"the expert-parallel graph does not type-check at local shapes: "
-                            f"{type(e).__name__}: {e}") from e
 
 
 # ---- recompute: the dispatch is re-run in backward (passes/recompute.py tags it) -----------

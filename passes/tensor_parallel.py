@@ -64,6 +64,7 @@ from . import analyze as _an
 from . import tp_coverage, tp_sliced_params
 from .rules import RULES, KeepReplicated, Refine, find_rule
 from .sharding import PaddedShard, local_shape, view_rule
+from .tp_fake_check import fake_check
 from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
 
 aten = torch.ops.aten
@@ -510,28 +511,6 @@ def _log(plan, analysis, seeds, rw, t, sp):
             f"{rw.dropouts['sharded']} dropout(s) on tp-sharded tensors draw a different mask "
             f"on each tp rank; {rw.dropouts['replicated']} on replicated tensors draw the "
             "same mask on every tp rank")))
-
-
-def fake_check(gm, params, plan):
-    """Re-run the per-rank graph with FakeTensor at local shapes (fills node.meta['val'])."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = []
-    for ph in gm.graph.find_nodes(op="placeholder"):
-        kind, name = ph.meta.get("ptdp_input_kind"), ph.meta.get("ptdp_input_name")
-        old = ph.meta.get("ptdp_full_val")
-        if kind == "param":
-            pp = plan.params[name]
-            shape = pp.local_shape or pp.full_shape
-            inputs.append(mode.from_tensor(torch.empty(shape, dtype=params[name].dtype)))
-        else:
-            inputs.append(mode.from_tensor(old) if old is not None else None)
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-    except Exception as e:
-        raise ShardingError(f"the tensor-parallel graph does not type-check at local shapes: "
-                            f"{type(e).__name__}: {e}") from e
 
 
 def collective_plans(rw: Rewriter, t: int) -> list:

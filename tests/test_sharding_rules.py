@@ -319,3 +319,22 @@ def test_a_parameter_read_only_as_this_ranks_slice_is_stored_split_and_no_other(
     assert "stored split" in params["gain"].role
     assert not params["gain"].grad_tp_reduce
     assert params["shared"].placement is None and params["shared"].grad_tp_reduce
+
+
+class _PlainMLPLM(_ScaledMLP):
+    """embedding -> up -> relu -> down -> LM head, no residual and no norm."""
+
+    def forward(self, input_ids, labels):
+        h = torch.relu(self.up(self.emb(input_ids)))
+        logits = self.head(self.down(h))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_a_block_ending_right_before_the_lm_head_leaves_the_head_vocab_parallel():
+    """``down`` ends the MLP block and, read by the head with nothing between, looked like
+    the start of a block ending at the head: that guess is dropped with the head's row
+    role (it was refused: 'a row-parallel linear needs its input split')."""
+    prog = _passes_rank0(_PlainMLPLM(), *_batch(), tp=2)
+    placed = {n: str(pp.placement) for n, pp in prog.plan.params.items()}
+    assert placed["up.weight"] == "Shard(0)" and placed["down.weight"] == "Shard(1)", placed
+    assert placed["head.weight"] == "Shard(0)" and placed["emb.weight"] == "Shard(0)", placed
