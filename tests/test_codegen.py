@@ -73,7 +73,7 @@ def test_deep_model_compiles_no_more_kernels_than_shallow_and_never_recompiles()
     seen, sources = {}, []
     with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False), \
             mock.patch.object(GraphLowering, "save_output_code", staticmethod(sources.append)):
-        for layers in (2, 6):
+        for layers in (2, 4):
             model = build("gpt", n_layer=layers, n_embd=16, n_head=2)
             args, kwargs = batch("gpt", 2)
             want = model(*args, **kwargs)
@@ -91,9 +91,9 @@ def test_deep_model_compiles_no_more_kernels_than_shallow_and_never_recompiles()
             for _ in range(2):
                 pm.train_step(*args, **kwargs)
             assert compile_stats["compiles"] - before == compiles, "recompiled after step 1"
-    (k2, c2), (k6, c6) = seen[2], seen[6]
+    (k2, c2), (k4, c4) = seen[2], seen[4]
     assert k2 > 0 and c2 == 3
-    assert k6 <= k2 and c6 == c2
+    assert k4 <= k2 and c4 == c2
     # one compile per input signature means kernels specialised to it: no size symbols
     # (``s12 = primals_3.size()[0]``) read at run time in any generated module
     assert sources and not [m for src in sources for m in re.findall(r"\n\s+s\d+ = ", src)]
@@ -239,42 +239,23 @@ def test_comm_reorder_is_in_the_inductor_cache_key_and_keeps_the_cache_usable():
         ptdp.parallelize(build("gpt"), comm_reorder="yes")
 
 
-def _reorder_job(steps):
-    import torch._functorch.config as fconf
-    import torch._inductor.config as iconf
-    from models import parallel_sgd
-    from ptdp_compiler.codegen import inductor_options
-    before = len(inductor_options.reorder_report)
-    # caches off: a graph loaded from a cache is not re-scheduled, so it is not re-reported
-    with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False):
-        pm = ptdp.parallelize(build("gpt"), tp=2, sequence_parallel=True, codegen="inductor",
-                              comm_reorder=True)
-        losses, grads = parallel_sgd(pm, *batch("gpt", 4), steps, 0.1)
-    return losses, grads, inductor_options.reorder_report[before:]
-
-
-@pytest.mark.timeout(400)
-def test_comm_reorder_tp2_sp_matches_single_device_and_reports_moves(world):
-    from models import reference_sgd
-    steps = 2
-    ref_losses, ref_grads = reference_sgd(build("gpt"), *batch("gpt", 4), steps, 0.1)
-    for rank, (losses, grads, report) in enumerate(world(2, _reorder_job, steps, timeout=360)):
-        for s in range(steps):
-            assert_close_tensor(f"rank {rank} step {s} loss", losses[s], ref_losses[s])
-            for n in ref_grads[s]:
-                assert_close_tensor(f"rank {rank} step {s} grad {n}", grads[s][n],
-                                    ref_grads[s][n])
-        assert report, "Inductor scheduled graphs with collectives but reported nothing"
-        assert {e["graph"] for e in report} == {"forward", "backward"}
-        rows = [c for e in report for c in e["collectives"]]
-        ops = {c["op"] for c in rows}
-        assert any("all_gather" in o for o in ops) and any("reduce_scatter" in o for o in ops), ops
-        moved = [c for c in rows if c["moved"]]
-        assert any("all_gather" in c["op"] or "reduce_scatter" in c["op"] for c in moved), rows
-        # the point of moving them: more compute between a collective and its wait
-        assert any(c["overlap"][1] > c["overlap"][0] for c in moved), rows
-        assert all(e["moved"] == [c["op"] for c in e["collectives"] if c["moved"]]
-                   for e in report)
+def assert_reorder_report(report):
+    """comm_reorder=True's report (``inductor_options.reorder_report``) of a tp + SP
+    program: forward and backward graphs scheduled, SP all-gathers / reduce-scatters moved
+    away from their waits, with more compute between a collective and its wait. Used by
+    test_pipeline's whole-stack Inductor case, which compiles with comm_reorder=True (one
+    cold Inductor compile for both: CI's time)."""
+    assert report, "Inductor scheduled graphs with collectives but reported nothing"
+    assert {e["graph"] for e in report} == {"forward", "backward"}
+    rows = [c for e in report for c in e["collectives"]]
+    ops = {c["op"] for c in rows}
+    assert any("all_gather" in o for o in ops) and any("reduce_scatter" in o for o in ops), ops
+    moved = [c for c in rows if c["moved"]]
+    assert any("all_gather" in c["op"] or "reduce_scatter" in c["op"] for c in moved), rows
+    # the point of moving them: more compute between a collective and its wait
+    assert any(c["overlap"][1] > c["overlap"][0] for c in moved), rows
+    assert all(e["moved"] == [c["op"] for c in e["collectives"] if c["moved"]]
+               for e in report)
 
 
 @pytest.mark.parametrize("codegen", ["aot_eager"])

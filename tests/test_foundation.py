@@ -87,7 +87,7 @@ def recompile_job(codegen):
 
 
 def test_compiled_graph_is_reused_across_steps(world):
-    counts = world(2, recompile_job, "inductor")
+    counts = world(2, recompile_job, "aot_eager")   # caching is codegen-agnostic
     for c in counts:
         # one compile per distinct layer region (regional compilation), all in step 1
         assert c[0] >= 1 and c == [c[0]] * 4, f"recompiled after step 1: compiles per step {c}"

@@ -245,12 +245,16 @@ def test_killed_stage_is_named_and_the_other_stage_does_not_hang(tmp_path, monke
 
 @pytest.mark.timeout(900)
 def test_inductor_tp2_pp2_interleaved_sp_selective_recompute_matches_single_device(world):
-    """The whole stack at once, compiled by Inductor (C++ kernels on CPU)."""
+    """The whole stack at once, compiled by Inductor (C++ kernels on CPU), with Inductor's
+    compute / communication reordering (comm_reorder=True): numbers equal one device's and
+    the reorder report shows SP collectives moved (test_codegen.assert_reorder_report)."""
+    from tests.test_codegen import assert_reorder_report
     ref_losses, ref_grads = _reference("gpt", 4)
     cfg = dict(tp=2, pp=2, virtual_stages=2, microbatches=4, sequence_parallel=True,
-               recompute="selective")
+               recompute="selective", comm_reorder=True)
     res = world(4, inductor_job, cfg, timeout=850)
-    for rank, (losses, grads) in enumerate(res):
+    for rank, (losses, grads, report) in enumerate(res):
+        assert_reorder_report(report)
         for s in range(STEPS):
             assert_close_tensor(f"rank {rank} step {s} loss", losses[s], ref_losses[s], 1e-4)
             for k in ref_grads[s]:
@@ -259,14 +263,19 @@ def test_inductor_tp2_pp2_interleaved_sp_selective_recompute_matches_single_devi
 
 
 def inductor_job(cfg):
-    from ptdp_compiler.codegen import compile_stats
-    pm = ptdp.parallelize(_model("gpt", 4), codegen="inductor", **cfg)
+    import torch._functorch.config as fconf
+    import torch._inductor.config as iconf
+    from ptdp_compiler.codegen import compile_stats, inductor_options
+    before = len(inductor_options.reorder_report)
     compiles = []
-    losses, grads = parallel_sgd(pm, *batch("gpt", GB), STEPS, LR,
-                                 after_step=lambda _: compiles.append(
-                                     compile_stats["compiles_inductor"]))
+    # caches off: a graph loaded from a cache is not re-scheduled, so it is not re-reported
+    with iconf.patch(fx_graph_cache=False), fconf.patch(enable_autograd_cache=False):
+        pm = ptdp.parallelize(_model("gpt", 4), codegen="inductor", **cfg)
+        losses, grads = parallel_sgd(pm, *batch("gpt", GB), STEPS, LR,
+                                     after_step=lambda _: compiles.append(
+                                         compile_stats["compiles_inductor"]))
     assert compiles[0] > 0 and compiles[-1] == compiles[0], f"recompiled: {compiles}"
-    return losses, grads
+    return losses, grads, inductor_options.reorder_report[before:]
 
 
 def _split_backward_job(split):
