@@ -35,12 +35,12 @@ def parity_job(name, layers, cfg):
 
 
 # (model, layers, layout): pp 2 and 4, 1F1B and interleaved, m in {4, 8}; each layout once
-# (GPT at tp2×pp2 interleaved + SP is the Inductor case below, GPT at tp2×pp2×dp2 is GPT-2's)
+# (GPT at tp2×pp2 interleaved + SP is the Inductor case below, GPT at tp2×pp2×dp2 is GPT-2's,
+# Llama interleaved without tp is its tp2 + SP case's pipeline)
 PARITY = [
     ("gpt", 4, dict(pp=4, microbatches=8)),
     ("gpt", 4, dict(pp=2, virtual_stages=2, microbatches=4)),
     ("gpt", 8, dict(pp=4, virtual_stages=2, microbatches=8)),
-    ("llama", 4, dict(pp=2, virtual_stages=2, microbatches=4)),
     ("llama", 4, dict(tp=2, pp=2, virtual_stages=2, microbatches=4, sequence_parallel=True)),
     ("gpt2", 4, dict(pp=2, microbatches=8)),
     ("gpt2", 2, dict(tp=2, pp=2, dp=2, microbatches=4)),
