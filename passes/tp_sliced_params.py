@@ -8,11 +8,10 @@ gradient is a tp-partial sum that needs an all-reduce.
 
 When the sliced value is the parameter itself or is computed from it alone by
 element-wise ops of one input (casts, ``exp``, ``neg``) and views that add or drop
-dimensions of size 1, and every
-reader of that chain slices it the same way, the parameter is seeded split instead
-(``learn``): the next walk runs the chain on the shard, the rank stores 1/t of the
-parameter, and its gradient is complete on each rank (no all-reduce). A parameter with
-any other reader keeps its replicated placement.
+dimensions of size 1, and every reader of that chain slices it the same way, the
+parameter is seeded split instead (``learn``): the next walk runs the chain on the shard,
+the rank stores 1/t of the parameter, and its gradient is complete on each rank (no
+all-reduce). A parameter with any other reader keeps its replicated placement.
 """
 from __future__ import annotations
 
