@@ -375,7 +375,7 @@ def _train_gpt_losses_job(argv):
 
 # Opt-in (PTDP_TORCHRUN_RESTART=1): 28 s, and once in CI (2026-12-02) the restarted rank 1
 # aborted in gloo ("terminate called without an active exception", no Python traceback)
-# after the restarted ranks' first step; 7 runs here, 4 of them with the cores saturated,
+# after the restarted ranks' first step; 12 runs here, 9 of them with the cores saturated,
 # passed. Unexplained, so not in the default suite until it is.
 @pytest.mark.skipif(__import__("shutil").which("torchrun") is None,
                     reason="torchrun is not installed")
