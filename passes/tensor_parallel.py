@@ -101,6 +101,7 @@ class Rewriter:
         self.bucket = dict(bucket or {})
         self.params_with_own_f = []
         self.localized = []               # (value, dim, blocks, captured op): tp_sliced_params
+        self.sliced_params = {}           # what tp_sliced_params learned from the walk before
         self.dropouts = {"sharded": 0, "replicated": 0}
         self.sequence_gathered = []       # ops run on the whole sequence under SP
         self.sequence_split, self.scattered = set(), set()
@@ -452,12 +453,11 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
             pp.placement = pl
             pp.local_shape = tuple(local_shape(pp.full_shape, pl, t))
         pp.grad_tp_reduce = name in rw.grad_tp_params
-    sliced_names = rw.sliced_params
     for n in gm.graph.nodes:
         name = _an.param_name(n)
         if name and not n.users and name in seeds:
             plan.params[name].role = "not read by the forward: stored split by rows"
-        if name in sliced_names:
+        if name in rw.sliced_params:
             plan.params[name].role = tp_sliced_params.ROLE
         if name and not plan.params[name].role:
             for u in n.users:

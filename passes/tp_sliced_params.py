@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from . import analyze as _an
+from .rules import is_pointwise
 from .rules.pointwise import PASSTHROUGH
 from .sharding import Shard
 
@@ -57,8 +58,7 @@ def _chain_step(c: fx.Node) -> Optional[fx.Node]:
     a = inputs[0]
     if c.target in _SINGLETON_VIEWS:
         return a if _nonunit(c) == _nonunit(a) else None
-    tags = getattr(c.target, "tags", ())
-    if (c.target in PASSTHROUGH or torch.Tag.pointwise in tags) and \
+    if (c.target in PASSTHROUGH or is_pointwise(c.target)) and \
             tuple(c.meta["val"].shape) == tuple(a.meta["val"].shape):
         return a
     return None

@@ -45,16 +45,7 @@ def _hint(d) -> int:
     try:
         return int(d)
     except Exception:   # a symbolic size: its hint
-        pass
-    if d.node.hint is not None:
         return int(d.node.hint)
-    # a data-dependent size (``.item()``, ``nonzero``) has no hint: the largest value its
-    # range allows when that is finite (an upper bound, for estimates), else 1
-    try:
-        upper = d.node.shape_env.bound_sympy(d.node.expr).upper
-        return int(upper) if upper.is_finite else 1
-    except Exception:
-        return 1
 
 
 def numel(v) -> int:
