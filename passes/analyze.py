@@ -51,6 +51,8 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.
 ALONG_DIM = {aten.max.dim, aten.min.dim, aten.sort.default, aten.argmax.default,
              aten.argmin.default, aten.cumsum.default, aten.topk.default}
 GROUPED_MM = {aten._grouped_mm.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default}
+_PADS = {aten.pad.default, aten.constant_pad_nd.default}
 
 
 def is_grouped_mm(target) -> bool:
@@ -226,6 +228,13 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
         return d + 1 if args[0] % (nd + 1) <= d else d
     if u.target is aten.select.int:
         return None if args[0] % nd == d else d - (args[0] % nd < d)
+    if u.target in _CONVS and u.args[0] is src and d == 1 and \
+            (u.args[6] if len(u.args) > 6 else 1) == sv.shape[1]:
+        return 1              # a depthwise conv's channels (Mamba's short conv)
+    if u.target is aten.repeat_interleave.self_int and len(args) > 1 and args[1] is not None:
+        return d              # kv heads repeated for the value heads sharing them
+    if u.target in _PADS and d < nd - len(u.args[1]) // 2:
+        return d              # padding of other (trailing) dimensions
     if m == nd and tuple(uv.shape) == tuple(sv.shape) or u.target in (aten.expand.default,) or \
             (isinstance(u.target, torch._ops.OpOverload) and torch.Tag.pointwise in u.target.tags):
         return d + m - nd     # same layout (pointwise, broadcast, casts, rope)

@@ -26,7 +26,7 @@ import torch
 
 from ptdp_compiler.placement import Shard
 
-__all__ = ["Shard", "PaddedShard", "TailShard", "moved", "padded_size", "view_rule", "local_shape",
+__all__ = ["Shard", "PaddedShard", "TailShard", "PieceShard", "moved", "padded_size", "view_rule", "local_shape",
            "shard_tensor", "unshard_tensors"]
 
 
@@ -40,6 +40,10 @@ class PaddedShard(Shard):
     def __str__(self):
         return f"Shard({self.dim}, vocabulary padded {self.size}->{self.padded})"
 
+    def runs(self, size: int, t: int, r: int) -> list:
+        n = self.padded // t   # the padding rows past ``size`` map to nothing
+        return [(0, r * n, min(n, self.size - r * n))] if r * n < self.size else []
+
 
 @dataclasses.dataclass(frozen=True)
 class TailShard(Shard):
@@ -52,6 +56,25 @@ class TailShard(Shard):
 
     def __str__(self):
         return f"Shard({self.dim}, last {self.tail} replicated)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceShard(Shard):
+    """Shard(dim) of a dimension made of consecutive ``pieces`` of unequal sizes (a fused
+    [q | k | v] whose value part is wider than its key parts, Mamba-2's [x | B | C]): each
+    piece is split t ways on its own and a rank holds its slice of every piece, in order
+    (local size ``sum(pieces)/t``). Equal pieces are ``Shard(dim, outer=len(pieces))``."""
+    pieces: tuple = ()
+
+    def __str__(self):
+        return f"Shard({self.dim}, pieces={list(self.pieces)})"
+
+    def runs(self, size: int, t: int, r: int) -> list:
+        out, lo, full = [], 0, 0
+        for p in self.pieces:
+            out.append((lo, full + r * (p // t), p // t))
+            lo, full = lo + p // t, full + p
+        return out
 
 
 def padded_size(size: int, t: int) -> int:
@@ -83,6 +106,13 @@ def view_rule(in_shape, pl: Shard, out_shape, t: int) -> Optional[Shard]:
         out_shape[out_shape.index(-1)] = math.prod(in_shape) // max(known, 1)
     if isinstance(pl, TailShard):
         return _tail_view_rule(in_shape, pl, out_shape, t)
+    if isinstance(pl, PieceShard):   # only views that leave the pieced dimension alone
+        lead, inner = math.prod(in_shape[:pl.dim]), math.prod(in_shape[pl.dim + 1:])
+        for i, o in enumerate(out_shape):
+            if o == in_shape[pl.dim] and math.prod(out_shape[:i]) == lead and \
+                    math.prod(out_shape[i + 1:]) == inner:
+                return dataclasses.replace(pl, dim=i)
+        return None
     # flat index of the whole tensor: (outer_total, t, inner_total) around the rank factor
     outer_total = math.prod(in_shape[:pl.dim]) * pl.outer
     inner_total = math.prod(in_shape[pl.dim + 1:]) * (in_shape[pl.dim] // (pl.outer * t))
@@ -139,6 +169,9 @@ def shard_tensor(full: torch.Tensor, pl: Optional[Shard], t: int, r: int) -> tor
         n = full.shape[pl.dim] - pl.tail
         head = shard_tensor(full.narrow(pl.dim, 0, n), Shard(pl.dim), t, r)
         return torch.cat([head, full.detach().narrow(pl.dim, n, pl.tail)], pl.dim)
+    if isinstance(pl, PieceShard):
+        return torch.cat([full.detach().narrow(pl.dim, f, n) for _, f, n in
+                          pl.runs(full.shape[pl.dim], t, r)], pl.dim).clone()
     full = pad_to_shard(full.detach(), pl).contiguous()
     shape = list(full.shape)
     shape[pl.dim] //= t
@@ -154,6 +187,10 @@ def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:
         return torch.cat([p.narrow(pl.dim, 0, n) for p in pieces] +
                          [pieces[0].narrow(pl.dim, n, pl.tail)], pl.dim)
     t = len(pieces)
+    if isinstance(pl, PieceShard):
+        return torch.cat([p.narrow(pl.dim, lo, n) for piece in range(len(pl.pieces))
+                          for p in pieces
+                          for lo, _, n in [pl.runs(0, t, 0)[piece]]], pl.dim)
     shape = list(pieces[0].shape)
     d, o = pl.dim, pl.outer
     vs = [p.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]) for p in pieces]

@@ -63,7 +63,7 @@ from ptdp_compiler.placement import CollectivePlan, Shard
 from . import analyze as _an
 from . import tp_coverage, tp_sliced_params
 from .rules import RULES, KeepReplicated, Refine, find_rule
-from .sharding import PaddedShard, local_shape, view_rule
+from .sharding import PaddedShard, PieceShard, local_shape, moved, view_rule
 from .tp_fake_check import fake_check
 from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
 
@@ -100,7 +100,7 @@ class Rewriter:
         # first use of any of them (so the op never crosses a layer/pipeline-stage boundary)
         self.bucket = dict(bucket or {})
         self.params_with_own_f = []
-        self.localized = []               # (value, dim, blocks, captured op): tp_sliced_params
+        self.localized = []               # (value, dim, placement there, captured op)
         self.sliced_params = {}           # what tp_sliced_params learned from the walk before
         self.dropouts = {"sharded": 0, "replicated": 0}
         self.sequence_gathered = []       # ops run on the whole sequence under SP
@@ -199,6 +199,8 @@ class Rewriter:
         p = self.placement[v]
         if p is None:
             return v
+        if isinstance(p, PieceShard):
+            self.fail(node, f"an all-gather of a value split by pieces ({p})")
         if v not in self._gathered:
             n = self.emit(ptdp_ops.sp_gather.default, (v, p.dim, p.outer, self.group_name,
                                                       self.t), pl=None, like=node)
@@ -264,8 +266,12 @@ class Rewriter:
         if isinstance(out_pl, PaddedShard):
             self.fail(node, "a replicated operand meets the padded vocabulary dimension")
         n, o, t = full_shape[j], out_pl.outer, self.t
-        self.localized.append((v, j, o, node))
+        self.localized.append((v, j, moved(out_pl, j), node))
         v = self.f(v)
+        if isinstance(out_pl, PieceShard):   # this rank's slice of every piece, in order
+            parts = [self.emit(aten.slice.Tensor, (v, j, f, f + length), pl=None, like=node)
+                     for _, f, length in out_pl.runs(n, t, self.rank)]
+            return self.emit(aten.cat.default, (parts, j), pl=None, like=node)
         if o == 1:
             lo = self.rank * (n // t)
             return self.emit(aten.slice.Tensor, (v, j, lo, lo + n // t), pl=None, like=node)

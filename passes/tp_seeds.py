@@ -13,7 +13,7 @@ from ptdp_compiler.errors import ConfigError, ShardingError
 from ptdp_compiler.placement import Shard
 
 from . import analyze as _an
-from .sharding import PaddedShard, TailShard, moved, padded_size
+from .sharding import PaddedShard, PieceShard, TailShard, moved, padded_size
 
 
 def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
@@ -109,8 +109,8 @@ def _same_in_every_layer(name: str, analysis: _an.Analysis, siblings: bool,
 def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = False,
                  learned: Optional[set] = None) -> dict:
     """``ref.param``'s output rows are whole blocks (a fused q/k/v or gate/up projection):
-    re-seed it (and its bias) as ``Shard(dim, blocks)`` so each rank keeps its slice of
-    every block. With ``ref.tail``: the last rows (a multi-query projection's shared key /
+    re-seed it (and its bias) as ``Shard(dim, blocks)`` (``PieceShard`` for unequal
+    pieces) so each rank keeps its slice of every block. With ``ref.tail``: the last rows (a multi-query projection's shared key /
     value head) stay whole on every rank, ``TailShard``."""
     seeds = dict(seeds)
     names = set(_same_in_every_layer(ref.param, analysis, siblings,
@@ -118,6 +118,7 @@ def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = Fals
     for lin in analysis.linears.values():
         if _an.param_name(lin.weight) in names:
             pl = TailShard(lin.w_out_dim, 1, ref.tail) if ref.tail else \
+                PieceShard(lin.w_out_dim, 1, ref.pieces) if ref.pieces else \
                 Shard(lin.w_out_dim, ref.outer)
             seeds[_an.param_name(lin.weight)] = pl
             if lin.bias is not None:

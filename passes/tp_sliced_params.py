@@ -23,7 +23,7 @@ import torch.fx as fx
 from . import analyze as _an
 from .rules import is_pointwise
 from .rules.pointwise import PASSTHROUGH
-from .sharding import Shard
+from .sharding import moved
 
 aten = torch.ops.aten
 ROLE = "read only as this rank's slice (element-wise on a split dimension): stored split"
@@ -94,15 +94,15 @@ def _chain(p: fx.Node) -> set:
 
 def learn(gm: fx.GraphModule, rw, seeds: dict) -> dict:
     """{parameter: Shard} for the replicated parameters whose every reader sliced them
-    alike in the walk ``rw`` (its ``localized`` records: new value, dimension, blocks,
-    captured op)."""
+    alike in the walk ``rw`` (its ``localized`` records: new value, dimension, placement
+    on it, captured op)."""
     old_of = {new: old for old, new in rw.env.items() if isinstance(new, fx.Node)}
     sliced = {}                       # (captured chain value, captured reader) -> (param, pl)
-    for v, j, outer, node in rw.localized:
+    for v, j, pl, node in rw.localized:
         c = old_of.get(v)
         src = _to_param(c, j) if c is not None else None
         if src is not None:
-            sliced[(c, node)] = (src[0], Shard(src[1], outer))
+            sliced[(c, node)] = (src[0], moved(pl, src[1]))
     out = {}
     for p in {p for p, _ in sliced.values()}:
         name = _an.param_name(p)

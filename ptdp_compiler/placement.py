@@ -21,6 +21,13 @@ class Shard:
     def __str__(self):
         return f"Shard({self.dim})" if self.outer == 1 else f"Shard({self.dim}, blocks={self.outer})"
 
+    def runs(self, size: int, t: int, r: int) -> list:
+        """Rank ``r``'s part of a dimension of full ``size`` as ``(local start, full start,
+        length)`` runs in local order (padding and replicated tails aside)."""
+        block = size // (self.outer * t)
+        return [(b * block, b * (size // self.outer) + r * block, block)
+                for b in range(self.outer)]
+
 
 @dataclasses.dataclass
 class ParamPlan:

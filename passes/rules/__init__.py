@@ -15,6 +15,8 @@ sharded ones are sliced to this rank's part (``rw.localize``) or wrapped in Mega
     conv.py        depthwise convolution of channel-split inputs
     einsum.py      einsum split on an index the output keeps (heads)
     gather.py      gather along a dimension that is not split
+    other_dims.py  pad, tril / triu, repeat_interleave: local off the dims they act on
+    pieces.py      cuts of fused projections into unequal pieces (helpers)
     linear.py      column / row-parallel and replicated linears
     vocab.py       vocab-parallel embedding and cross-entropy
 """
@@ -31,10 +33,11 @@ class Refine(Exception):
     """Raised by a rule that learned a parameter must be re-seeded (a fused projection's
     rows are whole blocks); the pass restarts the walk with the new seed."""
 
-    def __init__(self, param: str, outer: int, tail: int = 0):
-        super().__init__(f"re-seed {param} as {outer} blocks" +
+    def __init__(self, param: str, outer: int, tail: int = 0, pieces: tuple = ()):
+        super().__init__(f"re-seed {param} as " +
+                         (f"pieces {list(pieces)}" if pieces else f"{outer} blocks") +
                          (f", its last {tail} rows replicated" if tail else ""))
-        self.param, self.outer, self.tail = param, outer, tail
+        self.param, self.outer, self.tail, self.pieces = param, outer, tail, tuple(pieces)
 
 
 class KeepReplicated(Exception):
@@ -67,4 +70,4 @@ def find_rule(target) -> Optional[Callable]:
     return fn
 
 
-from . import attention, conv, einsum, gather, linear, pointwise, reductions, shape, vocab  # noqa: E402,F401,E501
+from . import attention, conv, einsum, gather, linear, other_dims, pointwise, reductions, shape, vocab  # noqa: E402,F401,E501

@@ -11,6 +11,7 @@ import torch.fx as fx
 from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.placement import Shard
 
+from ..sharding import moved
 from .pointwise import rank_dropout
 from . import rule
 
@@ -27,7 +28,7 @@ def heads_of(rw, a, node):
         # backward reduce-scatters the partial gradients of each rank's heads)
         v, p = rw.gathered(v, node, block_input=False), None
     if p is not None:
-        if p.dim != 1 or p.outer != 1:
+        if p != Shard(1):
             rw.fail(node, f"attention needs q, k, v split on the heads dimension; got {p}")
         return v
     shape = tuple(a.meta["val"].shape)
@@ -114,10 +115,10 @@ def _batch_placement(rw, node, a, b):
         if p is not None and p.dim >= v.dim() - 2:
             rw.fail(node, f"matmul of {pa} and {pb}: only a shared batch (heads) dimension "
                           "may be sharded")
-    if pa is not None and pb is not None and (ca != cb or pa.outer != pb.outer):
+    if pa is not None and pb is not None and moved(pa, ca) != moved(pb, cb):
         rw.fail(node, f"matmul of {pa} and {pb}: the operands' batch dimensions are sharded "
                       "differently")
-    out = Shard(ca, pa.outer) if pa is not None else Shard(cb, pb.outer)
+    out = moved(pa, ca) if pa is not None else moved(pb, cb)
     args = []
     for x, p, v in ((a, pa, va), (b, pb, vb)):
         nx = rw.new(x)

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ptdp_compiler.placement import Shard
-
-from ..sharding import PaddedShard
+from ..sharding import PaddedShard, moved
 from . import rule
 
 aten = torch.ops.aten
@@ -26,7 +24,7 @@ def einsum(rw, node):
     ins, out = _parse(eq)
     if "." in eq or not out or len(ins) != len(operands):
         rw.fail(node, f"einsum '{eq}' with sharded operands needs explicit indices and output")
-    label, outer = None, None
+    label, first = None, None
     for spec, a in zip(ins, operands):
         p = rw.placement_of(a)
         if p is None:
@@ -34,10 +32,10 @@ def einsum(rw, node):
         if isinstance(p, PaddedShard) or len(spec) != a.meta["val"].dim():
             rw.fail(node, f"einsum operand {a.name} placed {p}")
         lab = spec[p.dim]
-        if label is not None and (lab, p.outer) != (label, outer):
+        if label is not None and (lab, moved(p, 0)) != (label, moved(first, 0)):
             rw.fail(node, f"einsum '{eq}': operands split on different indices "
                           f"({label} and {lab})")
-        label, outer = lab, p.outer
+        label, first = lab, p
     if label not in out:
         rw.fail(node, f"einsum '{eq}' sums over the split index '{label}' (partial sums)")
     args = []
@@ -46,10 +44,10 @@ def einsum(rw, node):
         if rw.placement.get(v) is None and label in spec:
             shape = tuple(a.meta["val"].shape)
             j = spec.index(label)
-            v = rw.localize(v, shape, Shard(j, outer), len(shape), node)
+            v = rw.localize(v, shape, moved(first, j), len(shape), node)
         elif rw.placement.get(v) is None:
             v = rw.f(v)
         args.append(v)
     return rw.emit(aten.einsum.default, (eq, args), dict(node.kwargs),
-                   pl=Shard(out.index(label), outer), like=node)
+                   pl=moved(first, out.index(label)), like=node)
 

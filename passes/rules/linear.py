@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..sharding import Shard, TailShard, moved
+from ..sharding import PieceShard, Shard, TailShard, moved
 from . import rule
 
 aten = torch.ops.aten
@@ -79,7 +79,7 @@ def linear(rw, node, lin):
             x = rw.f(x)
         return _emit(rw, node, x, pl=moved(wp, out_nd - 1))
     if wp is not None:                                        # row-parallel
-        if xp is None or xp.dim != x_nd - 1 or xp.outer != 1:
+        if xp is None or xp.dim != x_nd - 1 or xp.outer != 1 or isinstance(xp, PieceShard):
             rw.fail(node, "a row-parallel linear needs its input split on the last "
                           f"dimension; got {xp}")
         mm = _emit(rw, node, x, bias=None)

@@ -5,6 +5,7 @@ sharded dimension; along it, pieces that are whole blocks of a fused projection 
 gate/up) are local once the producing weight's rows are permuted (``Refine``)."""
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -15,16 +16,15 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.placement import Shard
 
 from .. import analyze as _an
-from ..sharding import PaddedShard, TailShard, local_shape, moved, view_rule
+from ..sharding import PaddedShard, PieceShard, TailShard, local_shape, moved, view_rule
 from . import KeepReplicated, Refine, rule
+from . import pieces as _pieces_mod
+from .pieces import VIEWS
+from .pieces import producing_weight as _producing_weight
 from .pointwise import PASSTHROUGH
 
 aten = torch.ops.aten
 
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-         aten.flatten.using_ints, aten.unflatten.int,
-         aten.view_as.default, aten.reshape_as.default}   # the shape of another tensor
-_DIM_MOVES = {aten.transpose.int, aten.t.default, aten.permute.default, aten.unsqueeze.default}
 SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
           aten.tensor_split.indices}
 
@@ -193,6 +193,8 @@ def complex_view(rw, node):
 def _block_slice(rw, node, x, xp, dim, start, end):
     """Placement and local bounds of ``x[start:end]`` along its sharded dimension ``dim``:
     local when [start, end) is a union of whole blocks of the layout (outer, t, inner)."""
+    if isinstance(xp, PieceShard):
+        return _pieces_mod.cut(rw, node, xp, start, end)
     full = _shape(x)[dim]
     block = full // xp.outer
     if isinstance(xp, PaddedShard):
@@ -228,7 +230,7 @@ def slice_(rw, node):
         # every rank's contiguous chunk starts at a multiple of the step: x[start::step]
         # of the whole is, rank by rank, chunk[start::step] (gpt-oss's interleaved gate/up)
         chunk = size // rw.t
-        if xp.outer != 1 or isinstance(xp, PaddedShard) or chunk % step or \
+        if xp.outer != 1 or isinstance(xp, (PaddedShard, PieceShard)) or chunk % step or \
                 not 0 <= start < step or end != size:
             rw.fail(node, f"the strided slice [{start}:{end}:{step}] of the sharded "
                           f"dimension is not the same slice of every rank's chunk")
@@ -292,8 +294,19 @@ def split(rw, node):
         n = rw.emit(aten.split_with_sizes.default, (rw.new(x), local, dim), like=node)
         rw.placement[n] = [moved(Shard(dim), dim)] + [None] * (len(sizes) - 1)
         return n
+    if isinstance(xp, PieceShard):
+        cuts = [_pieces_mod.cut(rw, node, xp, a, a + s)
+                for a, s in zip(itertools.accumulate([0] + sizes[:-1]), sizes)]
+        local = [hi - lo for _, lo, hi in cuts]
+        rw.shape_rewrite(node, sizes, local)
+        n = rw.emit(aten.split_with_sizes.default, (rw.new(x), local, dim), like=node)
+        rw.placement[n] = [p for p, _, _ in cuts]
+        return n
     if any(s % block for s in sizes):
         _refuse_fused_kv(rw, x, dim)
+        if _pieces_mod.unequal(xp, sizes, rw.t):
+            raise Refine(_producing_weight(rw, x, node), 1,
+                         pieces=_pieces_mod.unequal(xp, sizes, rw.t))
         need = full // math.gcd(full, *sizes)
         if full % (need * rw.t):
             rw.fail(node, f"tp={rw.t} cannot split each of the pieces {sizes}", ConfigError)
@@ -406,22 +419,6 @@ def _kv_tail(rw, x, dim) -> int:
     return size - n
 
 
-def _producing_weight(rw, x, node) -> str:
-    """The parameter whose output rows ``x``'s sharded dimension is (through copies,
-    views and transposes: Mamba reads its fused projection channels-first): the weight to
-    re-seed as block-sharded."""
-    m = x
-    while True:
-        lin = rw.analysis.linears.get(m)
-        if lin is not None:
-            return _an.param_name(lin.weight)
-        if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
-                m.target not in PASSTHROUGH | VIEWS | _DIM_MOVES:
-            rw.fail(node, "a split of the sharded dimension into pieces the producing "
-                          "weight cannot be permuted for")
-        m = m.args[0]
-
-
 @rule(operator.getitem)
 def getitem(rw, node):
     src, i = node.args
@@ -463,9 +460,13 @@ def cat(rw, node):
     pieces = [a for a in tensors if not (a.meta["val"].dim() == 1 and a.meta["val"].numel() == 0)]
     if shard.dim == dim:
         # along the sharded dimension: every piece sharded the same way makes a block layout
-        sizes = {a.meta["val"].shape[dim] for a in pieces}
-        if any(rw.placement_of(a) is None for a in pieces) or len(sizes) != 1 or \
-                isinstance(shard, PaddedShard):
+        sizes = [a.meta["val"].shape[dim] for a in pieces]
+        pls = [rw.placement_of(a) for a in pieces]
+        if len(set(sizes)) > 1 or any(isinstance(p, PieceShard) for p in pls):
+            out = _pieces_mod.joined(rw, node, pls, sizes, dim)
+            return rw.emit(aten.cat.default, ([rw.new(a) for a in pieces], dim), pl=out,
+                           like=node)
+        if any(p is None for p in pls) or isinstance(shard, PaddedShard):
             rw.fail(node, "cat along the sharded dimension of pieces that are not all "
                           "sharded alike")
         out = moved(shard, dim, shard.outer * len(pieces))

@@ -114,16 +114,14 @@ def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int,
                             offsets[:d] + (base + lo,) + offsets[d + 1:],
                             sizes[:d] + (hi - lo,) + sizes[d + 1:]))
         return out
-    d, o = placement.dim, placement.outer
-    block = full_shape[d] // (o * t)  # a rank's run of rows per fused block
+    d = placement.dim
     out, a, end = [], offsets[d], offsets[d] + sizes[d]
-    while a < end:
-        b, j = divmod(a, block)
-        n = min(end - a, block - j)
-        lo = offsets[:d] + (a,) + offsets[d + 1:]
-        fo = offsets[:d] + (b * (full_shape[d] // o) + r * block + j,) + offsets[d + 1:]
-        out.append((lo, fo, sizes[:d] + (n,) + sizes[d + 1:]))
-        a += n
+    for start, full_start, length in placement.runs(full_shape[d], t, r):  # fused blocks
+        lo, hi = max(a, start), min(end, start + length)
+        if lo < hi:
+            out.append((offsets[:d] + (lo,) + offsets[d + 1:],
+                        offsets[:d] + (full_start + lo - start,) + offsets[d + 1:],
+                        sizes[:d] + (hi - lo,) + sizes[d + 1:]))
     return out
 
 
