@@ -130,6 +130,41 @@ class ConvMixBlock(SDPABlock):
         return x + self.out(y.transpose(1, 2))
 
 
+class DeltaMixBlock(SDPABlock):
+    """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
+    Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
+    its key parts (unequal pieces), a depthwise causal conv1d over all of it, split back;
+    key heads L2-normalised and repeated for the value heads that share them; causal
+    linear attention over the sequence padded by a chunk (scores masked by tril); an
+    output gate from a separate projection; the down-projection. tp splits every piece by
+    heads, the conv filters along with them."""
+
+    def __init__(self, width, heads, key_heads=2, value_heads=4, head_dim=8):
+        super().__init__(width, heads)
+        self.kh, self.vh, self.hd = key_heads, value_heads, head_dim
+        fused = (2 * key_heads + value_heads) * head_dim
+        self.norm3 = nn.RMSNorm(width)
+        self.fused = nn.Linear(width, fused, bias=False)
+        self.conv = nn.Conv1d(fused, fused, 4, groups=fused, bias=False, padding=3)
+        self.z = nn.Linear(width, value_heads * head_dim, bias=False)
+        self.out = nn.Linear(value_heads * head_dim, width, bias=False)
+
+    def forward(self, x):
+        x = super().forward(x)
+        B, T, _ = x.shape
+        h = self.norm3(x)
+        mixed = F.silu(self.conv(self.fused(h).transpose(1, 2))[..., :T]).transpose(1, 2)
+        kd = self.kh * self.hd
+        q, k, v = torch.split(mixed, [kd, kd, self.vh * self.hd], dim=-1)
+        q, k = (F.normalize(a.reshape(B, T, self.kh, self.hd), dim=-1)
+                .repeat_interleave(self.vh // self.kh, dim=2) for a in (q, k))
+        v = v.reshape(B, T, self.vh, self.hd)
+        q, k, v = (F.pad(a.transpose(1, 2), (0, 0, 0, 4)) for a in (q, k, v))
+        y = ((q @ k.transpose(-1, -2)).tril() @ v)[:, :, :T]          # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, -1) * F.silu(self.z(h))
+        return x + self.out(y)
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
@@ -137,7 +172,8 @@ class TorchNNLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, width)
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
-               "norm_mix": NormMixBlock, "conv_mix": ConvMixBlock}[block]
+               "norm_mix": NormMixBlock, "conv_mix": ConvMixBlock,
+               "delta_mix": DeltaMixBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -33,13 +33,15 @@ def nn_job(block, sp):
 
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
-                                      ("conv_mix", True)])
+                                      ("conv_mix", True), ("delta_mix", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
     vector norms, view_as / reshape_as / expand_as / zeros_like, masked_fill_ and
     log_sigmoid (nn_models.ShapeOpsBlock); a depthwise conv1d mixer whose filters and
-    per-channel parameters are stored split (nn_models.ConvMixBlock)."""
+    per-channel parameters are stored split (nn_models.ConvMixBlock); a gated linear-
+    attention mixer whose fused [q | k | v] has unequal pieces, each split by heads, the
+    conv filters with them (nn_models.DeltaMixBlock)."""
     torch.manual_seed(0)
     model = TorchNNLM(block)
     full = sum(p.numel() for p in model.parameters())
@@ -55,6 +57,10 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             assert placed["blocks.0.inp.weight"] == "Shard(0, blocks=2)", placed
             for n in ("conv.weight", "conv.bias", "a_log", "d"):
                 assert placed[f"blocks.1.{n}"] == "Shard(0)", (n, placed)
+        if block == "delta_mix":   # [q | k | v] of 16, 16, 32 rows, each split by heads
+            for n in ("fused.weight", "conv.weight"):
+                assert placed[f"blocks.1.{n}"] == "Shard(0, pieces=[16, 16, 32])", placed
+            assert placed["blocks.1.z.weight"] == "Shard(0)", placed
 
 
 def norm_mix_job(strict):
@@ -338,3 +344,28 @@ def test_a_block_ending_right_before_the_lm_head_leaves_the_head_vocab_parallel(
     placed = {n: str(pp.placement) for n, pp in prog.plan.params.items()}
     assert placed["up.weight"] == "Shard(0)" and placed["down.weight"] == "Shard(1)", placed
     assert placed["head.weight"] == "Shard(0)" and placed["emb.weight"] == "Shard(0)", placed
+
+
+@pytest.mark.parametrize("pl", ["pieces", "blocks", "padded"])
+def test_a_ranks_boxes_of_the_full_tensor_tile_it_exactly(pl):
+    """What a checkpoint stores: each rank's shard (shard_tensor) maps back, box by box
+    (runtime.layout.local_to_full), onto exactly its elements of the full tensor, and the
+    ranks' shards together are the whole (unshard_tensors)."""
+    from ptdp_compiler.passes.sharding import (PaddedShard, PieceShard, Shard, shard_tensor,
+                                               unshard_tensors)
+    from ptdp_compiler.runtime.layout import local_to_full
+    t = 2
+    full = torch.arange(64 * 3.0).reshape(64, 3) if pl != "padded" else \
+        torch.arange(63 * 3.0).reshape(63, 3)
+    place = {"pieces": PieceShard(0, 1, (16, 16, 32)), "blocks": Shard(0, 4),
+             "padded": PaddedShard(0, 1, 63, 64)}[pl]
+    shards = [shard_tensor(full, place, t, r) for r in range(t)]
+    assert torch.equal(unshard_tensors(shards, place), full)
+    seen = torch.zeros_like(full)
+    for r, local in enumerate(shards):
+        for lo, fo, sz in local_to_full((0, 0), tuple(local.shape), place, tuple(full.shape),
+                                        t, r):
+            box = local[lo[0]:lo[0] + sz[0], lo[1]:lo[1] + sz[1]]
+            assert torch.equal(box, full[fo[0]:fo[0] + sz[0], fo[1]:fo[1] + sz[1]])
+            seen[fo[0]:fo[0] + sz[0], fo[1]:fo[1] + sz[1]] += 1
+    assert bool((seen == 1).all())
