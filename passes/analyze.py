@@ -117,6 +117,9 @@ class Analysis:
     block_attention: set = dataclasses.field(default_factory=set)
     # the token embedding plus the position / type embeddings added to it, reduced once
     embedding_sum: Optional[object] = None
+    # row-parallel ends whose output flows back into their own block (Mamba's x_proj):
+    # all-reduced, never reduce-scattered along the sequence (the block needs it whole)
+    inner_rows: set = dataclasses.field(default_factory=set)
 
 
 def param_name(node) -> Optional[str]:
@@ -254,6 +257,8 @@ def _walk(lin: Linear, linears: dict):
     barrier."""
     probe = _smallest_factor(lin.out_features)
     region, rows, barriers = set(), set(), []
+    if lin.out_features == 1:   # a scalar gate per token (Qwen2-MoE's shared-expert gate)
+        return region, rows, [lin.node]
     stack = [(lin.node, lin.node.meta["val"].dim() - 1)]
     while stack:
         n, d = stack.pop()
@@ -389,6 +394,10 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         groups.setdefault(find(n), []).append(n)
     for members in groups.values():
         rows = set().union(*(walks[m][1] for m in members))
+        # a start the block also ends at (Mamba's x_proj: row-parallel on the split
+        # channels, its all-reduced dt / B / C rejoin the block's scan) is an end only
+        members = [m for m in members if m not in rows] or members
+        rows = set().union(*(walks[m][1] for m in members))
         barriers = [b for m in members for b in walks[m][2]]
         if rows & set(members):   # a block may not end at one of its own starts
             barriers = barriers or [min(rows & set(members), key=_order(gm))]
@@ -404,10 +413,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
                 an.column[m] = gid
             for r in rows:
                 an.row.setdefault(r, gid)
+            an.inner_rows.update(r for r in rows if walks[r][0] & region)
         else:
             for m in members:
-                an.replicated[m] = ("its output reaches " + (barriers[0].name if barriers else
-                                    "no other linear") + " before any linear consumes it")
+                an.replicated[m] = "its output has one feature: nothing to split" \
+                    if linears[m].out_features == 1 else \
+                    ("its output reaches " + (barriers[0].name if barriers else
+                     "no other linear") + " before any linear consumes it")
     # a linear cannot be both the end of one block and the start of another
     for n in list(an.column):
         if n in an.row and n in an.column:   # (an earlier conflict may have removed it)

@@ -60,7 +60,8 @@ def _reason(ph: fx.Node, analysis: _an.Analysis) -> str:
             if n in analysis.replicated:
                 return f"linear {_where(n)}: {analysis.replicated[n]}"
             return f"linear {_where(n)} is neither column- nor row-parallel"
-    users = [u for u in ph.users if u.op == "call_function"]
+    users = [u for u in ph.users if u.op == "call_function" and
+             u.target is not aten._assert_tensor_metadata.default]
     for u in users:
         if u.target is aten.embedding.default and u.args[0] is ph:
             return (f"embedding {_where(u)} is neither the token embedding of the LM head's "

@@ -7,8 +7,8 @@ scale of a column-parallel output. Such a parameter is whole on every rank, and 
 gradient is a tp-partial sum that needs an all-reduce.
 
 When the sliced value is the parameter itself or is computed from it alone by
-element-wise ops of one input (casts, ``exp``, ``neg``) and views that add or drop
-dimensions of size 1, and every reader of that chain slices it the same way, the
+element-wise ops of one input (casts, ``exp``, ``neg``), views that add or drop
+dimensions of size 1 and whole slices (``A[None, :, None, :]``), and every reader of that chain slices it the same way, the
 parameter is seeded split instead (``learn``): the next walk runs the chain on the shard,
 the rank stores 1/t of the parameter, and its gradient is complete on each rank (no
 all-reduce). A parameter with any other reader keeps its replicated placement.
@@ -58,8 +58,8 @@ def _chain_step(c: fx.Node) -> Optional[fx.Node]:
     a = inputs[0]
     if c.target in _SINGLETON_VIEWS:
         return a if _nonunit(c) == _nonunit(a) else None
-    if (c.target in PASSTHROUGH or is_pointwise(c.target)) and \
-            tuple(c.meta["val"].shape) == tuple(a.meta["val"].shape):
+    if (c.target in PASSTHROUGH or c.target is aten.slice.Tensor or  # x[:, :] is x
+            is_pointwise(c.target)) and tuple(c.meta["val"].shape) == tuple(a.meta["val"].shape):
         return a
     return None
 

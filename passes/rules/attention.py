@@ -138,7 +138,20 @@ def _localize_batch(rw, nx, v, out, m, node):
 
 @rule(aten.matmul.default, aten.bmm.default)
 def batched_matmul(rw, node):
-    out, args = _batch_placement(rw, node, *node.args[:2])
+    a, b = node.args[:2]
+    pa, pb = rw.placement_of(a), rw.placement_of(b)
+    m = node.meta["val"].dim()
+    if a.meta["val"].dim() >= 2 and b.meta["val"].dim() >= 2 and (pa is None) != (pb is None):
+        # rows of a split, b whole (Mamba's state [B, C, N] @ C_t [B, N, 1]), or columns
+        # of b split, a whole: each rank's rows / columns of the product, b / a in f
+        p, v, other, rows = (pa, a, b, True) if pa is not None else (pb, b, a, False)
+        if p.dim == v.meta["val"].dim() - (2 if rows else 1) and \
+                other.meta["val"].dim() <= m:
+            out = moved(p, m - (2 if rows else 1))
+            args = [rw.new(v), rw.f(rw.new(other))] if rows else \
+                [rw.f(rw.new(other)), rw.new(v)]
+            return rw.emit(node.target, args, pl=out, like=node)
+    out, args = _batch_placement(rw, node, a, b)
     return rw.emit(node.target, args, pl=out, like=node)
 
 

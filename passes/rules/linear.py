@@ -83,8 +83,11 @@ def linear(rw, node, lin):
             rw.fail(node, "a row-parallel linear needs its input split on the last "
                           f"dimension; got {xp}")
         mm = _emit(rw, node, x, bias=None)
-        if lin.grouped:
-            return rw.reduce_partial(mm, node, scatter=False)
+        if lin.grouped or node in rw.analysis.inner_rows:
+            out = rw.reduce_partial(mm, node, scatter=False)
+            if b is not None:
+                out = rw.emit(aten.add.Tensor, (out, b), pl=None, like=node)
+            return out
         if rw.sp and b is not None and rw.placement.get(b) is None and \
                 tuple(lin.bias.meta["val"].shape) == tuple(node.meta["val"].shape[-1:]):
             # the bias joins the reduce-scatter: its gradient comes from the gathered
