@@ -285,7 +285,8 @@ def _walk(lin: Linear, linears: dict):
             if mixed is not None and u.args[0] is n:
                 # where the split cannot be followed, assume it is the last dimension
                 split = d if d is not None else n.meta["val"].dim() - 1
-                if split in mixed and not _statistic_to_attention(u, linears):
+                if split in mixed and not _statistic_to_attention(u, linears) and \
+                        not _group_norm_statistic(u, linears):
                     barriers.append(u)
                     continue
             region.add(u)
@@ -313,6 +314,44 @@ def _statistic_to_attention(u: fx.Node, linears: dict) -> bool:
                 continue
             stack.append(w)
     return attention
+
+
+def _group_norm_statistic(u: fx.Node, linears: dict) -> bool:
+    """The mean square of a norm over groups of the block's features (Mamba-2's gated
+    RMSNorm: features viewed [.., groups, size] just before), whose result flows on into a
+    linear's input before any other barrier: the tensor-parallel rule sums the statistic
+    over tp when the split falls inside a group (fewer groups than ranks)."""
+    if u.target not in (aten.mean.dim, aten.sum.dim_IntList):
+        return False
+    m = u.args[0]
+    for _ in range(4):   # back through the square (pow, casts) to the grouping view
+        if not isinstance(m, fx.Node) or m.op != "call_function":
+            return False
+        if m.target in _VIEWS:
+            ins, outs = m.args[0].meta["val"].shape, m.meta["val"].shape
+            if len(outs) != len(ins) + 1 or tuple(outs[:-2]) != tuple(ins[:-1]) or \
+                    outs[-2] * outs[-1] != ins[-1]:
+                return False
+            break
+        m = m.args[0]
+    else:
+        return False
+    stack, seen = [u], set()
+    while stack:
+        n = stack.pop()
+        for w in n.users:
+            if w in seen:
+                continue
+            seen.add(w)
+            lin = linears.get(w)
+            if lin is not None:
+                if lin.x is not n:
+                    return False
+                continue
+            if w.op == "output" or w.target in LOSSES or w.target in NORMS or len(seen) > 200:
+                return False
+            stack.append(w)
+    return True
 
 
 def _scalar_pointwise(u: fx.Node, n: fx.Node) -> bool:

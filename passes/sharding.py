@@ -61,19 +61,34 @@ class TailShard(Shard):
 @dataclasses.dataclass(frozen=True)
 class PieceShard(Shard):
     """Shard(dim) of a dimension made of consecutive ``pieces`` of unequal sizes (a fused
-    [q | k | v] whose value part is wider than its key parts, Mamba-2's [x | B | C]): each
-    piece is split t ways on its own and a rank holds its slice of every piece, in order
-    (local size ``sum(pieces)/t``). Equal pieces are ``Shard(dim, outer=len(pieces))``."""
+    [q | k | v] whose value part is wider than its key parts, Mamba-2's [z | x | B | C |
+    dt]): each piece is split t ways on its own and a rank holds its slice of every piece,
+    in order. A piece flagged in ``whole`` is kept entire on every rank instead (Mamba-2's
+    B and C when its groups are fewer than the ranks, as multi-query attention keeps its
+    key/value head): the rows of a fused weight that make it get complete gradients from
+    every rank's use of them, so they need no tp sum. Equal split pieces are
+    ``Shard(dim, outer=len(pieces))``."""
     pieces: tuple = ()
+    whole: tuple = ()     # per piece: True = replicated; () = every piece split
 
     def __str__(self):
-        return f"Shard({self.dim}, pieces={list(self.pieces)})"
+        if not any(self.whole):
+            return f"Shard({self.dim}, pieces={list(self.pieces)})"
+        return f"Shard({self.dim}, pieces={list(self.pieces)}, whole={list(self.whole)})"
 
-    def runs(self, size: int, t: int, r: int) -> list:
+    def is_whole(self, i: int) -> bool:
+        return bool(self.whole) and self.whole[i]
+
+    def local_size(self, t: int) -> int:
+        return sum(p if self.is_whole(i) else p // t for i, p in enumerate(self.pieces))
+
+    def runs(self, size: int, t: int, r: int, skip_whole: bool = False) -> list:
         out, lo, full = [], 0, 0
-        for p in self.pieces:
-            out.append((lo, full + r * (p // t), p // t))
-            lo, full = lo + p // t, full + p
+        for i, p in enumerate(self.pieces):
+            n = p if self.is_whole(i) else p // t
+            if not (skip_whole and r > 0 and self.is_whole(i)):
+                out.append((lo, full + (0 if self.is_whole(i) else r * n), n))
+            lo, full = lo + n, full + p
         return out
 
 
@@ -92,6 +107,8 @@ def local_shape(shape, pl: Optional[Shard], t: int) -> list:
         shape[pl.dim] = pl.padded // t
     elif isinstance(pl, TailShard):
         shape[pl.dim] = (shape[pl.dim] - pl.tail) // t + pl.tail
+    elif isinstance(pl, PieceShard):
+        shape[pl.dim] = pl.local_size(t)
     elif pl is not None:
         shape[pl.dim] //= t
     return shape
@@ -188,9 +205,9 @@ def unshard_tensors(pieces: list, pl: Optional[Shard]) -> torch.Tensor:
                          [pieces[0].narrow(pl.dim, n, pl.tail)], pl.dim)
     t = len(pieces)
     if isinstance(pl, PieceShard):
-        return torch.cat([p.narrow(pl.dim, lo, n) for piece in range(len(pl.pieces))
-                          for p in pieces
-                          for lo, _, n in [pl.runs(0, t, 0)[piece]]], pl.dim)
+        return torch.cat([p.narrow(pl.dim, lo, n) for piece, (lo, _, n) in
+                          enumerate(pl.runs(0, t, 0))
+                          for p in (pieces[:1] if pl.is_whole(piece) else pieces)], pl.dim)
     shape = list(pieces[0].shape)
     d, o = pl.dim, pl.outer
     vs = [p.reshape(shape[:d] + [o, shape[d] // o] + shape[d + 1:]) for p in pieces]

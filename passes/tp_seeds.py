@@ -118,7 +118,7 @@ def refine_seeds(seeds: dict, analysis: _an.Analysis, ref, siblings: bool = Fals
     for lin in analysis.linears.values():
         if _an.param_name(lin.weight) in names:
             pl = TailShard(lin.w_out_dim, 1, ref.tail) if ref.tail else \
-                PieceShard(lin.w_out_dim, 1, ref.pieces) if ref.pieces else \
+                PieceShard(lin.w_out_dim, 1, ref.pieces, ref.whole) if ref.pieces else \
                 Shard(lin.w_out_dim, ref.outer)
             seeds[_an.param_name(lin.weight)] = pl
             if lin.bias is not None:

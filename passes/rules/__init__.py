@@ -33,11 +33,13 @@ class Refine(Exception):
     """Raised by a rule that learned a parameter must be re-seeded (a fused projection's
     rows are whole blocks); the pass restarts the walk with the new seed."""
 
-    def __init__(self, param: str, outer: int, tail: int = 0, pieces: tuple = ()):
+    def __init__(self, param: str, outer: int, tail: int = 0, pieces: tuple = (),
+                 whole: tuple = ()):
         super().__init__(f"re-seed {param} as " +
                          (f"pieces {list(pieces)}" if pieces else f"{outer} blocks") +
                          (f", its last {tail} rows replicated" if tail else ""))
-        self.param, self.outer, self.tail, self.pieces = param, outer, tail, tuple(pieces)
+        self.param, self.outer, self.tail = param, outer, tail
+        self.pieces, self.whole = tuple(pieces), tuple(whole)
 
 
 class KeepReplicated(Exception):

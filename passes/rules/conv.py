@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sharding import PaddedShard, TailShard, moved
+from ..sharding import PaddedShard, TailShard, local_shape, moved
 from . import rule
 
 aten = torch.ops.aten
@@ -44,7 +44,7 @@ def depthwise_conv(rw, node):
         return rw.localize(rw.new(p), shape, wpl, len(shape), node)
     wl = rows(w, ws)
     bl = rows(b, tuple(b.meta["val"].shape)) if b is not None else None
-    groups = channels // rw.t
+    groups = local_shape(xs, xp, rw.t)[ch]   # pieces kept whole count in full
     rw.shape_rewrite(node, (channels,), (groups,))
     return rw.emit(node.target, (rw.new(x), wl, bl, a["stride"], a["padding"], a["dilation"],
                                  groups), pl=xp, like=node)

@@ -68,7 +68,8 @@ def linear(rw, node, lin):
                       "features for a row-parallel expert weight")
     if isinstance(xp, TailShard):
         rw.fail(node, f"a linear of a tensor whose features are {xp}")
-    if isinstance(wp, TailShard) and wp.dim == lin.w_out_dim:
+    if (isinstance(wp, TailShard) or (isinstance(wp, PieceShard) and any(wp.whole))) and \
+            wp.dim == lin.w_out_dim:
         return _tail_column(rw, node, lin, x, xp, b, wp, out_nd)
     if wp is not None and wp.dim == lin.w_out_dim:            # column-parallel
         if xp is not None:
@@ -110,16 +111,28 @@ def linear(rw, node, lin):
 
 
 def _tail_column(rw, node, lin, x, xp, b, wp, out_nd):
-    """A column-parallel linear whose weight is TailShard (multi-query fused q/k/v): the
-    split rows as a column-parallel linear (input in f, or all-gathered under SP), the
-    replicated tail rows as a replicated linear of the whole input, whose gradient every
-    rank computes in full (its consumers sum the key/value gradient over tp), so the input
-    takes it once: plain x, or under SP an all-gather whose backward keeps this rank's
-    slice (sp_gather_whole). The outputs are joined along the features: TailShard."""
+    """A column-parallel linear whose weight rows are partly split, partly whole on every
+    rank: TailShard (multi-query fused q/k/v: the query rows split, the shared key/value
+    rows whole) or a PieceShard with whole pieces (Mamba-2's B and C). The split rows run
+    as a column-parallel linear (input in f, or all-gathered under SP), the whole rows as
+    a replicated linear of the whole input, whose gradient every rank computes in full
+    (its consumers sum the gradient over tp), so the input takes it once: plain x, or
+    under SP an all-gather whose backward keeps this rank's slice (sp_gather_whole). The
+    outputs are joined along the features in the weight's row order."""
     if wp.dim != 0:
         rw.fail(node, f"a weight {wp} whose rows are not its first dimension")
     rows = lin.weight.meta["val"].shape[0]
-    hl = (rows - wp.tail) // rw.t
+    if isinstance(wp, TailShard):
+        hl = (rows - wp.tail) // rw.t
+        runs = [(0, hl, True), (hl, hl + wp.tail, False)]
+    else:
+        runs = []
+        for i, (lo, _, n) in enumerate(wp.runs(rows, rw.t, rw.rank)):
+            split = not wp.is_whole(i)
+            if runs and runs[-1][2] == split:
+                runs[-1] = (runs[-1][0], lo + n, split)
+            else:
+                runs.append((lo, lo + n, split))
     if xp is not None:
         if xp.dim == lin.x.meta["val"].dim() - 1:
             rw.fail(node, "a column-parallel linear got a feature-sharded input")
@@ -133,13 +146,14 @@ def _tail_column(rw, node, lin, x, xp, b, wp, out_nd):
         x_head, x_tail = rw.f(x), x
     param, arg = rw.new(lin.weight), node.args[_positions(node)[1]]
     parts = []
-    for lo, hi, xin, pl in ((0, hl, x_head, Shard(0)), (hl, hl + wp.tail, x_tail, None)):
+    for lo, hi, split in runs:
+        pl = Shard(0) if split else None
         W = rw.emit(aten.slice.Tensor, (param, 0, lo, hi), pl=pl, like=node)
         if arg is not lin.weight:    # the op reads a transpose of the parameter (x @ W.T)
             W = rw.emit(arg.target, (W, *arg.args[1:]), arg.kwargs,
                         pl=Shard(1) if pl is not None else None, like=arg)
         bias = rw.emit(aten.slice.Tensor, (b, 0, lo, hi), pl=None, like=node) \
             if b is not None else None
-        parts.append(_emit(rw, node, xin, W=W, bias=bias if b is not None else "keep",
-                           pl=None))
+        parts.append(_emit(rw, node, x_head if split else x_tail, W=W,
+                           bias=bias if b is not None else "keep", pl=None))
     return rw.emit(aten.cat.default, (parts, -1), pl=moved(wp, out_nd - 1), like=node)

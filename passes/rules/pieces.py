@@ -10,6 +10,9 @@ No graph is edited here: these are helpers of the shape rules."""
 from __future__ import annotations
 
 import itertools
+import math
+import operator
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -55,33 +58,103 @@ def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
         m = m.args[0]
 
 
-def unequal(xp, sizes: list, t: int) -> tuple:
-    """The pieces to re-seed a plain split dimension as, for a cut into ``sizes``: the
-    sizes themselves when they differ and tp divides each; () otherwise (equal pieces are
-    blocks, ``Shard(dim, outer)``)."""
-    if xp.outer != 1 or isinstance(xp, (PaddedShard, TailShard, PieceShard)) or \
-            len(set(sizes)) < 2 or any(s % t for s in sizes):
-        return ()
-    return tuple(sizes)
+def partition(rw, x: fx.Node, xp, dim: int, outs: list) -> Optional[tuple]:
+    """(pieces, whole) to re-seed a plain split dimension of ``x`` as, for its cut into the
+    values ``outs``: each cut piece refined by the cuts it meets further on (Mamba-2 cuts
+    [z | xBC | dt], then xBC into [x | B | C]), and flagged whole when it is grouped in
+    fewer groups than ranks (``_whole``). None when a piece cannot be split t ways or the
+    cut is into equal split pieces (those are blocks, ``Shard(dim, outer)``)."""
+    if xp.outer != 1 or isinstance(xp, (PaddedShard, TailShard, PieceShard)):
+        return None
+    pieces, whole = [], []
+    for out in outs:
+        for piece, d in _refined(out, dim):
+            pieces.append(piece.meta["val"].shape[d])
+            whole.append(_whole(piece, d, rw.t))
+    if any(p % rw.t for p, w in zip(pieces, whole) if not w) or \
+            (len(set(pieces)) < 2 and not any(whole)):
+        return None
+    return tuple(pieces), tuple(whole) if any(whole) else ()
 
 
 def cut(rw, node, xp: PieceShard, start: int, end: int) -> tuple:
     """(placement, local start, local end) of ``[start, end)`` along a pieced dimension:
-    whole consecutive pieces, one piece a plain ``Shard``."""
+    whole consecutive pieces; one split piece is a plain ``Shard``, one whole piece is
+    replicated."""
     bounds = [0, *itertools.accumulate(xp.pieces)]
     if start not in bounds or end not in bounds:
         rw.fail(node, f"the cut [{start}:{end}] goes through a piece of {xp}")
     i, j = bounds.index(start), bounds.index(end)
-    pl = Shard(xp.dim) if j - i == 1 else PieceShard(xp.dim, 1, xp.pieces[i:j])
-    return pl, start // rw.t, end // rw.t
+    local = [0, *itertools.accumulate(n for _, _, n in xp.runs(bounds[-1], rw.t, rw.rank))]
+    if j - i == 1:
+        pl = None if xp.is_whole(i) else Shard(xp.dim)
+    else:
+        pl = PieceShard(xp.dim, 1, xp.pieces[i:j], xp.whole[i:j] if any(xp.whole[i:j]) else ())
+    return pl, local[i], local[j]
 
 
 def joined(rw, node, placements: list, sizes: list, dim: int) -> PieceShard:
     """The placement of a cat along the split dimension of unequal pieces, each a plain
-    ``Shard`` or itself pieced."""
-    pieces = []
+    ``Shard``, itself pieced, or whole (replicated)."""
+    pieces, whole = [], []
     for p, s in zip(placements, sizes):
-        if p is None or isinstance(p, (PaddedShard, TailShard)) or p.outer != 1:
+        if isinstance(p, (PaddedShard, TailShard)) or (p is not None and p.outer != 1):
             rw.fail(node, f"cat along the sharded dimension of a piece placed {p}")
-        pieces.extend(p.pieces if isinstance(p, PieceShard) else [s])
-    return PieceShard(dim, 1, tuple(pieces))
+        if isinstance(p, PieceShard):
+            pieces.extend(p.pieces)
+            whole.extend(p.whole or [False] * len(p.pieces))
+        else:
+            pieces.append(s)
+            whole.append(p is None)
+    return PieceShard(dim, 1, tuple(pieces), tuple(whole) if any(whole) else ())
+
+
+def _follow(n: fx.Node, d: int):
+    """The values ``n``'s dimension ``d`` flows into through channel-wise ops, with where it
+    lands: (value, dim) pairs."""
+    from ..analyze import _split_dim
+    todo, seen = [(n, d)], set()
+    while todo:
+        m, e = todo.pop()
+        yield m, e
+        for u in m.users:
+            if u in seen or not isinstance(u.meta.get("val"), torch.Tensor) or \
+                    not u.args or u.args[0] is not m or \
+                    not (u.target in PASSTHROUGH | DIM_MOVES | _CHANNELWISE or
+                         _one_tensor_pointwise(u)):
+                continue
+            f = _split_dim(u, m, e, 1)
+            if f is not None and u.meta["val"].shape[f] == m.meta["val"].shape[e]:
+                seen.add(u)
+                todo.append((u, f))
+
+
+def _refined(out: fx.Node, dim: int) -> list:
+    """[(piece value, its dim)]: ``out`` itself, or the outputs of a split of it along
+    the same features further on."""
+    for m, e in _follow(out, dim):
+        for u in m.users:
+            if u.target in (aten.split.Tensor, aten.split_with_sizes.default) and \
+                    u.args[0] is m and (u.args[2] if len(u.args) > 2 else 0) % \
+                    m.meta["val"].dim() == e:
+                gets = sorted((g for g in u.users if g.target is operator.getitem),
+                              key=lambda g: g.args[1])
+                if len(gets) == len(u.meta["val"]):
+                    return [(g, e) for g in gets]
+    return [(out, dim)]
+
+
+def _whole(piece: fx.Node, dim: int, t: int) -> bool:
+    """The piece is viewed as [groups, per group] with a number of groups t does not
+    divide (Mamba-2's B and C in ``n_groups`` < t groups): every rank needs all of it."""
+    for m, e in _follow(piece, dim):
+        for u in m.users:
+            if u.target in VIEWS and u.args[0] is m:
+                ins, outs = list(m.meta["val"].shape), list(u.meta["val"].shape)
+                lead = math.prod(ins[:e])
+                for i in range(len(outs)):
+                    if math.prod(outs[:i]) == lead:
+                        if outs[i] != ins[e] and ins[e] % outs[i] == 0 and outs[i] % t:
+                            return True
+                        break
+    return False

@@ -304,9 +304,10 @@ def split(rw, node):
         return n
     if any(s % block for s in sizes):
         _refuse_fused_kv(rw, x, dim)
-        if _pieces_mod.unequal(xp, sizes, rw.t):
-            raise Refine(_producing_weight(rw, x, node), 1,
-                         pieces=_pieces_mod.unequal(xp, sizes, rw.t))
+        parts = _pieces_mod.partition(rw, x, xp, dim, sorted(
+            (g for g in node.users if g.target is operator.getitem), key=lambda g: g.args[1]))
+        if parts:
+            raise Refine(_producing_weight(rw, x, node), 1, pieces=parts[0], whole=parts[1])
         need = full // math.gcd(full, *sizes)
         if full % (need * rw.t):
             rw.fail(node, f"tp={rw.t} cannot split each of the pieces {sizes}", ConfigError)

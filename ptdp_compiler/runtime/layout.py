@@ -116,7 +116,8 @@ def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int,
         return out
     d = placement.dim
     out, a, end = [], offsets[d], offsets[d] + sizes[d]
-    for start, full_start, length in placement.runs(full_shape[d], t, r):  # fused blocks
+    pieced = {"skip_whole": skip_tail} if getattr(placement, "pieces", ()) else {}
+    for start, full_start, length in placement.runs(full_shape[d], t, r, **pieced):
         lo, hi = max(a, start), min(end, start + length)
         if lo < hi:
             out.append((offsets[:d] + (lo,) + offsets[d + 1:],
