@@ -36,9 +36,12 @@ _CHANNELWISE = {aten.conv1d.default, aten.conv2d.default, aten.slice.Tensor,
                 aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.relu.default}
 
 
+def _is_pointwise(m: fx.Node) -> bool:
+    return isinstance(m.target, torch._ops.OpOverload) and torch.Tag.pointwise in m.target.tags
+
+
 def _one_tensor_pointwise(m: fx.Node) -> bool:
-    return isinstance(m.target, torch._ops.OpOverload) and \
-        torch.Tag.pointwise in m.target.tags and len(m.all_input_nodes) == 1
+    return _is_pointwise(m) and len(m.all_input_nodes) == 1
 
 
 def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
@@ -50,9 +53,11 @@ def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
         lin = rw.analysis.linears.get(m)
         if lin is not None:
             return _an.param_name(lin.weight)
+        scaled = _is_pointwise(m) and m.args and \
+            all(rw.placement_of(a) is None for a in m.all_input_nodes if a is not m.args[0])
         if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
                 not (m.target in PASSTHROUGH | VIEWS | DIM_MOVES | _CHANNELWISE or
-                     _one_tensor_pointwise(m)):
+                     _one_tensor_pointwise(m) or scaled):   # Falcon-H1's µP multipliers
             rw.fail(node, "a split of the sharded dimension into pieces the producing "
                           "weight cannot be permuted for")
         m = m.args[0]
