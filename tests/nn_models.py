@@ -165,6 +165,89 @@ class DeltaMixBlock(SDPABlock):
         return x + self.out(y)
 
 
+class SSDMixBlock(SDPABlock):
+    """Attention, then a Mamba-2-style mixer: one fused in_proj [z | x | B | C | dt], a
+    depthwise conv over [x | B | C], a per-head state-space recurrence over time (in
+    its quadratic chunk form) with B and C in one group shared by every head, a gated RMSNorm over all inner features (one
+    group), the out-projection. tp splits z, x and dt by heads and keeps B and C whole on
+    every rank (one group < tp), their conv filters too; the norm's statistic is summed
+    over tp."""
+
+    def __init__(self, width, heads, ssm_heads=4, head_dim=8, state=4):
+        super().__init__(width, heads)
+        self.h, self.hd, self.n = ssm_heads, head_dim, state
+        inner = ssm_heads * head_dim
+        self.norm3 = nn.RMSNorm(width)
+        self.in_proj = nn.Linear(width, 2 * inner + 2 * state + ssm_heads, bias=False)
+        self.conv = nn.Conv1d(inner + 2 * state, inner + 2 * state, 4,
+                              groups=inner + 2 * state, padding=3)
+        self.a_log = nn.Parameter(torch.linspace(-1.0, 0.5, ssm_heads))
+        self.dt_bias = nn.Parameter(torch.linspace(-0.5, 0.5, ssm_heads))
+        self.gnorm = nn.Parameter(torch.linspace(0.5, 1.5, inner))
+        self.out = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x):
+        x = super().forward(x)
+        B, T, _ = x.shape
+        inner = self.h * self.hd
+        z, xbc, dt = torch.split(self.in_proj(self.norm3(x)),
+                                 [inner, inner + 2 * self.n, self.h], dim=-1)
+        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :T]).transpose(1, 2)
+        u, b, c = torch.split(xbc, [inner, self.n, self.n], dim=-1)
+        u = u.view(B, T, self.h, self.hd)
+        b, c = b.view(B, T, 1, self.n), c.view(B, T, 1, self.n)   # one group for all heads
+        dt = F.softplus(dt + self.dt_bias)                          # [B, T, heads]
+        # the recurrence h_t = exp(-exp(a) dt_t) h_{t-1} + dt_t u_t b_t, y_t = h_t c_t in
+        # its quadratic (chunk) form, as Mamba-2's scan computes a chunk
+        decay = torch.cumsum(-torch.exp(self.a_log) * dt, dim=1)    # log decay to t
+        seg = decay[:, :, None, :] - decay[:, None, :, :]            # [B, T, S, heads]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()[None, :, :, None]
+        w = torch.exp(seg.masked_fill(~causal, float("-inf")))
+        cb = (c[:, :, None, 0, :] * b[:, None, :, 0, :]).sum(-1)     # [B, T, S]
+        y = torch.einsum("btsh,bshd->bthd", w * cb[..., None] * dt[:, None], u)
+        y = y.reshape(B, T, inner) * F.silu(z)
+        g = y.view(B, T, 1, inner)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x + self.out(self.gnorm * g.view(B, T, inner))
+
+
+class ScanMixBlock(SDPABlock):
+    """Attention, then a Mamba-1-style selective scan: in_proj [x | z], a depthwise conv,
+    x_proj to (dt, B, C) shared by all channels, dt_proj applied as ``W @ dt`` (as
+    Hugging Face's Mamba does), a recurrence over time whose state's rows are channels,
+    the out-projection. tp splits the channels: x_proj is row-parallel and its all-reduced
+    output flows back into the same block's scan (all-reduced even under SP)."""
+
+    def __init__(self, width, heads, inner=64, rank=4, state=4):
+        super().__init__(width, heads)
+        self.rank, self.n = rank, state
+        self.norm3 = nn.RMSNorm(width)
+        self.in_proj = nn.Linear(width, 2 * inner, bias=False)
+        self.conv = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+        self.x_proj = nn.Linear(inner, rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(rank, inner)
+        self.a_log = nn.Parameter(torch.log(torch.arange(1.0, state + 1)).repeat(inner, 1))
+        self.d = nn.Parameter(torch.linspace(0.5, 1.5, inner))
+        self.out = nn.Linear(inner, width, bias=False)
+
+    def forward(self, x):
+        x = super().forward(x)
+        B, T, _ = x.shape
+        u, z = self.in_proj(self.norm3(x)).chunk(2, dim=-1)
+        u = F.silu(self.conv(u.transpose(1, 2))[..., :T])                 # [B, C, T]
+        dt, b, c = torch.split(self.x_proj(u.transpose(1, 2)), [self.rank, self.n, self.n],
+                               dim=-1)
+        dt = F.softplus(self.dt_proj.weight @ dt.transpose(1, 2) + self.dt_proj.bias[:, None])
+        a = -torch.exp(self.a_log)                                        # [C, N]
+        state, ys = u.new_zeros(B, u.shape[1], self.n), []
+        for t in range(T):
+            state = torch.exp(a * dt[:, :, t, None]) * state + \
+                dt[:, :, t, None] * b[:, None, t, :] * u[:, :, t, None]
+            ys.append(torch.matmul(state, c[:, t, :, None])[..., 0])
+        y = torch.stack(ys, -1) + u * self.d[:, None]
+        return x + self.out((y * F.silu(z.transpose(1, 2))).transpose(1, 2))
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
@@ -173,7 +256,7 @@ class TorchNNLM(nn.Module):
         self.emb = nn.Embedding(VOCAB, width)
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "conv_mix": ConvMixBlock,
-               "delta_mix": DeltaMixBlock}[block]
+               "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock, "scan_mix": ScanMixBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -14,6 +14,7 @@ from models import assert_close_tensor, parallel_sgd, reference_sgd
 from nn_models import VOCAB, TorchNNLM
 
 STEPS, LR = 2, 0.1
+DEPTH = {"scan_mix": 1}   # its loop over time makes a big graph: one layer
 
 
 def _batch():
@@ -26,14 +27,16 @@ def _batch():
 
 def nn_job(block, sp):
     torch.manual_seed(0)
-    pm = ptdp.parallelize(TorchNNLM(block), tp=2, sequence_parallel=sp, codegen="aot_eager")
+    pm = ptdp.parallelize(TorchNNLM(block, depth=DEPTH.get(block, 2)), tp=2,
+                          sequence_parallel=sp, codegen="aot_eager")
     losses, grads = parallel_sgd(pm, *_batch(), STEPS, LR)
     return losses, grads, sum(p.numel() for p in pm.parameters()), \
         {n: str(pp.placement) for n, pp in pm.plan.params.items()}
 
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
-                                      ("conv_mix", True), ("delta_mix", True)])
+                                      ("conv_mix", True), ("delta_mix", True),
+                                      ("ssd_mix", True), ("scan_mix", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -41,9 +44,12 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     log_sigmoid (nn_models.ShapeOpsBlock); a depthwise conv1d mixer whose filters and
     per-channel parameters are stored split (nn_models.ConvMixBlock); a gated linear-
     attention mixer whose fused [q | k | v] has unequal pieces, each split by heads, the
-    conv filters with them (nn_models.DeltaMixBlock)."""
+    conv filters with them (nn_models.DeltaMixBlock); Mamba-2's fused [z | x | B | C | dt]
+    with B and C whole on every rank and a gated norm over split groups
+    (nn_models.SSDMixBlock); Mamba-1's x_proj, row-parallel inside its own block
+    (nn_models.ScanMixBlock)."""
     torch.manual_seed(0)
-    model = TorchNNLM(block)
+    model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
     ref_losses, ref_grads = reference_sgd(model, *_batch(), STEPS, LR)
     for rank, (losses, grads, nlocal, placed) in enumerate(world(2, nn_job, block, sp,
@@ -61,6 +67,16 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             for n in ("fused.weight", "conv.weight"):
                 assert placed[f"blocks.1.{n}"] == "Shard(0, pieces=[16, 16, 32])", placed
             assert placed["blocks.1.z.weight"] == "Shard(0)", placed
+        if block == "ssd_mix":    # [z | x | B | C | dt]: B and C (one group) whole
+            assert placed["blocks.0.in_proj.weight"] == "Shard(0, pieces=[32, 32, 4, 4, 4], " \
+                "whole=[False, False, True, True, False])", placed
+            assert placed["blocks.0.conv.weight"] == "Shard(0, pieces=[32, 4, 4], " \
+                "whole=[False, True, True])", placed
+            for n in ("a_log", "dt_bias", "gnorm"):
+                assert placed[f"blocks.1.{n}"] == "Shard(0)", (n, placed)
+        if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
+            assert placed["blocks.0.x_proj.weight"] == "Shard(1)", placed
+            assert placed["blocks.0.in_proj.weight"] == "Shard(0, blocks=2)", placed
 
 
 def norm_mix_job(strict):
@@ -346,11 +362,12 @@ def test_a_block_ending_right_before_the_lm_head_leaves_the_head_vocab_parallel(
     assert placed["head.weight"] == "Shard(0)" and placed["emb.weight"] == "Shard(0)", placed
 
 
-@pytest.mark.parametrize("pl", ["pieces", "blocks", "padded"])
+@pytest.mark.parametrize("pl", ["pieces", "whole_pieces", "blocks", "padded"])
 def test_a_ranks_boxes_of_the_full_tensor_tile_it_exactly(pl):
     """What a checkpoint stores: each rank's shard (shard_tensor) maps back, box by box
-    (runtime.layout.local_to_full), onto exactly its elements of the full tensor, and the
-    ranks' shards together are the whole (unshard_tensors)."""
+    (runtime.layout.local_to_full), onto exactly its elements of the full tensor (pieces
+    kept whole on every rank are written by tp rank 0 only), and the ranks' shards
+    together are the whole (unshard_tensors)."""
     from ptdp_compiler.passes.sharding import (PaddedShard, PieceShard, Shard, shard_tensor,
                                                unshard_tensors)
     from ptdp_compiler.runtime.layout import local_to_full
@@ -358,13 +375,14 @@ def test_a_ranks_boxes_of_the_full_tensor_tile_it_exactly(pl):
     full = torch.arange(64 * 3.0).reshape(64, 3) if pl != "padded" else \
         torch.arange(63 * 3.0).reshape(63, 3)
     place = {"pieces": PieceShard(0, 1, (16, 16, 32)), "blocks": Shard(0, 4),
+             "whole_pieces": PieceShard(0, 1, (16, 8, 8, 32), (False, True, True, False)),
              "padded": PaddedShard(0, 1, 63, 64)}[pl]
     shards = [shard_tensor(full, place, t, r) for r in range(t)]
     assert torch.equal(unshard_tensors(shards, place), full)
     seen = torch.zeros_like(full)
     for r, local in enumerate(shards):
         for lo, fo, sz in local_to_full((0, 0), tuple(local.shape), place, tuple(full.shape),
-                                        t, r):
+                                        t, r, skip_tail=True):   # whole pieces: rank 0
             box = local[lo[0]:lo[0] + sz[0], lo[1]:lo[1] + sz[1]]
             assert torch.equal(box, full[fo[0]:fo[0] + sz[0], fo[1]:fo[1] + sz[1]])
             seen[fo[0]:fo[0] + sz[0], fo[1]:fo[1] + sz[1]] += 1

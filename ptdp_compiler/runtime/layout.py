@@ -97,8 +97,9 @@ def local_to_full(offsets, sizes, placement, full_shape, t: int, r: int,
                   skip_tail: bool = False) -> list:
     """A box of a rank's tp shard → boxes of the full tensor, as (local_offsets,
     full_offsets, sizes): a box spanning several fused blocks is cut at their edges. A
-    TailShard's last rows are the full tensor's last rows on every rank (``skip_tail``:
-    leave them to tp rank 0, so a checkpoint writes them once)."""
+    TailShard's last rows, and a PieceShard's whole pieces, are the same rows of the full
+    tensor on every rank (``skip_tail``: leave them to tp rank 0, so a checkpoint writes
+    them once)."""
     offsets, sizes = tuple(offsets), tuple(sizes)
     if placement is None:
         return [(offsets, offsets, sizes)]
