@@ -94,6 +94,10 @@ class Linear:
         return self.weight.meta["val"].shape[self.w_out_dim]
 
     @property
+    def in_features(self) -> int:
+        return self.weight.meta["val"].shape[self.w_in_dim]
+
+    @property
     def w_in_dim(self) -> int:
         nd = self.weight.meta["val"].dim()
         return 1 - self.w_out_dim if nd == 2 else 3 - self.w_out_dim
@@ -462,11 +466,17 @@ def analyze(gm: fx.GraphModule) -> Analysis:
     # a linear cannot be both the end of one block and the start of another
     for n in list(an.column):
         if n in an.row and n in an.column:   # (an earlier conflict may have removed it)
-            gid = an.column[n]
-            raise_conflict = [m for m, g in an.column.items() if g == gid]
-            for m in raise_conflict:
+            gid, why = an.column[n], f"{n.name} is both a block's end and start"
+            down = [m for m, g in an.column.items() if g == an.row[n]]
+            if down and all(linears[m].out_features < linears[m].in_features for m in down) \
+                    and linears[n].in_features < linears[n].out_features:
+                # n is the up-projection of a low-rank bottleneck (Kimi's gate a -> b, as
+                # MLA's): the down-projection stays whole, n starts its own block
+                gid, why = an.row[n], f"a low-rank down-projection, {n.name} its " \
+                    "up-projection is column-parallel"
+            for m in [m for m, g in an.column.items() if g == gid]:
                 an.column.pop(m)
-                an.replicated[m] = f"{n.name} is both a block's end and start"
+                an.replicated[m] = why
             for r in [r for r, g in an.row.items() if g == gid]:   # its ends are no ends
                 an.row.pop(r)
     # LM head: a replicated linear feeding only the loss
