@@ -124,6 +124,8 @@ class Analysis:
     # row-parallel ends whose output flows back into their own block (Mamba's x_proj):
     # all-reduced, never reduce-scattered along the sequence (the block needs it whole)
     inner_rows: set = dataclasses.field(default_factory=set)
+    # linears split by output rows whose output is all-gathered at once (low rank, normed)
+    gathered: set = dataclasses.field(default_factory=set)
 
 
 def param_name(node) -> Optional[str]:
@@ -507,9 +509,21 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             an.embed_out_shape = tuple(an.vocab_embeddings[0].meta["val"].shape)
         if len(an.vocab_embeddings) == 1:
             an.embedding_sum = _embedding_sum(an.vocab_embeddings[0], an.head.weight)
+    # a low-rank down-projection normalised right after (MLA's q_a / kv_a): split by rows
+    # and its output all-gathered (Megatron's ColumnParallelLinear with gather_output)
+    for n, lin in linears.items():
+        barriers = walks[n][2]
+        if n in an.replicated and n not in an.column and n not in an.row and \
+                not lin.grouped and lin.out_features < lin.in_features and barriers and \
+                all(b.target in NORMS or b.target in (aten.mean.dim, aten.sum.dim_IntList)
+                    for b in barriers):
+            an.gathered.add(n)
     for n in gm.graph.nodes:
         role = None
-        if n in an.column:
+        if n in an.gathered:
+            role = "column-parallel, output all-gathered (a low-rank down-projection " \
+                "normalised next)"
+        elif n in an.column:
             role = f"column-parallel (block {an.column[n]})"
         elif n in an.row:
             role = f"row-parallel (block {an.row[n]})"

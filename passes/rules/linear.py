@@ -9,6 +9,9 @@ carries the same placement through the layout rules.
   or a reduce-scatter along the sequence under SP; a bias is added after the reduction
   (or joins the reduce-scatter).
 - replicated weight on a sharded input (not on its features): local, W wrapped in f.
+- a low-rank down-projection normalised next (MLA's q_a / kv_a): column-parallel with
+  its output all-gathered (Megatron's gather_output); the gather's backward keeps this
+  rank's slice of the (complete) output gradient.
 - routed experts (grouped_mm): Megatron's expert tensor parallelism — every expert's
   gate/up split by columns, its down projection by rows, with the tokens (sorted by
   expert) whole on every rank; their partial sums are all-reduced (g), as they are in
@@ -78,7 +81,13 @@ def linear(rw, node, lin):
             x = rw.gathered(x, node)
         else:
             x = rw.f(x)
-        return _emit(rw, node, x, pl=moved(wp, out_nd - 1))
+        out = _emit(rw, node, x, pl=moved(wp, out_nd - 1))
+        if node in rw.analysis.gathered:   # whole on every rank again; the backward keeps
+            out = rw.emit(torch.ops.ptdp.sp_gather_whole.default,      # this rank's slice
+                          (out, out_nd - 1, 1, rw.group_name, rw.t, rw.rank), pl=None,
+                          like=node)
+            rw.collectives.append(("all_gather", out, f"output of {node.name}", node))
+        return out
     if wp is not None:                                        # row-parallel
         if xp is None or xp.dim != x_nd - 1 or xp.outer != 1 or isinstance(xp, PieceShard):
             rw.fail(node, "a row-parallel linear needs its input split on the last "
