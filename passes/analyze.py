@@ -265,9 +265,9 @@ def _walk(lin: Linear, linears: dict):
     region, rows, barriers = set(), set(), []
     if lin.out_features == 1:   # a scalar gate per token (Qwen2-MoE's shared-expert gate)
         return region, rows, [lin.node]
-    stack = [(lin.node, lin.node.meta["val"].dim() - 1)]
+    stack = [(lin.node, lin.node.meta["val"].dim() - 1, False)]
     while stack:
-        n, d = stack.pop()
+        n, d, inside = stack.pop()
         for u in n.users:
             if u in region:
                 continue
@@ -292,12 +292,28 @@ def _walk(lin: Linear, linears: dict):
                 # where the split cannot be followed, assume it is the last dimension
                 split = d if d is not None else n.meta["val"].dim() - 1
                 if split in mixed and not _statistic_to_attention(u, linears) and \
-                        not _group_norm_statistic(u, linears):
+                        not _group_norm_statistic(u, linears) and \
+                        not (inside and _statistic_to_linear(u, linears)):
                     barriers.append(u)
                     continue
             region.add(u)
-            stack.append((u, _split_dim(u, n, d, probe)))
+            inside = inside or u.target in ATTENTION or (
+                u.target is aten.mul.Tensor and any(_from_linear(a, linears)
+                                                    for a in u.all_input_nodes if a is not n))
+            stack.append((u, _split_dim(u, n, d, probe), inside))
     return region, rows, barriers
+
+
+def _from_linear(a: fx.Node, linears: dict) -> bool:
+    """``a`` is a linear's output, through at most three one-input ops (the up-projection
+    beside a gated MLP's activated gate)."""
+    for _ in range(4):
+        if a in linears:
+            return True
+        if a.op != "call_function" or len(a.all_input_nodes) != 1:
+            return False
+        a = a.all_input_nodes[0]
+    return False
 
 
 def _statistic_to_attention(u: fx.Node, linears: dict) -> bool:
@@ -341,6 +357,15 @@ def _group_norm_statistic(u: fx.Node, linears: dict) -> bool:
             break
         m = m.args[0]
     else:
+        return False
+    return _statistic_to_linear(u, linears)
+
+
+def _statistic_to_linear(u: fx.Node, linears: dict) -> bool:
+    """What the statistic ``u`` scales flows into linears' inputs only, before any other
+    barrier. Inside a block (past its attention or its gated product: BitNet's sub-norms
+    before o_proj and down_proj) such a norm over the split width is summed over tp."""
+    if u.target not in (aten.mean.dim, aten.sum.dim_IntList):
         return False
     stack, seen = [u], set()
     while stack:
