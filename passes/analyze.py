@@ -88,6 +88,10 @@ class Linear:
     # out] (w_out_dim 2), read through a transpose or directly; tokens arrive sorted by
     # expert, so partial sums are all-reduced, never reduce-scattered along a sequence
     grouped: bool = False
+    # an einsum with a parameter (XLNet's "ibh,hnd->ibnd"): W's dimension read by the
+    # input features, and where the output's split features (W's first kept index) land
+    in_dim: Optional[int] = None
+    out_at: Optional[int] = None
 
     @property
     def out_features(self) -> int:
@@ -99,6 +103,8 @@ class Linear:
 
     @property
     def w_in_dim(self) -> int:
+        if self.in_dim is not None:
+            return self.in_dim
         nd = self.weight.meta["val"].dim()
         return 1 - self.w_out_dim if nd == 2 else 3 - self.w_out_dim
 
@@ -172,6 +178,9 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
         p = _transposed_param(w)
         if p is not None and p.meta["val"].dim() == 2:   # x @ W.T (Falcon's linear)
             return Linear(n, x, p, None, 0)
+    elif n.target is aten.einsum.default and len(n.args[1]) == 2 and \
+            param_name(n.args[1][1]) and "." not in n.args[0] and "->" in n.args[0]:
+        return _einsum_linear(n)
     elif (is_grouped_mm(n.target) or n.target is aten.bmm.default) and len(n.args) >= 2:
         # bmm: every expert's tokens [E, T, in] times its 3-D weight (Llama 4's experts)
         x, w = n.args[:2]
@@ -181,6 +190,23 @@ def as_linear(n: fx.Node) -> Optional[Linear]:
         if p is not None and p.meta["val"].dim() == 3:
             return Linear(n, x, p, None, 1, grouped=True)
     return None
+
+
+def _einsum_linear(n: fx.Node) -> Optional[Linear]:
+    """``einsum(eq, x, W)``: W's indices are some contracted with x's trailing ones (its
+    input features) and the rest appended to x's others in the output (its output
+    features), e.g. "ibh,hnd->ibnd" (a projection to heads) or "ibnd,hnd->ibh" (back)."""
+    (xs, ws), out = [part for part in n.args[0].replace(" ", "").split("->")[0].split(",")], \
+        n.args[0].replace(" ", "").split("->")[1]
+    kept = [c for c in ws if c in out]
+    summed = [c for c in ws if c not in out]
+    if not kept or not summed or any(c not in xs for c in summed) or \
+            xs[-len(summed):] != "".join(c for c in xs if c in summed) or \
+            out != "".join(c for c in xs if c not in summed) + "".join(kept) or \
+            len(set(ws)) != len(ws):
+        return None
+    return Linear(n, n.args[1][0], n.args[1][1], None, ws.index(kept[0]),
+                  in_dim=ws.index(summed[0]), out_at=out.index(kept[0]))
 
 
 def _reduced_dims(n: fx.Node) -> Optional[list]:
@@ -265,7 +291,8 @@ def _walk(lin: Linear, linears: dict):
     region, rows, barriers = set(), set(), []
     if lin.out_features == 1:   # a scalar gate per token (Qwen2-MoE's shared-expert gate)
         return region, rows, [lin.node]
-    stack = [(lin.node, lin.node.meta["val"].dim() - 1, False)]
+    start = lin.out_at if lin.out_at is not None else lin.node.meta["val"].dim() - 1
+    stack = [(lin.node, start, False)]
     while stack:
         n, d, inside = stack.pop()
         for u in n.users:

@@ -322,6 +322,8 @@ class Rewriter:
             return RULES["embedding_sum"](self, node)
         lin = self.analysis.linears.get(node)
         if lin is not None:
+            if lin.out_at is not None:   # an einsum with a parameter: its own rule
+                return RULES[aten.einsum.default](self, node)
             return RULES["linear"](self, node, lin)
         placements = [self.placement_of(i) for i in node.all_input_nodes]
         if node in self.analysis.block_attention:

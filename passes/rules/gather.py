@@ -1,5 +1,6 @@
-"""``gather`` along a dimension that is not split (ProphetNet's relative-position buckets
-picked per head): each rank gathers from its own rows with its rows of the index."""
+"""``gather`` and ``index_select`` along a dimension that is not split (ProphetNet's
+relative-position buckets picked per head, XLNet's relative shift): each rank picks from
+its own rows (with its rows of a gather's index)."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,14 @@ def gather(rw, node):
         rw.fail(node, f"gather of a value placed {p} with an index placed {ip}")
     return rw.emit(aten.gather.default, (rw.new(src), dim, idx, *node.args[3:]),
                    dict(node.kwargs), pl=p, like=node)
+
+
+@rule(aten.index_select.default)
+def index_select(rw, node):
+    """Entries picked along a dimension that is not split (XLNet's relative shift)."""
+    src, dim = node.args[:2]
+    p = rw.placement_of(src)
+    if rw.placement_of(node.args[2]) is not None or p is None or \
+            p.dim == dim % src.meta["val"].dim():
+        rw.fail(node, f"index_select along dimension {dim} of a value placed {p}")
+    return rw.copy(node, p)
