@@ -74,7 +74,8 @@ STATIC_SKIPS = {
 
 # exact-name size fields -> tiny value (applied where the family's config has the field)
 _HIDDEN = ("hidden_size", "n_embd", "d_model", "embed_dim", "emb_dim", "dim", "hidden_dim", "model_dim",
-           "embedding_size", "word_embed_proj_dim", "attention_hidden_size")
+           "embedding_size", "word_embed_proj_dim", "attention_hidden_size",
+           "input_embedding_size", "output_embedding_size")   # RemBERT's decoupled widths
 _INTER = ("intermediate_size", "ffn_dim", "n_inner", "decoder_ffn_dim", "encoder_ffn_dim",
           "ffn_hidden_size", "intermediate_dim", "inner_hidden_size", "d_ff", "d_inner",
           "mlp_dim", "hidden_dim_ffn", "ffn_inner_hidden_size", "dim_ff", "dff")
