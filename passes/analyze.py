@@ -132,6 +132,8 @@ class Analysis:
     inner_rows: set = dataclasses.field(default_factory=set)
     # linears split by output rows whose output is all-gathered at once (low rank, normed)
     gathered: set = dataclasses.field(default_factory=set)
+    # gate linear -> (the product with a row-parallel output, that row linear)
+    gates: dict = dataclasses.field(default_factory=dict)
 
 
 def param_name(node) -> Optional[str]:
@@ -329,6 +331,32 @@ def _walk(lin: Linear, linears: dict):
                                                     for a in u.all_input_nodes if a is not n))
             stack.append((u, _split_dim(u, n, d, probe), inside))
     return region, rows, barriers
+
+
+def _gate_of_row(lin: Linear, rows: dict, linears: dict):
+    """(product, row linear) when ``lin``'s output, through one-input element-wise ops,
+    multiplies a row-parallel linear's output (through the same), else None."""
+    def chain_to_mul(a):
+        for _ in range(4):
+            users = list(a.users)
+            if len(users) != 1:
+                return None, None
+            u = users[0]
+            if u.target is aten.mul.Tensor:
+                return u, a
+            if not (isinstance(u.target, torch._ops.OpOverload) and
+                    torch.Tag.pointwise in u.target.tags and len(u.all_input_nodes) == 1):
+                return None, None
+            a = u
+        return None, None
+    mul, mine = chain_to_mul(lin.node)
+    if mul is None or lin.out_features != mul.meta["val"].shape[-1]:
+        return None
+    for r in rows:
+        if r is not lin.node and chain_to_mul(r)[0] is mul and \
+                tuple(r.meta["val"].shape) == tuple(mul.meta["val"].shape):
+            return mul, r
+    return None
 
 
 def _from_linear(a: fx.Node, linears: dict) -> bool:
@@ -570,9 +598,20 @@ def analyze(gm: fx.GraphModule) -> Analysis:
                 all(b.target in NORMS or b.target in (aten.mean.dim, aten.sum.dim_IntList)
                     for b in barriers):
             an.gathered.add(n)
+    # a gate on a row-parallel output (RWKV's sigmoid(receptance(x)) * value(k)): split too,
+    # the row's partial sums reduce-scattered over the features, the product gathered
+    for n, lin in linears.items():
+        if n in an.replicated and n not in an.gathered and not walks[n][1]:
+            gate = _gate_of_row(lin, an.row, linears)
+            if gate is not None:
+                an.gates[n] = gate
+                an.replicated[n] = f"a gate on {gate[1].name}'s output: split only without " \
+                    "sequence parallelism"
     for n in gm.graph.nodes:
         role = None
-        if n in an.gathered:
+        if n in an.gates:
+            role = f"column-parallel gate of {an.gates[n][1].name}'s output (no SP)"
+        elif n in an.gathered:
             role = "column-parallel, output all-gathered (a low-rank down-projection " \
                 "normalised next)"
         elif n in an.column:

@@ -63,6 +63,7 @@ from ptdp_compiler.placement import CollectivePlan, Shard
 from . import analyze as _an
 from . import tp_coverage, tp_sliced_params
 from .rules import RULES, KeepReplicated, Refine, find_rule
+from .rules.linear import gated_product
 from .sharding import PaddedShard, PieceShard, local_shape, moved, view_rule
 from .tp_fake_check import fake_check
 from .tp_seeds import buckets_by_layer, initial_seeds, keep_replicated, refine_seeds
@@ -340,7 +341,8 @@ class Rewriter:
                 self.fail(node, f"no sharding rule for {node.target} with sharded inputs "
                                 f"({', '.join(str(p) for p in placements)}); it is not "
                                 "local on the sharded dimension as far as the compiler knows")
-            return rule(self, node)
+            new = rule(self, node)
+            return gated_product(self, node, new) if self.analysis.gates else new
         except ShardingError:
             if not self.sequence_sharded_only(node):
                 raise

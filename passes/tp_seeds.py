@@ -34,6 +34,12 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
         seeds[_an.param_name(lin.weight)] = Shard(lin.w_out_dim)
         if lin.bias is not None:
             seeds[_an.param_name(lin.bias)] = Shard(0)
+    for n in (analysis.gates if not sp else ()):   # SP: the gate stays whole
+        lin = analysis.linears[n]
+        if lin.out_features % t == 0:
+            seeds[_an.param_name(lin.weight)] = Shard(lin.w_out_dim)
+            if lin.bias is not None:
+                seeds[_an.param_name(lin.bias)] = Shard(0)
     for n in analysis.gathered:   # where t divides the rank; whole otherwise
         lin = analysis.linears[n]
         if lin.out_features % t == 0:

@@ -248,6 +248,44 @@ class ScanMixBlock(SDPABlock):
         return x + self.out((y * F.silu(z.transpose(1, 2))).transpose(1, 2))
 
 
+class OddsBlock(nn.Module):
+    """Projections that are not plain nn.Linear pairs: a low-rank query (down-projection,
+    RMSNorm, up-projection, as MLA's q_a / q_b: the down-projection split, its output
+    gathered); keys and values as einsums with 3-D [width, heads, head_dim] weights and
+    the out-projection back (XLNet); a norm of the attention output before it (BitNet's
+    sub-norm: its statistic summed over tp); an FFN whose output a sigmoid of another
+    projection gates (RWKV's receptance: split, the FFN's partial sums reduce-scattered
+    over the features, the product gathered)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads, hd = heads, width // heads
+        self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.q_a = nn.Linear(width, width // 2, bias=False)
+        self.q_norm = nn.RMSNorm(width // 2)
+        self.q_b = nn.Linear(width // 2, width, bias=False)
+        self.k, self.v, self.o = (nn.Parameter(torch.randn(width, heads, hd) * width ** -0.5)
+                                  for _ in range(3))
+        self.sub_w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.key = nn.Linear(width, 2 * width, bias=False)
+        self.value = nn.Linear(2 * width, width, bias=False)
+        self.receptance = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.norm1(x)
+        q = self.q_b(self.q_norm(self.q_a(h))).view(B, T, self.heads, -1)
+        k = torch.einsum("bsh,hnd->bsnd", h, self.k)
+        v = torch.einsum("bsh,hnd->bsnd", h, self.v)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        a = a.transpose(1, 2).reshape(B, T, C)
+        a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * self.sub_w
+        x = x + torch.einsum("bsnd,hnd->bsh", a.view(B, T, self.heads, -1), self.o)
+        h = self.norm2(x)
+        return x + torch.sigmoid(self.receptance(h)) * self.value(torch.relu(self.key(h)) ** 2)
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
@@ -256,7 +294,8 @@ class TorchNNLM(nn.Module):
         self.emb = nn.Embedding(VOCAB, width)
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "conv_mix": ConvMixBlock,
-               "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock, "scan_mix": ScanMixBlock}[block]
+               "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock, "scan_mix": ScanMixBlock,
+               "odds": OddsBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -36,7 +36,7 @@ def nn_job(block, sp):
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
                                       ("conv_mix", True), ("delta_mix", True),
-                                      ("ssd_mix", True), ("scan_mix", True)])
+                                      ("ssd_mix", True), ("scan_mix", True), ("odds", False)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -47,7 +47,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     conv filters with them (nn_models.DeltaMixBlock); Mamba-2's fused [z | x | B | C | dt]
     with B and C whole on every rank and a gated norm over split groups
     (nn_models.SSDMixBlock); Mamba-1's x_proj, row-parallel inside its own block
-    (nn_models.ScanMixBlock)."""
+    (nn_models.ScanMixBlock); a low-rank query, einsum projections, a sub-norm and a gated
+    FFN (nn_models.OddsBlock)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -74,6 +75,12 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                 "whole=[False, True, True])", placed
             for n in ("a_log", "dt_bias", "gnorm"):
                 assert placed[f"blocks.1.{n}"] == "Shard(0)", (n, placed)
+        if block == "odds":
+            expect = {"q_a.weight": "Shard(0)", "k": "Shard(1)", "o": "Shard(1)",
+                      "sub_w": "Shard(0)", "receptance.weight": "Shard(0)",
+                      "value.weight": "Shard(1)"}
+            for n, pl in expect.items():
+                assert placed[f"blocks.1.{n}"] == pl, (n, placed)
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
             assert placed["blocks.0.x_proj.weight"] == "Shard(1)", placed
             assert placed["blocks.0.in_proj.weight"] == "Shard(0, blocks=2)", placed

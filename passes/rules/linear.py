@@ -93,6 +93,18 @@ def linear(rw, node, lin):
             rw.fail(node, "a row-parallel linear needs its input split on the last "
                           f"dimension; got {xp}")
         mm = _emit(rw, node, x, bias=None)
+        gate = gated_row(rw, node)
+        if gate is not None:   # reduce-scattered over the features its split gate multiplies
+            out = rw.emit(torch.ops.ptdp.sp_scatter.default,
+                          (mm, out_nd - 1, 1, rw.group_name, rw.t), pl=Shard(out_nd - 1),
+                          like=node)
+            rw.collectives.append(("reduce_scatter", out, f"after {node.name} (features, "
+                                   f"for the gate {gate.name})", node))
+            if b is not None:
+                b = rw.localize(b, tuple(lin.bias.meta["val"].shape), Shard(out_nd - 1),
+                                out_nd, node)
+                out = rw.emit(aten.add.Tensor, (out, b), pl=Shard(out_nd - 1), like=node)
+            return out
         if lin.grouped or node in rw.analysis.inner_rows:
             out = rw.reduce_partial(mm, node, scatter=False)
             if b is not None:
@@ -117,6 +129,29 @@ def linear(rw, node, lin):
     return _emit(rw, node, x, W=rw.f(W), bias=rw.f(b) if b is not None else "keep",
                  pl=moved(xp, xp.dim))
 
+
+
+def gated_row(rw, node):
+    """The gate linear whose split output multiplies this row-parallel ``node``'s output
+    (RWKV's receptance), or None (under SP the gate stays whole)."""
+    for g, (_, r) in rw.analysis.gates.items():
+        if r is node and not rw.sp and \
+                rw.placement_of(rw.analysis.linears[g].weight) is not None:
+            return g
+    return None
+
+
+def gated_product(rw, node, new):
+    """After the gate's product with the row's output: gathered whole over the features
+    (the gather's backward keeps this rank's slice of the complete gradient)."""
+    for g, (mul, r) in rw.analysis.gates.items():
+        if mul is node and gated_row(rw, r) is g:
+            out = rw.emit(torch.ops.ptdp.sp_gather_whole.default,
+                          (new, node.meta["val"].dim() - 1, 1, rw.group_name, rw.t, rw.rank),
+                          pl=None, like=node)
+            rw.collectives.append(("all_gather", out, f"after {node.name} (features)", node))
+            return out
+    return new
 
 
 def _tail_column(rw, node, lin, x, xp, b, wp, out_nd):
