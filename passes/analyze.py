@@ -268,6 +268,8 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
     if u.target in _CONVS and u.args[0] is src and d == 1 and \
             (u.args[6] if len(u.args) > 6 else 1) == sv.shape[1]:
         return 1              # a depthwise conv's channels (Mamba's short conv)
+    if u.target is aten.repeat.default:
+        return d + m - nd     # tiles: the split dimension stays where it is
     if u.target is aten.repeat_interleave.self_int and len(args) > 1 and args[1] is not None:
         return d              # kv heads repeated for the value heads sharing them
     if u.target in _PADS and d < nd - len(u.args[1]) // 2:

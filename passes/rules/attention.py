@@ -12,13 +12,14 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.placement import Shard
 
 from ..sharding import moved
+from . import Refine, rule
+from .pieces import producing_weight
 from .pointwise import rank_dropout
-from . import rule
 
 aten = torch.ops.aten
 
 
-def heads_of(rw, a, node):
+def heads_of(rw, a, node, heads=Shard(1)):
     """This rank's heads of q, k or v ([B, heads, T, D]): its own if sharded on the heads;
     a replicated one is sliced to them, or, with fewer key/value heads than ranks, to
     the one head the rank's query heads share (MQA / GQA, kv heads replicated)."""
@@ -28,10 +29,15 @@ def heads_of(rw, a, node):
         # backward reduce-scatters the partial gradients of each rank's heads)
         v, p = rw.gathered(v, node, block_input=False), None
     if p is not None:
-        if p != Shard(1):
+        if type(p) is not Shard or p.dim != 1:   # whole heads (in blocks: DiffLlama's halves)
             rw.fail(node, f"attention needs q, k, v split on the heads dimension; got {p}")
         return v
     shape = tuple(a.meta["val"].shape)
+    if heads.outer > 1:   # the query heads in blocks: the same heads of a whole k / v
+        if shape[1] % (heads.outer * rw.t):
+            rw.fail(node, f"{shape[1]} key/value heads cannot follow query heads in "
+                          f"{heads.outer} blocks at tp={rw.t}", ConfigError)
+        return rw.localize(v, shape, heads, len(shape), node)
     heads, t = shape[1], rw.t
     if heads % t == 0:
         return rw.localize(v, shape, Shard(1), len(shape), node)
@@ -48,14 +54,17 @@ def sdpa(rw, node):
     if q.meta["val"].shape[1] % rw.t:
         rw.fail(node, f"tp={rw.t} does not divide the {q.meta['val'].shape[1]} attention "
                       "heads", ConfigError)
-    args = [heads_of(rw, a, node) for a in (q, k, v)]
+    _same_head_blocks(rw, node, (q, k, v))
+    qp = rw.placement_of(q)
+    heads = qp if type(qp) is Shard and qp.dim == 1 else Shard(1)
+    args = [heads_of(rw, a, node, heads) for a in (q, k, v)]
     rest, kwargs = list(node.args[3:]), dict(node.kwargs)
     mask = rest[0] if rest else kwargs.get("attn_mask")
     if isinstance(mask, fx.Node):
         mv = rw.new(mask)
         if rw.placement.get(mv) is None:
-            mv = rw.localize(mv, tuple(mask.meta["val"].shape), Shard(1), 4, node)
-        elif rw.placement.get(mv) != Shard(1):
+            mv = rw.localize(mv, tuple(mask.meta["val"].shape), heads, 4, node)
+        elif rw.placement.get(mv) != heads:
             rw.fail(node, "attention mask sharded on another dimension")
         if rest:
             rest[0] = mv
@@ -67,7 +76,18 @@ def sdpa(rw, node):
     if opts["dropout_p"]:
         return attention_with_rank_dropout(rw, node, *args, opts,
                                            kwargs.get("enable_gqa", False))
-    return rw.emit(node.target, args + rest, kwargs, pl=Shard(1), like=node)
+    return rw.emit(node.target, args + rest, kwargs, pl=heads, like=node)
+
+
+def _same_head_blocks(rw, node, qkv):
+    """q, k and v must lay their heads out alike: a projection whose heads were cut in
+    blocks (DiffLlama's value halves) makes the others follow (``Refine``)."""
+    pls = [rw.placement_of(a) for a in qkv]
+    outers = {p.outer for p in pls if type(p) is Shard and p.dim == 1}
+    if len(outers) > 1:
+        for a, p in zip(qkv, pls):
+            if type(p) is Shard and p.outer != max(outers):
+                raise Refine(producing_weight(rw, a, node), max(outers))
 
 
 def attention_with_rank_dropout(rw, node, q, k, v, opts, gqa):

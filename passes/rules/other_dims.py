@@ -1,6 +1,7 @@
 """Ops that act on some dimensions only, local when the split one is not among them:
 ``pad`` (the chunked delta rule pads the sequence to whole chunks), ``tril`` / ``triu``
-(causal masks of the last two dimensions), and ``repeat_interleave`` (key heads repeated
+(causal masks of the last two dimensions), ``repeat`` (tiles, see its rule) and
+``repeat_interleave`` (key heads repeated
 for the value heads that share them, as GQA repeats kv heads), which is local along a
 contiguously split dimension too: rank r's entries repeated k times are entries
 r·n·k/t .. (r+1)·n·k/t of the whole result."""
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..sharding import PaddedShard, PieceShard, TailShard
+from ptdp_compiler.placement import Shard
+
+from ..sharding import PaddedShard, PieceShard, TailShard, moved
 from . import rule
 
 aten = torch.ops.aten
@@ -53,3 +56,18 @@ def repeat_interleave(rw, node):
     if "output_size" in kwargs:
         kwargs["output_size"] = size
     return rw.emit(node.target, (rw.new(x), repeats, dim, *rest), kwargs, pl=xp, like=node)
+
+
+@rule(aten.repeat.default)
+def repeat(rw, node):
+    """Tiles: along the split dimension, k tiles of a (blocks, t, n) layout are k·blocks
+    blocks of the result, each rank's tile repeated (DiffLlama's value halves, tiled back
+    to every head)."""
+    x, reps = node.args[0], list(node.args[1])
+    xp = rw.placement_of(x)
+    d = xp.dim + len(reps) - x.meta["val"].dim()
+    if reps[d] == 1:
+        return rw.copy(node, moved(xp, d))
+    if type(xp) is not Shard:
+        rw.fail(node, f"repeat along a dimension placed {xp}")
+    return rw.copy(node, moved(xp, d, xp.outer * reps[d]))

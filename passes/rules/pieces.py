@@ -53,8 +53,15 @@ def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
         lin = rw.analysis.linears.get(m)
         if lin is not None:
             return _an.param_name(lin.weight)
-        scaled = _is_pointwise(m) and m.args and \
-            all(rw.placement_of(a) is None for a in m.all_input_nodes if a is not m.args[0])
+        if m.target is aten.scaled_dot_product_attention.default:
+            m = m.args[0]   # attention's heads are its queries' (the others follow them)
+            continue
+        if m.target is aten.cat.default:   # joined along another dimension: the first's
+            m = m.args[0][0]
+            continue
+        # element-wise with the first operand carrying the rows: a scale (Falcon-H1's muP
+        # multipliers) or rotary embedding's q·cos + rotate(q)·sin
+        scaled = _is_pointwise(m) and m.args and isinstance(m.args[0], fx.Node)
         if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
                 not (m.target in PASSTHROUGH | VIEWS | DIM_MOVES | _CHANNELWISE or
                      _one_tensor_pointwise(m) or scaled):   # Falcon-H1's µP multipliers
