@@ -20,6 +20,8 @@ FAST = {
     "gpt_oss": None,    # MoE with attention sinks, interleaved gate/up (strided slice)
     "llama4_text": None,  # experts through bmm over 3-D weights; the router's top-k is a
                           # barrier (it stays replicated); complex rotary (view_as_complex)
+    "diffllama": None,  # attention output cut in head halves: q, k, v heads in 2 blocks,
+                        # values tiled (repeat) back to every head
 }
 
 
