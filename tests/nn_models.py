@@ -102,34 +102,6 @@ class NormMixBlock(SDPABlock):
         return x + self.mix_norm(self.mix(x))
 
 
-class ConvMixBlock(SDPABlock):
-    """Attention, then a gated short-convolution mixer (Mamba / Hyena style): a fused
-    [x | gate] up-projection read channels-first (transpose, chunk), a depthwise causal
-    conv1d over the sequence, a per-channel decay exp(-exp(a_log)) and skip d, a SiLU gate,
-    the down-projection. tp splits the channels; the filters, a_log and d are read only as
-    each rank's channels, so each rank stores only its part of them."""
-
-    def __init__(self, width, heads):
-        super().__init__(width, heads)
-        inner = 2 * width
-        self.norm3 = nn.RMSNorm(width)
-        self.inp = nn.Linear(width, 2 * inner, bias=False)
-        self.conv = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
-        self.a_log = nn.Parameter(torch.linspace(-1.0, 0.5, inner))
-        self.d = nn.Parameter(torch.linspace(0.5, 1.5, inner))
-        self.out = nn.Linear(inner, width, bias=False)
-
-    def forward(self, x):
-        x = super().forward(x)
-        T = x.shape[1]
-        u, gate = self.inp(self.norm3(x)).transpose(1, 2).chunk(2, dim=1)   # [B, C, T]
-        c = self.conv(u)[..., :T]
-        decay = torch.exp(-torch.exp(self.a_log.float()))
-        y = c * decay[None, :, None] + u * self.d[None, :, None]
-        y = y * F.silu(gate)
-        return x + self.out(y.transpose(1, 2))
-
-
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -215,8 +187,10 @@ class ScanMixBlock(SDPABlock):
     """Attention, then a Mamba-1-style selective scan: in_proj [x | z], a depthwise conv,
     x_proj to (dt, B, C) shared by all channels, dt_proj applied as ``W @ dt`` (as
     Hugging Face's Mamba does), a recurrence over time whose state's rows are channels,
-    the out-projection. tp splits the channels: x_proj is row-parallel and its all-reduced
-    output flows back into the same block's scan (all-reduced even under SP)."""
+    the out-projection. tp splits the channels (the fused [x | z] rows in two blocks; the
+    conv filters and skip d are read only by their channels, so stored split): x_proj is
+    row-parallel and its all-reduced output flows back into the same block's scan
+    (all-reduced even under SP)."""
 
     def __init__(self, width, heads, inner=64, rank=4, state=4):
         super().__init__(width, heads)
@@ -293,9 +267,8 @@ class TorchNNLM(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, width)
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
-               "norm_mix": NormMixBlock, "conv_mix": ConvMixBlock,
-               "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock, "scan_mix": ScanMixBlock,
-               "odds": OddsBlock}[block]
+               "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
+               "scan_mix": ScanMixBlock, "odds": OddsBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -35,14 +35,13 @@ def nn_job(block, sp):
 
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
-                                      ("conv_mix", True), ("delta_mix", True),
+                                      ("delta_mix", True),
                                       ("ssd_mix", True), ("scan_mix", True), ("odds", False)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
     vector norms, view_as / reshape_as / expand_as / zeros_like, masked_fill_ and
-    log_sigmoid (nn_models.ShapeOpsBlock); a depthwise conv1d mixer whose filters and
-    per-channel parameters are stored split (nn_models.ConvMixBlock); a gated linear-
+    log_sigmoid (nn_models.ShapeOpsBlock); a gated linear-
     attention mixer whose fused [q | k | v] has unequal pieces, each split by heads, the
     conv filters with them (nn_models.DeltaMixBlock); Mamba-2's fused [z | x | B | C | dt]
     with B and C whole on every rank and a gated norm over split groups
@@ -60,10 +59,6 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             for n, g in ref_grads[s].items():
                 assert_close_tensor(f"rank {rank} step {s} {n}", grads[s][n], g, rtol=1e-4)
         assert nlocal / full <= 0.55, nlocal / full
-        if block == "conv_mix":   # the fused [x | gate] rows in 2 blocks; the rest by channel
-            assert placed["blocks.0.inp.weight"] == "Shard(0, blocks=2)", placed
-            for n in ("conv.weight", "conv.bias", "a_log", "d"):
-                assert placed[f"blocks.1.{n}"] == "Shard(0)", (n, placed)
         if block == "delta_mix":   # [q | k | v] of 16, 16, 32 rows, each split by heads
             for n in ("fused.weight", "conv.weight"):
                 assert placed[f"blocks.1.{n}"] == "Shard(0, pieces=[16, 16, 32])", placed
@@ -84,6 +79,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
             assert placed["blocks.0.x_proj.weight"] == "Shard(1)", placed
             assert placed["blocks.0.in_proj.weight"] == "Shard(0, blocks=2)", placed
+            for n in ("conv.weight", "conv.bias", "d"):   # read only by their channels
+                assert placed[f"blocks.0.{n}"] == "Shard(0)", (n, placed)
 
 
 def norm_mix_job(strict):
