@@ -303,6 +303,14 @@ def _walk(lin: Linear, linears: dict):
             if u in region:
                 continue
             ul = linears.get(u)
+            if ul is not None and ul.x is n and d is not None and \
+                    d < n.meta["val"].dim() - 1 and not ul.grouped and ul.out_at is None \
+                    and _view_of(n, lin.node):
+                # split on another dimension than its features (heads): a whole weight
+                # acts on each rank's part (Inkling's per-head relative logits)
+                region.add(u)
+                stack.append((u, d, inside))
+                continue
             if ul is not None:
                 if ul.x is n:
                     rows.add(u)
@@ -359,6 +367,15 @@ def _gate_of_row(lin: Linear, rows: dict, linears: dict):
                 tuple(r.meta["val"].shape) == tuple(mul.meta["val"].shape):
             return mul, r
     return None
+
+
+def _view_of(n: fx.Node, src: fx.Node) -> bool:
+    """``n`` is ``src`` through views only (the split is known exactly there)."""
+    while n is not src:
+        if n.op != "call_function" or n.target not in _VIEWS:
+            return False
+        n = n.args[0]
+    return True
 
 
 def _from_linear(a: fx.Node, linears: dict) -> bool:
@@ -524,6 +541,13 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         # a start the block also ends at (Mamba's x_proj: row-parallel on the split
         # channels, its all-reduced dt / B / C rejoin the block's scan) is an end only
         members = [m for m in members if m not in rows] or members
+        # a linear met inside another's region (a whole weight on head-split values) is
+        # no start: it runs on each rank's heads
+        inside = {m for m in members if any(m in walks[o][0] for o in members if o is not m)}
+        members = [m for m in members if m not in inside] or members
+        for m in inside:
+            an.replicated[m] = "a whole weight applied to each rank's part of a block " \
+                "(split on another dimension than its features)"
         rows = set().union(*(walks[m][1] for m in members))
         barriers = [b for m in members for b in walks[m][2]]
         if rows & set(members):   # a block may not end at one of its own starts

@@ -1,10 +1,10 @@
 """Ops that act on some dimensions only, local when the split one is not among them:
 ``pad`` (the chunked delta rule pads the sequence to whole chunks), ``tril`` / ``triu``
-(causal masks of the last two dimensions), ``repeat`` (tiles, see its rule) and
-``repeat_interleave`` (key heads repeated
-for the value heads that share them, as GQA repeats kv heads), which is local along a
-contiguously split dimension too: rank r's entries repeated k times are entries
-r·n·k/t .. (r+1)·n·k/t of the whole result."""
+(causal masks of the last two dimensions), ``unfold`` (sliding windows), ``repeat``
+(tiles, see its rule) and ``repeat_interleave`` (key heads repeated for the value heads
+that share them, as GQA repeats kv heads), which is local along a contiguously split
+dimension too: rank r's entries repeated k times are entries r·n·k/t .. (r+1)·n·k/t of
+the whole result."""
 from __future__ import annotations
 
 import torch
@@ -71,3 +71,14 @@ def repeat(rw, node):
     if type(xp) is not Shard:
         rw.fail(node, f"repeat along a dimension placed {xp}")
     return rw.copy(node, moved(xp, d, xp.outer * reps[d]))
+
+
+@rule(aten.unfold.default)
+def unfold(rw, node):
+    """Sliding windows along a dimension that is not split (a new last dimension holds
+    each window): local."""
+    x, dim = node.args[:2]
+    xp = rw.placement_of(x)
+    if dim % x.meta["val"].dim() == xp.dim:
+        rw.fail(node, f"unfold along the sharded dimension {xp}")
+    return rw.copy(node, xp)

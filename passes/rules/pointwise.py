@@ -31,7 +31,8 @@ UNTAGGED_POINTWISE = {aten.log_sigmoid.default, aten.complex.default, aten.polar
                       aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
 
 
-@rule("pointwise", aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+@rule("pointwise", aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
+      aten.where.Scalar, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
       *UNTAGGED_POINTWISE)
 def pointwise(rw, node):
     out = node.meta["val"]
