@@ -4,6 +4,7 @@ and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]
     dead_code          drop what the loss never reads (a pooler the LM loss ignores)
     loss_weight        how each microbatch's loss weighs (reads the captured graph)
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
+                       (walk.py: the forward walk from each linear it reads)
     tensor_parallel    placements, f/g, shape rewrite (+ sequence_parallel rules)    (tp > 1)
     fake-tensor check  the per-rank graph re-run with FakeTensor at local shapes     (tp > 1)
     expert_parallel    routed experts -> all-to-all dispatch / combine over ep       (ep > 1)

@@ -124,7 +124,7 @@ def joined(rw, node, placements: list, sizes: list, dim: int) -> PieceShard:
 def _follow(n: fx.Node, d: int):
     """The values ``n``'s dimension ``d`` flows into through channel-wise ops, with where it
     lands: (value, dim) pairs."""
-    from ..analyze import _split_dim
+    from ..walk import _split_dim
     todo, seen = [(n, d)], set()
     while todo:
         m, e = todo.pop()

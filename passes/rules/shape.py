@@ -15,7 +15,6 @@ import torch.fx as fx
 from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.placement import Shard
 
-from .. import analyze as _an
 from ..sharding import PaddedShard, PieceShard, TailShard, local_shape, moved, view_rule
 from . import KeepReplicated, Refine, rule
 from . import pieces as _pieces_mod
