@@ -68,7 +68,9 @@ def repeat(rw, node):
     d = xp.dim + len(reps) - x.meta["val"].dim()
     if reps[d] == 1:
         return rw.copy(node, moved(xp, d))
-    if type(xp) is not Shard:
+    if type(xp) is not Shard or x in rw.sequence_split:
+        # (a sequence shard tiled, as Llama 4's dense experts tile the tokens, is left to
+        # the whole-sequence fallback: the expert GEMMs need every token)
         rw.fail(node, f"repeat along a dimension placed {xp}")
     return rw.copy(node, moved(xp, d, xp.outer * reps[d]))
 
