@@ -21,6 +21,7 @@ from ptdp_compiler.placement import Shard
 
 from .. import analyze as _an
 from ..sharding import PaddedShard, PieceShard, TailShard
+from . import is_pointwise
 from .pointwise import PASSTHROUGH
 
 aten = torch.ops.aten
@@ -34,14 +35,6 @@ DIM_MOVES = {aten.transpose.int, aten.t.default, aten.permute.default, aten.unsq
 # slice that drops the conv's padding)
 _CHANNELWISE = {aten.conv1d.default, aten.conv2d.default, aten.slice.Tensor,
                 aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.relu.default}
-
-
-def _is_pointwise(m: fx.Node) -> bool:
-    return isinstance(m.target, torch._ops.OpOverload) and torch.Tag.pointwise in m.target.tags
-
-
-def _one_tensor_pointwise(m: fx.Node) -> bool:
-    return _is_pointwise(m) and len(m.all_input_nodes) == 1
 
 
 def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
@@ -59,12 +52,11 @@ def producing_weight(rw, x: fx.Node, node: fx.Node) -> str:
         if m.target is aten.cat.default:   # joined along another dimension: the first's
             m = m.args[0][0]
             continue
-        # element-wise with the first operand carrying the rows: a scale (Falcon-H1's muP
-        # multipliers) or rotary embedding's q·cos + rotate(q)·sin
-        scaled = _is_pointwise(m) and m.args and isinstance(m.args[0], fx.Node)
+        # element-wise ops follow their first operand, which carries the rows: a scale
+        # (Falcon-H1's muP multipliers) or rotary embedding's q·cos + rotate(q)·sin
         if m.op != "call_function" or not m.args or not isinstance(m.args[0], fx.Node) or \
                 not (m.target in PASSTHROUGH | VIEWS | DIM_MOVES | _CHANNELWISE or
-                     _one_tensor_pointwise(m) or scaled):   # Falcon-H1's µP multipliers
+                     is_pointwise(m.target)):
             rw.fail(node, "a split of the sharded dimension into pieces the producing "
                           "weight cannot be permuted for")
         m = m.args[0]
@@ -133,7 +125,7 @@ def _follow(n: fx.Node, d: int):
             if u in seen or not isinstance(u.meta.get("val"), torch.Tensor) or \
                     not u.args or u.args[0] is not m or \
                     not (u.target in PASSTHROUGH | DIM_MOVES | _CHANNELWISE or
-                         _one_tensor_pointwise(u)):
+                         (is_pointwise(u.target) and len(u.all_input_nodes) == 1)):
                 continue
             f = _split_dim(u, m, e, 1)
             if f is not None and u.meta["val"].shape[f] == m.meta["val"].shape[e]:
