@@ -352,13 +352,12 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         if len(an.vocab_embeddings) == 1:
             an.embedding_sum = _embedding_sum(an.vocab_embeddings[0], an.head.weight)
     # a low-rank down-projection normalised right after (MLA's q_a / kv_a): split by rows
-    # and its output all-gathered (Megatron's ColumnParallelLinear with gather_output)
+    # and its output all-gathered (Megatron's ColumnParallelLinear with gather_output);
+    # what follows the gather sees the whole output, as if the linear were replicated
     for n, lin in linears.items():
-        barriers = walks[n][2]
         if n in an.replicated and n not in an.column and n not in an.row and \
-                not lin.grouped and lin.out_features < lin.in_features and barriers and \
-                all(b.target in NORMS or b.target in (aten.mean.dim, aten.sum.dim_IntList)
-                    for b in barriers):
+                not lin.grouped and lin.out_features < lin.in_features and \
+                _normed_next(n, walks[n][2]):
             an.gathered.add(n)
     # a gate on a row-parallel output (RWKV's sigmoid(receptance(x)) * value(k)): split too,
     # the row's partial sums reduce-scattered over the features, the product gathered
@@ -391,6 +390,26 @@ def analyze(gm: fx.GraphModule) -> Analysis:
         if role:
             n.meta.setdefault("ptdp", {})["role"] = role
     return an
+
+
+def _normed_next(n: fx.Node, barriers: list) -> bool:
+    """Every barrier ``n``'s walk met is a norm statistic, or one of them is a statistic
+    of ``n``'s own features (through casts and squares)."""
+    if barriers and all(b.target in NORMS or b.target in (aten.mean.dim, aten.sum.dim_IntList)
+                        for b in barriers):
+        return True
+    for b in barriers:
+        if b.target not in NORMS and b.target not in (aten.mean.dim, aten.sum.dim_IntList):
+            continue
+        a = b.args[0]
+        for _ in range(6):   # (a split of the output: MLA's [latent | rotary key])
+            if a is n:
+                return True
+            if not isinstance(a, fx.Node) or a.op != "call_function" or \
+                    len(a.all_input_nodes) != 1:
+                break
+            a = a.all_input_nodes[0]
+    return False
 
 
 def _order(gm):

@@ -7,11 +7,13 @@ scale of a column-parallel output. Such a parameter is whole on every rank, and 
 gradient is a tp-partial sum that needs an all-reduce.
 
 When the sliced value is the parameter itself or is computed from it alone by
-element-wise ops of one input (casts, ``exp``, ``neg``), views that add or drop
-dimensions of size 1 and whole slices (``A[None, :, None, :]``), and every reader of that chain slices it the same way, the
-parameter is seeded split instead (``learn``): the next walk runs the chain on the shard,
-the rank stores 1/t of the parameter, and its gradient is complete on each rank (no
-all-reduce). A parameter with any other reader keeps its replicated placement.
+element-wise ops of one input (casts, ``exp``, ``neg``), views (``A[None, :, None, :]``,
+a grouped weight read as ``[groups, out, in]``), transposes and whole slices, and every
+reader of that chain slices it the same way, the parameter is seeded split instead
+(``learn``): the next walk runs the chain on the shard, the rank stores 1/t of the
+parameter, and its gradient is complete on each rank (no all-reduce). A parameter with
+any other reader, or whose slice a view cannot carry back to it as one placement, keeps
+its replicated placement.
 """
 from __future__ import annotations
 
@@ -23,16 +25,20 @@ import torch.fx as fx
 from . import analyze as _an
 from .rules import is_pointwise
 from .rules.pointwise import PASSTHROUGH
-from .sharding import moved
+from .sharding import moved, view_rule
 
 aten = torch.ops.aten
-ROLE = "read only as this rank's slice (element-wise on a split dimension): stored split"
+ROLE = "read only as this rank's slice (element-wise, through views): stored split"
 
 
 # views that only add or drop dimensions of size 1 (``w.unsqueeze(1)``, ``A[None, :]``)
 _SINGLETON_VIEWS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
                     aten.squeeze.default, aten.view.default, aten.reshape.default,
                     aten._unsafe_view.default}
+# views that may regroup dimensions (a [g*out, in] weight read as [g, out, in])
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+          aten.flatten.using_ints, aten.unflatten.int}
+_TRANSPOSES = {aten.transpose.int, aten.t.default, aten.permute.default}
 
 
 def _nonunit(n: fx.Node) -> tuple:
@@ -56,29 +62,45 @@ def _chain_step(c: fx.Node) -> Optional[fx.Node]:
     if len(inputs) != 1:
         return None
     a = inputs[0]
-    if c.target in _SINGLETON_VIEWS:
-        return a if _nonunit(c) == _nonunit(a) else None
+    if c.target in _SINGLETON_VIEWS and _nonunit(c) == _nonunit(a):
+        return a
+    if c.target in _VIEWS or c.target in _TRANSPOSES:
+        return a
     if (c.target in PASSTHROUGH or c.target is aten.slice.Tensor or  # x[:, :] is x
             is_pointwise(c.target)) and tuple(c.meta["val"].shape) == tuple(a.meta["val"].shape):
         return a
     return None
 
 
-def _to_param(c: fx.Node, j: int):
-    """(parameter placeholder, its dimension) that dimension ``j`` of ``c`` comes from, or
-    None when ``c`` is not a chain of single-input element-wise steps on a parameter."""
+def _to_param(c: fx.Node, pl, t: int):
+    """(parameter placeholder, placement on it) that placement ``pl`` of ``c`` comes from,
+    or None when ``c`` is not a chain of single-input steps on a parameter or a view
+    cannot carry ``pl`` back as one placement."""
     while not (c.op == "placeholder" and c.meta.get("ptdp_input_kind") == "param"):
         a = _chain_step(c)
         if a is None:
             return None
-        if c.target in _SINGLETON_VIEWS:   # the same non-1 sizes: follow j's ordinal
-            shape, ins = c.meta["val"].shape, a.meta["val"].shape
-            if shape[j] == 1:
+        shape, ins = tuple(c.meta["val"].shape), tuple(a.meta["val"].shape)
+        if c.target in _SINGLETON_VIEWS and _nonunit(c) == _nonunit(a):
+            # the same non-1 sizes: follow the split dimension's ordinal
+            if shape[pl.dim] == 1:
                 return None
-            k = sum(1 for s in shape[:j] if s != 1)
-            j = [i for i, s in enumerate(ins) if s != 1][k]
+            k = sum(1 for s in shape[:pl.dim] if s != 1)
+            pl = moved(pl, [i for i, s in enumerate(ins) if s != 1][k])
+        elif c.target in _VIEWS:
+            back = view_rule(shape, pl, ins, t)
+            if back is None or view_rule(ins, back, shape, t) != pl:
+                return None
+            pl = back
+        elif c.target is aten.permute.default:
+            pl = moved(pl, [i % len(ins) for i in c.args[1]][pl.dim])
+        elif c.target is aten.transpose.int:
+            i, j = c.args[1] % len(ins), c.args[2] % len(ins)
+            pl = moved(pl, j if pl.dim == i else i if pl.dim == j else pl.dim)
+        elif c.target is aten.t.default:
+            pl = moved(pl, 1 - pl.dim) if len(ins) == 2 else pl
         c = a
-    return c, j
+    return c, pl
 
 
 def _chain(p: fx.Node) -> set:
@@ -100,9 +122,9 @@ def learn(gm: fx.GraphModule, rw, seeds: dict) -> dict:
     sliced = {}                       # (captured chain value, captured reader) -> (param, pl)
     for v, j, pl, node in rw.localized:
         c = old_of.get(v)
-        src = _to_param(c, j) if c is not None else None
+        src = _to_param(c, pl, rw.t) if c is not None else None
         if src is not None:
-            sliced[(c, node)] = (src[0], moved(pl, src[1]))
+            sliced[(c, node)] = src
     out = {}
     for p in {p for p, _ in sliced.values()}:
         name = _an.param_name(p)

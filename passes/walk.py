@@ -29,6 +29,8 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.
 ALONG_DIM = {aten.max.dim, aten.min.dim, aten.sort.default, aten.argmax.default,
              aten.argmin.default, aten.cumsum.default, aten.topk.default}
 _CONVS = {aten.conv1d.default, aten.conv2d.default}
+_NEW_FACTORIES = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
+                  aten.new_full.default}
 _PADS = {aten.pad.default, aten.constant_pad_nd.default}
 # ops that mark a block as attention (its column width is heads·head_dim)
 ATTENTION = {aten.scaled_dot_product_attention.default, aten.softmax.int,
@@ -87,6 +89,13 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
         return [i % nd for i in args[0]].index(d)
     if u.target is aten.unsqueeze.default:
         return d + 1 if args[0] % (nd + 1) <= d else d
+    if u.target in _NEW_FACTORIES and u.args[0] is src:
+        # a fresh buffer shaped like the split value (filled by copies of it: DeepSeek's
+        # key built in new_empty storage) is laid out like it
+        return d if m == nd and uv.shape[d] == sv.shape[d] else None
+    if u.target is aten.stack.default:
+        k = (u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)) % m
+        return d + (k <= d)   # a new dimension before or after the split one
     if u.target is aten.select.int:
         return None if args[0] % nd == d else d - (args[0] % nd < d)
     if u.target in _CONVS and u.args[0] is src and d == 1 and \
