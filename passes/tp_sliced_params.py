@@ -8,7 +8,8 @@ gradient is a tp-partial sum that needs an all-reduce.
 
 When the sliced value is the parameter itself or is computed from it alone by
 element-wise ops of one input (casts, ``exp``, ``neg``), views (``A[None, :, None, :]``,
-a grouped weight read as ``[groups, out, in]``), transposes and whole slices, and every
+a grouped weight read as ``[groups, out, in]``), transposes, broadcasts along other
+dimensions (attention sinks) and whole slices, and every
 reader of that chain slices it the same way, the parameter is seeded split instead
 (``learn``): the next walk runs the chain on the shard, the rank stores 1/t of the
 parameter, and its gradient is complete on each rank (no all-reduce). A parameter with
@@ -64,7 +65,7 @@ def _chain_step(c: fx.Node) -> Optional[fx.Node]:
     a = inputs[0]
     if c.target in _SINGLETON_VIEWS and _nonunit(c) == _nonunit(a):
         return a
-    if c.target in _VIEWS or c.target in _TRANSPOSES:
+    if c.target in _VIEWS or c.target in _TRANSPOSES or c.target is aten.expand.default:
         return a
     if (c.target in PASSTHROUGH or c.target is aten.slice.Tensor or  # x[:, :] is x
             is_pointwise(c.target)) and tuple(c.meta["val"].shape) == tuple(a.meta["val"].shape):
@@ -92,6 +93,11 @@ def _to_param(c: fx.Node, pl, t: int):
             if back is None or view_rule(ins, back, shape, t) != pl:
                 return None
             pl = back
+        elif c.target is aten.expand.default:   # broadcast along other dimensions
+            j = pl.dim - (len(shape) - len(ins))
+            if j < 0 or ins[j] != shape[pl.dim]:
+                return None
+            pl = moved(pl, j)
         elif c.target is aten.permute.default:
             pl = moved(pl, [i % len(ins) for i in c.args[1]][pl.dim])
         elif c.target is aten.transpose.int:

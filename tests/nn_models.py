@@ -260,6 +260,64 @@ class OddsBlock(nn.Module):
         return x + torch.sigmoid(self.receptance(h)) * self.value(torch.relu(self.key(h)) ** 2)
 
 
+def _interleaved_rope(x, pos):
+    """Rotary embedding on adjacent pairs of the last dimension (GPT-J / DeepSeek-V4)."""
+    r = x.shape[-1]
+    angle = pos[:, None] * (1.0 / 10000 ** (torch.arange(0, r, 2, dtype=x.dtype) / r))
+    cos, sin = angle.cos().repeat_interleave(2, -1), angle.sin().repeat_interleave(2, -1)
+    rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class SinkMixBlock(nn.Module):
+    """DeepSeek-V4 / HY-V4 attention: a low-rank query; keys and values up-projected per
+    head from a latent, the key assembled in fresh storage from its per-head part and a
+    rotary part one projection shares with every head (new_empty + copy_); interleaved
+    rotary (stack); per-head attention sinks in an eager softmax; a grouped output
+    projection (a [groups * rank, per-group] weight read as [groups, per-group, rank] by
+    bmm) and a linear mixing the groups."""
+
+    def __init__(self, width, heads, groups=2):
+        super().__init__()
+        self.heads, self.groups, hd = heads, groups, width // heads
+        self.hd, self.rope, rank = hd, hd // 2, width // 4
+        self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
+        self.q_a = nn.Linear(width, width // 2, bias=False)
+        self.q_norm = nn.RMSNorm(width // 2)
+        self.q_b = nn.Linear(width // 2, width, bias=False)
+        self.kv_a = nn.Linear(width, width // 2 + self.rope, bias=False)
+        self.kv_norm = nn.RMSNorm(width // 2)
+        self.kv_b = nn.Linear(width // 2, heads * (2 * hd - self.rope), bias=False)
+        self.sinks = nn.Parameter(torch.linspace(-1.0, 1.0, heads))
+        self.o_a = nn.Parameter(torch.randn(groups * rank, width // groups) * width ** -0.5)
+        self.o_b = nn.Linear(groups * rank, width, bias=False)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H, hd, r = self.heads, self.hd, self.rope
+        pos = torch.arange(T, dtype=x.dtype, device=x.device)
+        h = self.norm1(x)
+        q = self.q_b(self.q_norm(self.q_a(h))).view(B, T, H, hd).transpose(1, 2)
+        q = torch.cat([q[..., :hd - r], _interleaved_rope(q[..., hd - r:], pos)], dim=-1)
+        latent, k_rot = self.kv_a(h).split([C // 2, r], dim=-1)
+        kv = self.kv_b(self.kv_norm(latent)).view(B, T, H, -1).transpose(1, 2)
+        k_nope, v = kv.split([hd - r, hd], dim=-1)
+        k_rot = _interleaved_rope(k_rot.view(B, 1, T, r), pos)
+        key = kv.new_empty(B, H, T, hd)
+        key[..., :hd - r].copy_(k_nope)
+        key[..., hd - r:].copy_(k_rot.expand(-1, H, -1, -1))
+        logits = q @ key.transpose(-1, -2) * hd ** -0.5
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1e9)
+        logits = torch.cat([logits, self.sinks.view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+        probs = (logits - logits.max(dim=-1, keepdim=True).values).softmax(-1)[..., :-1]
+        a = (probs @ v).transpose(1, 2).reshape(B * T, self.groups, -1).transpose(0, 1)
+        w = self.o_a.view(self.groups, -1, C // self.groups).transpose(1, 2)
+        y = torch.bmm(a, w).transpose(0, 1).reshape(B, T, -1)
+        x = x + self.o_b(y)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
 class TorchNNLM(nn.Module):
     """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
 
@@ -268,7 +326,7 @@ class TorchNNLM(nn.Module):
         self.emb = nn.Embedding(VOCAB, width)
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
-               "scan_mix": ScanMixBlock, "odds": OddsBlock}[block]
+               "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -36,7 +36,8 @@ def nn_job(block, sp):
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
                                       ("delta_mix", True),
-                                      ("ssd_mix", True), ("scan_mix", True), ("odds", False)])
+                                      ("ssd_mix", True), ("scan_mix", True), ("odds", False),
+                                      ("sink_mix", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -47,7 +48,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     with B and C whole on every rank and a gated norm over split groups
     (nn_models.SSDMixBlock); Mamba-1's x_proj, row-parallel inside its own block
     (nn_models.ScanMixBlock); a low-rank query, einsum projections, a sub-norm and a gated
-    FFN (nn_models.OddsBlock)."""
+    FFN (nn_models.OddsBlock); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
+    storage and grouped output projection (nn_models.SinkMixBlock)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -74,6 +76,12 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             expect = {"q_a.weight": "Shard(0)", "k": "Shard(1)", "o": "Shard(1)",
                       "sub_w": "Shard(0)", "receptance.weight": "Shard(0)",
                       "value.weight": "Shard(1)"}
+            for n, pl in expect.items():
+                assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "sink_mix":   # heads split through stack / copy_; o_a split by groups
+            expect = {"q_a.weight": "Shard(0)", "kv_a.weight": "Shard(0)",
+                      "q_b.weight": "Shard(0)", "kv_b.weight": "Shard(0)", "o_a": "Shard(0)",
+                      "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
