@@ -38,6 +38,10 @@ from .walk import (_SPLITS, _VIEWS, ALONG_DIM, ATTENTION, LOSSES, NORMS,  # noqa
 
 aten = torch.ops.aten
 GROUPED_MM = {aten._grouped_mm.default}
+# a weight this large left replicated is warned about (tp_coverage); a lookup table this
+# large is split by rows even when its lookup then needs an all-reduce of its own
+LARGE_BYTES = 1 << 20
+LARGE_FRACTION = 0.02
 
 
 def is_grouped_mm(target) -> bool:
@@ -118,6 +122,10 @@ class Analysis:
     gathered: set = dataclasses.field(default_factory=set)
     # gate linear -> (the product with a row-parallel output, that row linear)
     gates: dict = dataclasses.field(default_factory=dict)
+    # lookups of other tables split by rows, each all-reduced (Megatron's
+    # VocabParallelEmbedding): tables of the user's own ids (RoCBert's glyph and pinyin
+    # ids) or large ones
+    side_embeddings: list = dataclasses.field(default_factory=list)
 
 
 def param_name(node) -> Optional[str]:
@@ -351,6 +359,18 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             an.embed_out_shape = tuple(an.vocab_embeddings[0].meta["val"].shape)
         if len(an.vocab_embeddings) == 1:
             an.embedding_sum = _embedding_sum(an.vocab_embeddings[0], an.head.weight)
+    sums = an.embedding_sum.side_tables if an.embedding_sum is not None else []
+    total = sum(ph.meta["val"].numel() * ph.meta["val"].element_size()
+                for ph in gm.graph.find_nodes(op="placeholder") if param_name(ph))
+    for n in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+        w = n.args[0]
+        if n in an.vocab_embeddings or n in sums or not param_name(w) or \
+                len(w.users) != 1 or w.meta["val"].dim() != 2 or \
+                (an.head is not None and w is an.head.weight):
+            continue
+        size = w.meta["val"].numel() * w.meta["val"].element_size()
+        if _from_user_inputs(n.args[1]) or size >= LARGE_BYTES or size >= LARGE_FRACTION * total:
+            an.side_embeddings.append(n)
     # a low-rank down-projection normalised right after (MLA's q_a / kv_a): split by rows
     # and its output all-gathered (Megatron's ColumnParallelLinear with gather_output);
     # what follows the gather sees the whole output, as if the linear were replicated
@@ -383,6 +403,8 @@ def analyze(gm: fx.GraphModule) -> Analysis:
             role = "LM head (vocab-parallel)"
         elif n in an.vocab_embeddings:
             role = "token embedding (vocab-parallel)"
+        elif n in an.side_embeddings:
+            role = "embedding of its own ids (vocab-parallel: rows split, lookup all-reduced)"
         elif an.embedding_sum is not None and n in an.embedding_sum.side_tables:
             role = "position / type embedding (rows split, summed with the token embedding)"
         elif n in an.replicated:

@@ -24,8 +24,7 @@ from ptdp_compiler.errors import ShardingError
 from . import analyze as _an
 
 aten = torch.ops.aten
-LARGE_BYTES = 1 << 20
-LARGE_FRACTION = 0.02
+LARGE_BYTES, LARGE_FRACTION = _an.LARGE_BYTES, _an.LARGE_FRACTION
 
 
 class ReplicatedWeightWarning(UserWarning):

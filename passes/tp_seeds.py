@@ -73,6 +73,8 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
             for e in analysis.embedding_sum.side_tables:
                 seeds[_an.param_name(e.args[0])] = _rows_split(e.args[0].meta["val"].shape[0],
                                                                t)
+    for e in analysis.side_embeddings:   # vocab-parallel tables of their own ids
+        seeds[_an.param_name(e.args[0])] = _rows_split(e.args[0].meta["val"].shape[0], t)
     for ph in gm.graph.find_nodes(op="placeholder"):
         # a parameter the forward never reads (a decoder's cross-attention when there is
         # no encoder) is only stored: split by rows, it costs 1/t on each rank

@@ -319,11 +319,18 @@ class SinkMixBlock(nn.Module):
 
 
 class TorchNNLM(nn.Module):
-    """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy."""
+    """Token embedding, blocks, RMSNorm, tied LM head; returns the mean cross-entropy.
+    ``glyph``: RoCBert's input layer, a second table of ids derived from the tokens (61
+    rows: padded to split) concatenated with the token embedding and mapped back to the
+    width by a linear, before SDPA blocks."""
 
     def __init__(self, block="sdpa", width=32, heads=4, depth=2):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, width)
+        if block == "glyph":
+            self.glyph = nn.Embedding(61, width // 2)
+            self.map = nn.Linear(width + width // 2, width)
+            block = "sdpa"
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock}[block]
@@ -334,6 +341,8 @@ class TorchNNLM(nn.Module):
 
     def forward(self, input_ids, labels):
         x = self.emb(input_ids)
+        if hasattr(self, "glyph"):
+            x = self.map(torch.cat([x, self.glyph(input_ids % 61)], dim=-1))
         for b in self.blocks:
             x = b(x)
         logits = self.head(self.norm(x))

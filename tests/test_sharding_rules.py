@@ -37,7 +37,7 @@ def nn_job(block, sp):
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
                                       ("delta_mix", True),
                                       ("ssd_mix", True), ("scan_mix", True), ("odds", False),
-                                      ("sink_mix", True)])
+                                      ("sink_mix", True), ("glyph", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -49,7 +49,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     (nn_models.SSDMixBlock); Mamba-1's x_proj, row-parallel inside its own block
     (nn_models.ScanMixBlock); a low-rank query, einsum projections, a sub-norm and a gated
     FFN (nn_models.OddsBlock); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
-    storage and grouped output projection (nn_models.SinkMixBlock)."""
+    storage and grouped output projection (nn_models.SinkMixBlock); a second id table
+    (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -84,6 +85,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                       "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "glyph":
+            assert placed["glyph.weight"] == "Shard(0, vocabulary padded 61->62)", placed
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
             assert placed["blocks.0.x_proj.weight"] == "Shard(1)", placed
             assert placed["blocks.0.in_proj.weight"] == "Shard(0, blocks=2)", placed

@@ -45,7 +45,10 @@ def _local_lookup(rw, node):
 
 @rule(aten.embedding.default)
 def embedding(rw, node):
-    return rw.reduce_partial(_local_lookup(rw, node), node)
+    # another table (positions, the user's other ids) is all-reduced whole even under
+    # SP: its lookup may broadcast over the batch, and the ops it meets slice it
+    return rw.reduce_partial(_local_lookup(rw, node), node,
+                             scatter=node not in rw.analysis.side_embeddings)
 
 
 @rule("embedding_sum")
