@@ -380,18 +380,19 @@ def analyze(gm: fx.GraphModule) -> Analysis:
                 _normed_next(n, walks[n][2]):
             an.gathered.add(n)
     # a gate on a row-parallel output (RWKV's sigmoid(receptance(x)) * value(k)): split too,
-    # the row's partial sums reduce-scattered over the features, the product gathered
+    # the row's partial sums reduce-scattered over the features, the product gathered (or
+    # under SP sent back to the sequence split by an all-to-all)
     for n, lin in linears.items():
         if n in an.replicated and n not in an.gathered and not walks[n][1]:
             gate = _gate_of_row(lin, an.row, linears)
             if gate is not None:
                 an.gates[n] = gate
-                an.replicated[n] = f"a gate on {gate[1].name}'s output: split only without " \
-                    "sequence parallelism"
+                an.replicated[n] = f"a gate on {gate[1].name}'s output: split only where tp " \
+                    "divides its features"
     for n in gm.graph.nodes:
         role = None
         if n in an.gates:
-            role = f"column-parallel gate of {an.gates[n][1].name}'s output (no SP)"
+            role = f"column-parallel gate of {an.gates[n][1].name}'s output"
         elif n in an.gathered:
             role = "column-parallel, output all-gathered (a low-rank down-projection " \
                 "normalised next)"

@@ -545,9 +545,10 @@ def collective_plans(rw: Rewriter, t: int) -> list:
             continue
         full = nbytes * (t if kind == "all_gather" else 1)
         sent = {"all_reduce": 2 * (t - 1) * nbytes / t, "all_gather": (t - 1) * full / t,
-                "reduce_scatter": (t - 1) * nbytes}[kind]
+                "reduce_scatter": (t - 1) * nbytes, "all_to_all": (t - 1) * nbytes / t}[kind]
         bwd = {"all_reduce": "backward: none (g)", "all_gather": "backward: reduce-scatter",
-               "reduce_scatter": "backward: all-gather"}[kind]
+               "reduce_scatter": "backward: all-gather",
+               "all_to_all": "backward: the inverse all-to-all"}[kind]
         out.append(CollectivePlan(kind, "tp", f"{n.name} ({where})", int(sent),
                                   f"{list(v.shape)} {v.dtype}; {bwd}"))
     return out

@@ -35,8 +35,8 @@ def initial_seeds(gm, analysis: _an.Analysis, t: int, sp: bool) -> dict:
         if lin.bias is not None:
             seeds[_an.param_name(lin.bias)] = Shard(0)
     # split by output rows where t divides them (whole otherwise): low-rank down-projections
-    # whose output is gathered, and gates on row-parallel outputs (whole under SP)
-    for n in [*analysis.gathered, *(analysis.gates if not sp else ())]:
+    # whose output is gathered, and gates on row-parallel outputs
+    for n in [*analysis.gathered, *analysis.gates]:
         lin = analysis.linears[n]
         if lin.out_features % t == 0:
             seeds[_an.param_name(lin.weight)] = Shard(lin.w_out_dim)

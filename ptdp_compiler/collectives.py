@@ -252,6 +252,43 @@ def _scatter_bias_backward(ctx, grad):
 sp_scatter_bias.register_autograd(_scatter_bias_backward, setup_context=_setup_sp_bias)
 
 
+# A value split on its features with the whole sequence (RWKV's gated FFN output under SP)
+# back to the sequence split the residual stream keeps: one all-to-all, each rank sending
+# its features of every other rank's sequence chunk; the backward is the inverse
+# all-to-all. Half the bytes of all-gathering the features and slicing the sequence.
+def _all_to_all(x: torch.Tensor, split: int, join: int, t: int, group_name: str):
+    parts = torch.stack(x.chunk(t, dim=split)).contiguous()
+    got = _c10d.wait_tensor(_c10d.all_to_all_single(parts, [parts.shape[0] // t] * t,
+                                                     [parts.shape[0] // t] * t, group_name))
+    return torch.cat(got.unbind(0), dim=join)
+
+
+@torch.library.custom_op("ptdp::sp_features_to_seq", mutates_args=())
+def sp_features_to_seq(x: torch.Tensor, seq_dim: int, feat_dim: int, group_name: str,
+                       t: int) -> torch.Tensor:
+    return _all_to_all(x, seq_dim, feat_dim, t, group_name)
+
+
+@sp_features_to_seq.register_fake
+def _(x, seq_dim, feat_dim, group_name, t):
+    shape = list(x.shape)
+    shape[seq_dim] //= t
+    shape[feat_dim] *= t
+    return x.new_empty(shape)
+
+
+def _a2a_setup(ctx, inputs, output):
+    ctx.seq_dim, ctx.feat_dim, ctx.group_name, ctx.t = inputs[1:5]
+
+
+def _a2a_backward(ctx, grad):
+    return _all_to_all(grad, ctx.feat_dim, ctx.seq_dim, ctx.t, ctx.group_name), None, None, \
+        None, None
+
+
+sp_features_to_seq.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
+
 # ---- vocab-parallel cross-entropy -------------------------------------------------------------
 @torch.library.custom_op("ptdp::all_reduce_max", mutates_args=())
 def all_reduce_max(x: torch.Tensor, group_name: str, t: int) -> torch.Tensor:
@@ -274,6 +311,8 @@ TP_COLLECTIVES = {
     torch.ops.ptdp.sp_scatter_bias.default: "reduce-scatter + bias (fwd) / all-gather, the "
                                             "bias gradient from the gathered rows (bwd)",
     torch.ops.ptdp.all_reduce_max.default: "all-reduce max (no grad)",
+    torch.ops.ptdp.sp_features_to_seq.default: "all-to-all, features to sequence split (fwd) "
+                                               "/ the inverse all-to-all (bwd)",
 }
 
 # What each op sends in the FORWARD pass: kind of collective, or None
@@ -286,4 +325,5 @@ FORWARD_KIND = {
     torch.ops.ptdp.sp_scatter.default: "reduce_scatter",
     torch.ops.ptdp.sp_scatter_bias.default: "reduce_scatter",
     torch.ops.ptdp.all_reduce_max.default: "all_reduce",
+    torch.ops.ptdp.sp_features_to_seq.default: "all_to_all",
 }

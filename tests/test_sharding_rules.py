@@ -35,8 +35,8 @@ def nn_job(block, sp):
 
 
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
-                                      ("delta_mix", True),
-                                      ("ssd_mix", True), ("scan_mix", True), ("odds", False),
+                                      ("delta_mix", True), ("ssd_mix", True),
+                                      ("scan_mix", True), ("odds", False), ("odds", True),
                                       ("sink_mix", True), ("glyph", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
@@ -48,7 +48,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     with B and C whole on every rank and a gated norm over split groups
     (nn_models.SSDMixBlock); Mamba-1's x_proj, row-parallel inside its own block
     (nn_models.ScanMixBlock); a low-rank query, einsum projections, a sub-norm and a gated
-    FFN (nn_models.OddsBlock); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
+    FFN (nn_models.OddsBlock; under SP its gated output goes back to the sequence split
+    by one all-to-all); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
     storage and grouped output projection (nn_models.SinkMixBlock); a second id table
     (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP)."""
     torch.manual_seed(0)

@@ -133,22 +133,33 @@ def linear(rw, node, lin):
 
 def gated_row(rw, node):
     """The gate linear whose split output multiplies this row-parallel ``node``'s output
-    (RWKV's receptance), or None (under SP the gate stays whole)."""
+    (RWKV's receptance), or None."""
     for g, (_, r) in rw.analysis.gates.items():
-        if r is node and not rw.sp and \
-                rw.placement_of(rw.analysis.linears[g].weight) is not None:
+        if r is node and rw.placement_of(rw.analysis.linears[g].weight) is not None:
             return g
     return None
 
 
 def gated_product(rw, node, new):
     """After the gate's product with the row's output: gathered whole over the features
-    (the gather's backward keeps this rank's slice of the complete gradient)."""
+    (the gather's backward keeps this rank's slice of the complete gradient), or under SP
+    sent to the sequence split by one all-to-all."""
     for g, (mul, r) in rw.analysis.gates.items():
         if mul is node and gated_row(rw, r) is g:
+            nd = node.meta["val"].dim()
+            if rw.sp:
+                seq = rw.block_seq_placement(tuple(node.meta["val"].shape), node)
+                if seq.outer != 1 or seq.dim == nd - 1:
+                    rw.fail(node, f"a gated output split on its features meets the sequence "
+                                  f"split {seq}")
+                out = rw.emit(torch.ops.ptdp.sp_features_to_seq.default,
+                              (new, seq.dim, nd - 1, rw.group_name, rw.t), pl=seq, like=node)
+                rw.scattered.add(out)   # split along the sequence, as a reduce-scatter's
+                rw.collectives.append(("all_to_all", out, f"after {node.name} (features to "
+                                       "sequence)", node))
+                return out
             out = rw.emit(torch.ops.ptdp.sp_gather_whole.default,
-                          (new, node.meta["val"].dim() - 1, 1, rw.group_name, rw.t, rw.rank),
-                          pl=None, like=node)
+                          (new, nd - 1, 1, rw.group_name, rw.t, rw.rank), pl=None, like=node)
             rw.collectives.append(("all_gather", out, f"after {node.name} (features)", node))
             return out
     return new
