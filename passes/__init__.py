@@ -1,6 +1,7 @@
 """The pass pipeline, in order. Each pass takes the captured graph (and the plan so far)
 and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]``.
 
+    grad_regions       no_grad / enable_grad regions inlined (detached results)
     dead_code          drop what the loss never reads (a pooler the LM loss ignores)
     loss_weight        how each microbatch's loss weighs (reads the captured graph)
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
@@ -51,13 +52,18 @@ def run_passes(captured, cfg, coords, params: dict, full_shapes: dict | None = N
     costs its choices with."""
     plan = Plan()
     from .dead_code import eliminate_dead_code
-    gm = eliminate_dead_code(captured.gm)
+    from .grad_regions import inline_grad_regions
+    inlined = inline_grad_regions(captured.gm)
+    if inlined is not captured.gm:
+        plan.pass_log.append(("grad_regions", "no_grad / enable_grad regions inlined (their "
+                              "results detached where gradients were off)"))
+    gm = eliminate_dead_code(inlined)
     full_shapes = full_shapes or {n: tuple(p.shape) for n, p in params.items()}
     for name, p in params.items():
         plan.params[name] = ParamPlan(name, tuple(full_shapes[name]))
     lw = find_loss_weight(gm)
-    if len(gm.graph.nodes) < len(captured.gm.graph.nodes):
-        plan.pass_log.append(("dead_code", f"{len(captured.gm.graph.nodes) - len(gm.graph.nodes)}"
+    if len(gm.graph.nodes) < len(inlined.graph.nodes):
+        plan.pass_log.append(("dead_code", f"{len(inlined.graph.nodes) - len(gm.graph.nodes)}"
                               " op(s) the loss never reads dropped"))
     plan.loss_weighting = lw.describe()
     plan.pass_log.append(("loss_weight", lw.describe()))

@@ -244,6 +244,9 @@ class Rewriter:
             q = view_rule(shape, p, full_shape, self.t)
             if q is not None:
                 return q
+            if len(shape) == len(full_shape) and p.dim < len(shape) - 1 and \
+                    tuple(shape[:-1]) == tuple(full_shape[:-1]):
+                return p   # another width (a low-rank projection): the same token dims
         return self.seq_placement(full_shape, node)
 
     def seq_placement(self, full_shape, node) -> Shard:
@@ -252,6 +255,8 @@ class Rewriter:
             self.fail(node, "sequence parallelism needs the token embedding to find the "
                             "sequence dimension; none was found")
         p = view_rule(e, Shard(len(e) - 2), full_shape, self.t)
+        if p is None and len(e) == len(full_shape) and tuple(e[:-1]) == tuple(full_shape[:-1]):
+            p = Shard(len(e) - 2)   # another width, the same token dims
         if p is None:
             self.fail(node, f"cannot place the sequence dimension of {list(e)} in shape "
                             f"{list(full_shape)} for sequence parallelism")

@@ -102,6 +102,16 @@ class NormMixBlock(SDPABlock):
         return x + self.mix_norm(self.mix(x))
 
 
+class NoGradCycleBlock(SDPABlock):
+    """HRM's cycles: the block first runs under torch.no_grad() (export keeps that region
+    as one higher-order op), then again with gradients on the result."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = super().forward(x)
+        return super().forward(x + 0.5 * z)
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -333,7 +343,8 @@ class TorchNNLM(nn.Module):
             block = "sdpa"
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
-               "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock}[block]
+               "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
+               "no_grad": NoGradCycleBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

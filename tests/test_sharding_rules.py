@@ -37,7 +37,7 @@ def nn_job(block, sp):
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
                                       ("delta_mix", True), ("ssd_mix", True),
                                       ("scan_mix", True), ("odds", False), ("odds", True),
-                                      ("sink_mix", True), ("glyph", True)])
+                                      ("sink_mix", True), ("glyph", True), ("no_grad", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -51,7 +51,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     FFN (nn_models.OddsBlock; under SP its gated output goes back to the sequence split
     by one all-to-all); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
     storage and grouped output projection (nn_models.SinkMixBlock); a second id table
-    (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP)."""
+    (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP); a block run
+    under torch.no_grad() first (HRM: the region inlined, its result detached)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
