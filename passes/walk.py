@@ -99,8 +99,8 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
     if u.target is aten.select.int:
         return None if args[0] % nd == d else d - (args[0] % nd < d)
     if u.target in _CONVS and u.args[0] is src and d == 1 and \
-            (u.args[6] if len(u.args) > 6 else 1) == sv.shape[1]:
-        return 1              # a depthwise conv's channels (Mamba's short conv)
+            (u.args[6] if len(u.args) > 6 else 1) > 1 and uv.shape[1] == sv.shape[1]:
+        return 1              # a depthwise or grouped conv's channels (Mamba's short conv)
     if u.target is aten.repeat.default:
         return d + m - nd     # tiles: the split dimension stays where it is
     if u.target is aten.repeat_interleave.self_int and len(args) > 1 and args[1] is not None:

@@ -112,6 +112,26 @@ class NoGradCycleBlock(SDPABlock):
         return super().forward(x + 0.5 * z)
 
 
+class HeadConvBlock(SDPABlock):
+    """ZAYA's convolutional attention: queries and keys concatenated on their channels and
+    convolved causally per head (a grouped conv1d, one group per q or k head)."""
+
+    def __init__(self, width, heads):
+        super().__init__(width, heads)
+        self.conv = nn.Conv1d(2 * width, 2 * width, 3, groups=2 * heads)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
+        qk = F.pad(torch.cat([q, k], dim=-1).transpose(1, 2), (2, 0))
+        q, k = self.conv(qk).transpose(1, 2).split(C, dim=-1)
+        q, k, v = (z.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -344,7 +364,7 @@ class TorchNNLM(nn.Module):
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
-               "no_grad": NoGradCycleBlock}[block]
+               "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -37,7 +37,8 @@ def nn_job(block, sp):
 @pytest.mark.parametrize("block,sp", [("sdpa", False), ("mha", True), ("shape_ops", True),
                                       ("delta_mix", True), ("ssd_mix", True),
                                       ("scan_mix", True), ("odds", False), ("odds", True),
-                                      ("sink_mix", True), ("glyph", True), ("no_grad", True)])
+                                      ("sink_mix", True), ("glyph", True), ("no_grad", True),
+                                      ("head_conv", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -52,7 +53,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     by one all-to-all); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
     storage and grouped output projection (nn_models.SinkMixBlock); a second id table
     (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP); a block run
-    under torch.no_grad() first (HRM: the region inlined, its result detached)."""
+    under torch.no_grad() first (HRM: the region inlined, its result detached); a grouped
+    conv1d, one group per q / k head, over [q | k] (ZAYA: each rank's groups whole)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -87,6 +89,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                       "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "head_conv":   # [q | k] channels, each split by heads
+            assert placed["blocks.1.conv.weight"] == "Shard(0, blocks=2)", placed
         if block == "glyph":
             assert placed["glyph.weight"] == "Shard(0, vocabulary padded 61->62)", placed
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels
