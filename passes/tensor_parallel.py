@@ -62,7 +62,7 @@ from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
 from . import tp_coverage, tp_sliced_params
-from .rules import RULES, KeepReplicated, Refine, find_rule
+from .rules import RULES, KeepReplicated, PlaceBuffer, Refine, buffer_key, find_rule
 from .rules.linear import gated_product
 from .sharding import PaddedShard, PieceShard, local_shape, moved, view_rule
 from .tp_fake_check import fake_check
@@ -335,6 +335,13 @@ class Rewriter:
         if node in self.analysis.block_attention:
             return RULES[node.target](self, node)
         if all(p is None for p in placements):
+            buffer = self.seeds.get(buffer_key(node.name))
+            if buffer is not None:   # a fresh buffer filled with split values
+                size = list(node.args[0])
+                local = local_shape(size, buffer, self.t)
+                self.shape_rewrite(node, size, local)
+                return self.emit(node.target, (local, *node.args[1:]), node.kwargs,
+                                 pl=buffer, like=node)
             if node.target is aten.dropout.default:
                 self.dropouts["replicated"] += 1   # shared stream: same mask on every tp rank
             return self.copy(node)
@@ -411,6 +418,9 @@ def tensor_parallel(gm: fx.GraphModule, analysis: _an.Analysis, t: int, rank: in
         except Refine as ref:
             seeds = refine_seeds(seeds, analysis, ref, siblings, learned)
             guessed |= siblings
+            continue
+        except PlaceBuffer as buf:
+            seeds = {**seeds, buffer_key(buf.node): buf.placement}
             continue
         except KeepReplicated as keep:
             seeds = keep_replicated(seeds, analysis, keep, siblings, learned)

@@ -22,13 +22,16 @@ NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.
          aten.group_norm.default, aten.batch_norm.default}
 LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-              aten.var.correction, aten.std.correction, aten.mean.default, aten.sum.default,
+              aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
+              aten.mean.default, aten.sum.default,
               aten.logsumexp.default, aten.norm.ScalarOpt_dim}
 # ops along one dimension (arg 1 is that dim; topk's is arg 2): a router's top-k over its
 # experts mixes what a column split would separate
 ALONG_DIM = {aten.max.dim, aten.min.dim, aten.sort.default, aten.argmax.default,
              aten.argmin.default, aten.cumsum.default, aten.topk.default}
 _CONVS = {aten.conv1d.default, aten.conv2d.default}
+_FACTORIES = {aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+              aten.full.default}
 _NEW_FACTORIES = {aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default,
                   aten.new_full.default}
 _PADS = {aten.pad.default, aten.constant_pad_nd.default}
@@ -72,7 +75,7 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
     if d is None:
         return None
     if u.target in _SPLITS or u.target is operator.getitem or u.target in (
-            aten.slice.Tensor, aten.cat.default, aten.narrow.default):
+            aten.slice.Tensor, aten.cat.default, aten.concatenate.default, aten.narrow.default):
         return d              # the pieces keep their dimensions
     uv, sv = u.meta.get("val"), src.meta.get("val")
     if not isinstance(uv, torch.Tensor) or not isinstance(sv, torch.Tensor):
@@ -89,6 +92,12 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
         return [i % nd for i in args[0]].index(d)
     if u.target is aten.unsqueeze.default:
         return d + 1 if args[0] % (nd + 1) <= d else d
+    if u.target in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+        gone = [i for i in range(nd) if sv.shape[i] == 1 and (
+            u.target is aten.squeeze.default or
+            i in {k % nd for k in (args[0] if isinstance(args[0], (list, tuple))
+                                   else [args[0]])})]
+        return None if d in gone else d - sum(1 for i in gone if i < d)
     if u.target in _NEW_FACTORIES and u.args[0] is src:
         # a fresh buffer shaped like the split value (filled by copies of it: DeepSeek's
         # key built in new_empty storage) is laid out like it
@@ -170,11 +179,35 @@ def _walk(lin, linears: dict):
                     barriers.append(u)
                     continue
             region.add(u)
+            if u.target in (aten.copy_.default, aten.copy.default) and u.args[1] is n and \
+                    d is not None:
+                # written into a buffer: the walk goes on from the buffer's readers
+                buf = _written_buffer(u.args[0], d + u.meta["val"].dim() - n.meta["val"].dim())
+                if buf is not None and buf[0] not in region:
+                    region.add(buf[0])
+                    stack.append((buf[0], buf[1], inside))
             past = inside or u.target in ATTENTION or (   # attention, or the gated product
                 u.target is aten.mul.Tensor and any(_from_linear(a, linears)
                                                     for a in u.all_input_nodes if a is not n))
             stack.append((u, _split_dim(u, n, d, probe), past))
     return region, rows, barriers
+
+
+def _written_buffer(dst: fx.Node, d: int):
+    """(buffer, its dimension) that dimension ``d`` of ``dst`` is, when ``dst`` is a
+    fresh buffer (``torch.zeros``) or a slice / select of one along other dimensions."""
+    while dst.op == "call_function" and dst.target in (aten.slice.Tensor, aten.select.int,
+                                                       aten.alias.default):
+        x = dst.args[0]
+        k = dst.args[1] % x.meta["val"].dim() if len(dst.args) > 1 else None
+        if dst.target is aten.slice.Tensor and k == d:
+            return None
+        if dst.target is aten.select.int and k <= d:
+            d += 1
+        dst = x
+    if dst.op == "call_function" and dst.target in _FACTORIES and not dst.all_input_nodes:
+        return dst, d
+    return None
 
 
 def _gate_of_row(lin, rows: dict, linears: dict):

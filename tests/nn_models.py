@@ -132,6 +132,30 @@ class HeadConvBlock(SDPABlock):
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
+class StateLoopBlock(SDPABlock):
+    """xLSTM's step-by-step form: a per-head matrix state updated token by token, each
+    step's read-out written into a buffer made by torch.zeros (split by heads like the
+    states that fill it), joined by torch.concatenate and normalised per head with
+    var(unbiased=False)."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H = self.heads
+        hd = C // H
+        q, k, v = (z.view(B, T, H, hd).transpose(1, 2)
+                   for z in self.qkv(self.norm1(x)).split(C, dim=-1))
+        state = torch.zeros(B, H, hd, hd, dtype=x.dtype)
+        out = torch.zeros(B, H, T, hd, dtype=x.dtype)
+        for t in range(T):
+            state = 0.9 * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+            out[:, :, t] = (q[:, :, t, None, :] @ state).squeeze(2)
+        y = torch.concatenate([out[..., :hd // 2], out[..., hd // 2:]], dim=-1)
+        y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(
+            y.var(dim=-1, keepdim=True, unbiased=False) + 1e-5)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -364,7 +388,8 @@ class TorchNNLM(nn.Module):
         cls = {"sdpa": SDPABlock, "mha": MHABlock, "shape_ops": ShapeOpsBlock,
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
-               "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock}[block]
+               "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock,
+               "state_loop": StateLoopBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

@@ -14,7 +14,7 @@ from models import assert_close_tensor, parallel_sgd, reference_sgd
 from nn_models import VOCAB, TorchNNLM
 
 STEPS, LR = 2, 0.1
-DEPTH = {"scan_mix": 1}   # its loop over time makes a big graph: one layer
+DEPTH = {"scan_mix": 1, "state_loop": 1}   # loops over time make big graphs: one layer
 
 
 def _batch():
@@ -38,7 +38,7 @@ def nn_job(block, sp):
                                       ("delta_mix", True), ("ssd_mix", True),
                                       ("scan_mix", True), ("odds", False), ("odds", True),
                                       ("sink_mix", True), ("glyph", True), ("no_grad", True),
-                                      ("head_conv", True)])
+                                      ("head_conv", True), ("state_loop", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -54,7 +54,9 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     storage and grouped output projection (nn_models.SinkMixBlock); a second id table
     (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP); a block run
     under torch.no_grad() first (HRM: the region inlined, its result detached); a grouped
-    conv1d, one group per q / k head, over [q | k] (ZAYA: each rank's groups whole)."""
+    conv1d, one group per q / k head, over [q | k] (ZAYA: each rank's groups whole); a
+    per-head state updated token by token into a torch.zeros buffer (xLSTM: the buffer
+    made split by heads), torch.concatenate, var(unbiased=False)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -89,6 +91,9 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                       "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "state_loop":   # the attention block split through the buffer
+            assert placed["blocks.0.qkv.weight"] == "Shard(0, blocks=3)", placed
+            assert placed["blocks.0.proj.weight"] == "Shard(1)", placed
         if block == "head_conv":   # [q | k] channels, each split by heads
             assert placed["blocks.1.conv.weight"] == "Shard(0, blocks=2)", placed
         if block == "glyph":

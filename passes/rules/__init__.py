@@ -52,6 +52,21 @@ class KeepReplicated(Exception):
         self.param, self.reason = param, reason
 
 
+class PlaceBuffer(Exception):
+    """Raised by a rule that found a split value copied into a fresh buffer (a recurrent
+    state made by ``torch.zeros`` and filled per step with head-split states): the pass
+    restarts with that buffer made at its local shape, split like what fills it."""
+
+    def __init__(self, node: str, placement):
+        super().__init__(f"make buffer {node} {placement}")
+        self.node, self.placement = node, placement
+
+
+def buffer_key(name: str) -> str:
+    """The seeds' key of a fresh buffer's placement (parameters are keyed by name)."""
+    return f"buffer:{name}"
+
+
 def rule(*targets):
     """Register the decorated function as the rule of each of ``targets``."""
     def register(fn: Callable) -> Callable:

@@ -32,14 +32,15 @@ def _kept(xp, dims, keep):
 
 
 @rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
-      aten.logsumexp.default, aten.var.correction, aten.std.correction, aten.any.dim,
-      aten.all.dim, aten.prod.dim_int)
+      aten.logsumexp.default, aten.var.correction, aten.std.correction, aten.var.dim,
+      aten.std.dim, aten.any.dim, aten.all.dim, aten.prod.dim_int)
 def reduction(rw, node):
     x = node.args[0]
     xp = rw.placement_of(x)
     nd = x.meta["val"].dim()
     dims = _dims(node, nd)
-    keep = _keepdim(node)
+    # var.dim / std.dim take ``unbiased`` before ``keepdim``
+    keep = _keepdim(node, 3 if node.target in (aten.var.dim, aten.std.dim) else 2)
     if xp.dim not in dims:
         return rw.copy(node, _kept(xp, dims, keep))
     if node.target not in (aten.mean.dim, aten.sum.dim_IntList) or \

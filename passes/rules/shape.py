@@ -16,9 +16,10 @@ from ptdp_compiler.errors import ConfigError
 from ptdp_compiler.placement import Shard
 
 from ..sharding import PaddedShard, PieceShard, TailShard, local_shape, moved, view_rule
-from . import KeepReplicated, Refine, rule
+from . import KeepReplicated, PlaceBuffer, Refine, buffer_key, rule
 from . import pieces as _pieces_mod
 from .pieces import VIEWS
+from ..walk import _written_buffer
 from .pieces import producing_weight as _producing_weight
 from .pointwise import PASSTHROUGH
 
@@ -451,7 +452,7 @@ def _localized(rw, node, pieces, shard, ndim) -> list:
     return out
 
 
-@rule(aten.cat.default)
+@rule(aten.cat.default, aten.concatenate.default)
 def cat(rw, node):
     tensors = node.args[0]
     m = node.meta["val"].dim()
@@ -506,10 +507,16 @@ def new_factory(rw, node):
 
 @rule(aten.copy_.default, aten.copy.default)
 def copy_into(rw, node):
-    """dst.copy_(src): src takes dst's placement (a replicated src is sliced to it)."""
+    """dst.copy_(src): src takes dst's placement (a replicated src is sliced to it). A
+    split src copied into a fresh replicated buffer makes the walk restart with the
+    buffer split alike (``PlaceBuffer``)."""
     dst, src = node.args[:2]
     dp, sp = rw.placement_of(dst), rw.placement_of(src)
     if dp is None:
+        at = _written_buffer(dst, sp.dim + dst.meta["val"].dim() - src.meta["val"].dim())
+        if at is not None and buffer_key(at[0].name) not in rw.seeds and \
+                not isinstance(sp, (PieceShard, TailShard)):
+            raise PlaceBuffer(at[0].name, moved(sp, at[1]))
         rw.fail(node, f"copying a sharded value ({sp}) into a replicated one")
     nsrc = rw.new(src)
     if sp is not None and rw.sp and src in rw.sequence_split and \
