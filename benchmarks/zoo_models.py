@@ -88,7 +88,8 @@ _KV = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_n
 _HEAD_DIM = ("head_dim", "kv_channels", "attention_head_size", "swa_head_dim", "d_head",
              "dim_head")
 _POS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
-        "max_sequence_length", "seq_length", "original_max_position_embeddings")
+        "max_sequence_length", "seq_length", "original_max_position_embeddings",
+        "rel_extent")   # Inkling-2's relative-distance bank: a positional extent too
 _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
             "n_experts", "num_routed_experts")
 _TOPK = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "moe_k", "top_k",

@@ -147,8 +147,7 @@ def _walk(lin, linears: dict):
                 continue
             ul = linears.get(u)
             if ul is not None and ul.x is n and d is not None and \
-                    d < n.meta["val"].dim() - 1 and not ul.grouped and ul.out_at is None \
-                    and _view_of(n, lin.node):
+                    d < n.meta["val"].dim() - 1 and not ul.grouped and ul.out_at is None:
                 # split on another dimension than its features (heads): a whole weight
                 # acts on each rank's part (Inkling's per-head relative logits)
                 region.add(u)

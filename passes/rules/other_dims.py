@@ -1,7 +1,7 @@
 """Ops that act on some dimensions only, local when the split one is not among them:
-``pad`` (the chunked delta rule pads the sequence to whole chunks), ``tril`` / ``triu``
-(causal masks of the last two dimensions), ``unfold`` (sliding windows), ``repeat``
-(tiles, see its rule) and ``repeat_interleave`` (key heads repeated for the value heads
+``pad`` (the chunked delta rule pads the sequence to whole chunks), ``flip`` / ``roll``,
+``tril`` / ``triu`` (causal masks of the last two dimensions), ``unfold`` (sliding
+windows), ``repeat`` (tiles, see its rule) and ``repeat_interleave`` (key heads repeated for the value heads
 that share them, as GQA repeats kv heads), which is local along a contiguously split
 dimension too: rank r's entries repeated k times are entries r·n·k/t .. (r+1)·n·k/t of
 the whole result."""
@@ -83,4 +83,19 @@ def unfold(rw, node):
     xp = rw.placement_of(x)
     if dim % x.meta["val"].dim() == xp.dim:
         rw.fail(node, f"unfold along the sharded dimension {xp}")
+    return rw.copy(node, xp)
+
+
+@rule(aten.flip.default, aten.roll.default)
+def flip(rw, node):
+    """Reversing (or rolling) other dimensions than the split one is local."""
+    x = node.args[0]
+    xp = rw.placement_of(x)
+    nd = x.meta["val"].dim()
+    dims = node.args[2] if node.target is aten.roll.default else node.args[1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if node.target is aten.roll.default and not dims:   # flattened roll: every dimension
+        dims = list(range(nd))
+    if xp.dim in {d % nd for d in dims}:
+        rw.fail(node, f"{node.target} along the sharded dimension {xp}")
     return rw.copy(node, xp)
