@@ -156,6 +156,36 @@ class StateLoopBlock(SDPABlock):
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
+class RelBiasBlock(SDPABlock):
+    """Inkling's attention bias: per-head relative states (a linear viewed as heads, a
+    learned per-head scale, an L2 clip) times a bank of bias-vs-distance profiles shared
+    by every head (a whole [d_rel, extent] weight), read backwards (flip) and gathered
+    per query / key distance."""
+
+    def __init__(self, width, heads, d_rel=8, extent=16):
+        super().__init__(width, heads)
+        self.extent = extent
+        self.rel = nn.Linear(width, heads * d_rel, bias=False)
+        self.rel_scale = nn.Parameter(torch.linspace(0.5, 1.5, heads * d_rel).view(heads, -1))
+        self.bank = nn.Parameter(torch.randn(d_rel, extent) * 0.5)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        H = self.heads
+        h = self.norm1(x)
+        q, k, v = (z.view(B, T, H, -1).transpose(1, 2) for z in self.qkv(h).split(C, dim=-1))
+        r = self.rel(h).view(B, T, H, -1) * self.rel_scale
+        r = r / r.norm(dim=-1, keepdim=True).clamp_min(1.0)
+        logits = (r @ self.bank).transpose(1, 2).flip(-1)      # [B, H, T, extent] reversed
+        pos = torch.arange(T, device=x.device)
+        dist = (pos[:, None] - pos[None, :]).clamp(0, self.extent - 1)
+        bias = logits.gather(-1, (self.extent - 1 - dist).expand(B, H, T, T))
+        bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -389,7 +419,7 @@ class TorchNNLM(nn.Module):
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
                "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock,
-               "state_loop": StateLoopBlock}[block]
+               "state_loop": StateLoopBlock, "rel_bias": RelBiasBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

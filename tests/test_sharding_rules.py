@@ -38,7 +38,8 @@ def nn_job(block, sp):
                                       ("delta_mix", True), ("ssd_mix", True),
                                       ("scan_mix", True), ("odds", False), ("odds", True),
                                       ("sink_mix", True), ("glyph", True), ("no_grad", True),
-                                      ("head_conv", True), ("state_loop", True)])
+                                      ("head_conv", True), ("state_loop", True),
+                                      ("rel_bias", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -56,7 +57,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     under torch.no_grad() first (HRM: the region inlined, its result detached); a grouped
     conv1d, one group per q / k head, over [q | k] (ZAYA: each rank's groups whole); a
     per-head state updated token by token into a torch.zeros buffer (xLSTM: the buffer
-    made split by heads), torch.concatenate, var(unbiased=False)."""
+    made split by heads), torch.concatenate, var(unbiased=False); per-head relative
+    states clipped, times a bank every head shares, flipped and gathered (Inkling)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -91,6 +93,9 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                       "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "rel_bias":   # the per-head states split; the shared bank whole
+            assert placed["blocks.1.rel.weight"] == "Shard(0)", placed
+            assert placed["blocks.1.bank"] == "None", placed
         if block == "state_loop":   # the attention block split through the buffer
             assert placed["blocks.0.qkv.weight"] == "Shard(0, blocks=3)", placed
             assert placed["blocks.0.proj.weight"] == "Shard(1)", placed
