@@ -299,20 +299,25 @@ def cell(r: dict) -> str:
 
 
 def reason(res: dict) -> str:
-    """The first non-ok layout's error, else the first compiler warning, else a share over
-    the limit."""
+    """The first non-ok layout's error, else a share over the limit (with the share at
+    the published widths where benchmarks/zoo_width.py measured it), else the first
+    compiler warning."""
     bad = next(((lay, r) for lay, r in res.items() if r["status"] != "ok"), None)
     if bad:
         return f"{bad[0]}: " + (f"{bad[1]['error']}: " if bad[1]["error"] else "") + \
             short(bad[1]["message"])
+    heavy = [(lay, r) for lay, r in res.items()
+             if r["share"] is not None and r["share"] > SHARE_LIMIT.get(lay, 1.0)]
+    if heavy:
+        return ", ".join(f"{lay} {r['share']:.2f}" + (
+            f" ({r['share_published']:.2f} at the published widths)"
+            if r.get("share_published") is not None else "") for lay, r in heavy) + \
+            " of the parameters per rank; " + (
+                short(" ".join(heavy[0][1]["warnings"][0].split()), 130)
+                if heavy[0][1]["warnings"] else "part replicated, no warning")
     warned = next(((lay, r) for lay, r in res.items() if r["warnings"]), None)
     if warned:   # a warning's first lines name the weights: keep them on one line
         return f"{warned[0]} warns: " + short(" ".join(warned[1]["warnings"][0].split()), 160)
-    heavy = [(lay, r["share"]) for lay, r in res.items()
-             if r["share"] is not None and r["share"] > SHARE_LIMIT.get(lay, 1.0)]
-    if heavy:
-        return ", ".join(f"{lay} {s:.2f}" for lay, s in heavy) + \
-            " of the parameters per rank (part replicated, no warning)"
     return ""
 
 

@@ -114,6 +114,7 @@ def main(argv=None):
             print(f"{fam:22} {r['share_tiny']:7.3f} {r['share_published']:10.3f} "
                   f"{r['published_params'] / 1e9:9.2f}B {r['unmatched_fraction']:9.3f}")
     if a.json:
+        from model_zoo import reason
         with open(a.json) as f:
             doc = json.load(f)
         for row in doc.get("rows", []):
@@ -121,6 +122,7 @@ def main(argv=None):
             cell = row.get("layouts", {}).get(layout)
             if r is not None and "error" not in r and cell is not None:
                 cell["share_published"] = r["share_published"]
+                row["reason"] = reason(row["layouts"])
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1)
     return out
