@@ -147,7 +147,8 @@ def _walk(lin, linears: dict):
                 continue
             ul = linears.get(u)
             if ul is not None and ul.x is n and d is not None and \
-                    d < n.meta["val"].dim() - 1 and not ul.grouped and ul.out_at is None:
+                    d < n.meta["val"].dim() - 1 and not ul.grouped and ul.out_at is None \
+                    and _view_of(n, lin.node):
                 # split on another dimension than its features (heads): a whole weight
                 # acts on each rank's part (Inkling's per-head relative logits)
                 region.add(u)
@@ -235,13 +236,31 @@ def _gate_of_row(lin, rows: dict, linears: dict):
     return None
 
 
+_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+          aten.contiguous.default, aten.alias.default}
+
+
 def _view_of(n: fx.Node, src: fx.Node) -> bool:
-    """``n`` is ``src`` through views only (the split is known exactly there)."""
-    while n is not src:
-        if n.op != "call_function" or n.target not in _VIEWS:
+    """``n`` is ``src`` through views, casts and element-wise ops that keep its shape
+    (Inkling-2's per-head scale and L2 clip), each step's other operands broadcast to it:
+    the split is known exactly there (a matmul or a merged batch dimension would lose it)."""
+    for _ in range(64):
+        if n is src:
+            return True
+        if n.op != "call_function":
             return False
-        n = n.args[0]
-    return True
+        if n.target in _VIEWS or n.target in _CASTS:
+            n = n.args[0]
+            continue
+        shape = tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) \
+            else None
+        same = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
+                and tuple(a.meta["val"].shape) == shape]
+        if not (isinstance(n.target, torch._ops.OpOverload) and
+                torch.Tag.pointwise in n.target.tags) or len(same) != 1:
+            return False
+        n = same[0]
+    return False
 
 
 def _from_linear(a: fx.Node, linears: dict) -> bool:

@@ -200,6 +200,9 @@ def _block_slice(rw, node, x, xp, dim, start, end):
     if isinstance(xp, PaddedShard):
         rw.fail(node, "a slice of the padded vocabulary dimension")
     if start % block or end % block:
+        if x in rw.sequence_split:   # not a fused weight's pieces: the whole-sequence
+            rw.fail(node, f"a slice [{start}:{end}] across the ranks' parts of the "  # fallback
+                          "sequence")
         _refuse_fused_kv(rw, x, dim)
         need = full // math.gcd(full, start, end)
         if full % (need * rw.t):
