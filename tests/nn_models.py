@@ -186,6 +186,31 @@ class RelBiasBlock(SDPABlock):
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
+class DenseMoEBlock(SDPABlock):
+    """Inkling's dense expert FFN: every expert runs on every token (torch.bmm over 3-D
+    expert weights), the outputs mixed by the router's softmax. Expert tensor parallelism
+    splits each expert's FFN; under SP the tokens are gathered for the experts."""
+
+    def __init__(self, width, heads, experts=4):
+        super().__init__(width, heads)
+        del self.up, self.down            # the experts replace the dense FFN
+        self.router = nn.Linear(width, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, width, 2 * width) * width ** -0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, 2 * width, width) * width ** -0.5)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
+        q, k, v = (z.view(B, T, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        h = self.norm2(x).reshape(B * T, C)
+        gates = self.router(h).softmax(-1)                                   # [BT, E]
+        tokens = h.unsqueeze(0).expand(self.w_in.shape[0], -1, -1)           # [E, BT, C]
+        out = torch.bmm(F.silu(torch.bmm(tokens, self.w_in)), self.w_out)   # [E, BT, C]
+        return x + (out * gates.t().unsqueeze(-1)).sum(0).view(B, T, C)
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -419,7 +444,8 @@ class TorchNNLM(nn.Module):
                "norm_mix": NormMixBlock, "delta_mix": DeltaMixBlock, "ssd_mix": SSDMixBlock,
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
                "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock,
-               "state_loop": StateLoopBlock, "rel_bias": RelBiasBlock}[block]
+               "state_loop": StateLoopBlock, "rel_bias": RelBiasBlock,
+               "dense_moe": DenseMoEBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

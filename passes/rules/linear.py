@@ -64,8 +64,12 @@ def linear(rw, node, lin):
     b = rw.new(lin.bias) if lin.bias is not None else None
     wp, xp = rw.placement.get(rw.new(lin.weight)), rw.placement.get(x)
     x_nd, out_nd = lin.x.meta["val"].dim(), node.meta["val"].dim()
-    if lin.grouped and xp is not None and (wp is None or wp.dim != lin.w_in_dim or
-                                           xp.dim != x_nd - 1):
+    # under SP, tokens split along the sequence (Inkling's dense dispatch: every expert
+    # sees every token) are gathered for a column-parallel expert weight, as for a linear
+    seq_column = rw.sp and lin.x in rw.sequence_split and wp is not None and \
+        wp.dim == lin.w_out_dim and xp is not None and xp.dim != x_nd - 1
+    if lin.grouped and xp is not None and not seq_column and (
+            wp is None or wp.dim != lin.w_in_dim or xp.dim != x_nd - 1):
         rw.fail(node, f"grouped matmul of tokens {xp} with expert weights {wp}: the tokens "
                       "sorted by expert must be whole (replicated), or split on their "
                       "features for a row-parallel expert weight")
