@@ -24,7 +24,8 @@ LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
               aten.var.correction, aten.std.correction, aten.var.dim, aten.std.dim,
               aten.mean.default, aten.sum.default,
-              aten.logsumexp.default, aten.norm.ScalarOpt_dim}
+              aten.logsumexp.default, aten.norm.ScalarOpt_dim,
+              aten.linalg_vector_norm.default}
 # ops along one dimension (arg 1 is that dim; topk's is arg 2): a router's top-k over its
 # experts mixes what a column split would separate
 ALONG_DIM = {aten.max.dim, aten.min.dim, aten.sort.default, aten.argmax.default,
@@ -56,6 +57,11 @@ def _reduced_dims(n: fx.Node) -> Optional[list]:
     if n.target in NORMS:
         k = len(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], (list, tuple)) else 1
         return list(range(nd - k, nd))
+    if n.target is aten.linalg_vector_norm.default:   # (x, ord, dim, keepdim)
+        dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        if dims is None or dims == []:
+            return list(range(nd))
+        return [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
     if n.target in REDUCTIONS:
         dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
         if dims is None or dims == []:

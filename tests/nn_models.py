@@ -211,6 +211,30 @@ class DenseMoEBlock(SDPABlock):
         return x + (out * gates.t().unsqueeze(-1)).sum(0).view(B, T, C)
 
 
+class NormedKeyBlock(SDPABlock):
+    """xLSTM's keys: a projection L2-normalised over its whole width before it is cut into
+    heads (kept whole: the norm mixes every head), read by head-split queries and values
+    in an explicit attention; under SP its sequence shard is gathered there."""
+
+    def __init__(self, width, heads):
+        super().__init__(width, heads)
+        del self.qkv
+        self.qv = nn.Linear(width, 2 * width, bias=False)
+        self.k = nn.Linear(width, width, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.norm1(x)
+        q, v = self.qv(h).split(C, dim=-1)
+        k = F.normalize(self.k(h), dim=-1) * C ** 0.5
+        q, k, v = (z.view(B, T, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        s = (q @ k.transpose(-1, -2)) * (C // self.heads) ** -0.5
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = s.softmax(-1) @ v
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
 class DeltaMixBlock(SDPABlock):
     """Attention, then a gated linear-attention mixer (a simplified gated delta net, as in
     Qwen3-Next / Qwen3.5): a fused [q | k | v] projection whose value part is wider than
@@ -445,7 +469,7 @@ class TorchNNLM(nn.Module):
                "scan_mix": ScanMixBlock, "odds": OddsBlock, "sink_mix": SinkMixBlock,
                "no_grad": NoGradCycleBlock, "head_conv": HeadConvBlock,
                "state_loop": StateLoopBlock, "rel_bias": RelBiasBlock,
-               "dense_moe": DenseMoEBlock}[block]
+               "dense_moe": DenseMoEBlock, "normed_key": NormedKeyBlock}[block]
         self.blocks = nn.ModuleList(cls(width, heads) for _ in range(depth))
         self.norm = nn.RMSNorm(width)
         self.head = nn.Linear(width, VOCAB, bias=False)

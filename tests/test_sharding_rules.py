@@ -39,7 +39,8 @@ def nn_job(block, sp):
                                       ("scan_mix", True), ("odds", False), ("odds", True),
                                       ("sink_mix", True), ("glyph", True), ("no_grad", True),
                                       ("head_conv", True), ("state_loop", True),
-                                      ("rel_bias", True), ("dense_moe", True)])
+                                      ("rel_bias", True), ("dense_moe", True),
+                                      ("normed_key", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     """nn.RMSNorm (aten.rms_norm), nn.MultiheadAttention (fused in_proj split in blocks) or
     F.scaled_dot_product_attention, tied embedding / LM head; complex rotary, per-head
@@ -59,7 +60,9 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     per-head state updated token by token into a torch.zeros buffer (xLSTM: the buffer
     made split by heads), torch.concatenate, var(unbiased=False); per-head relative
     states clipped, times a bank every head shares, flipped and gathered (Inkling); a
-    dense expert FFN through bmm over 3-D weights (Inkling: tokens gathered under SP)."""
+    dense expert FFN through bmm over 3-D weights (Inkling: tokens gathered under SP); keys
+    L2-normalised over the whole width, kept whole, met by head-split queries (xLSTM: under
+    SP the keys' sequence shard gathered at the matmul)."""
     torch.manual_seed(0)
     model = TorchNNLM(block, depth=DEPTH.get(block, 2))
     full = sum(p.numel() for p in model.parameters())
@@ -94,6 +97,9 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                       "sinks": "Shard(0)", "o_b.weight": "Shard(1)"}
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
+        if block == "normed_key":
+            assert placed["blocks.1.k.weight"] == "None", placed
+            assert placed["blocks.1.qv.weight"] == "Shard(0, blocks=2)", placed
         if block == "dense_moe":   # each expert's FFN split: in by columns, out by rows
             assert placed["blocks.1.w_in"] == "Shard(2)", placed
             assert placed["blocks.1.w_out"] == "Shard(1)", placed

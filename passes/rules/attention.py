@@ -129,6 +129,16 @@ def _batch_placement(rw, node, a, b):
     pa, pb = rw.placement_of(a), rw.placement_of(b)
     va, vb = a.meta["val"], b.meta["val"]
     m = node.meta["val"].dim()
+    whole = {}
+    if rw.sp and pa is not None and pb is not None:
+        # a replicated projection that ran on the sequence shard (xLSTM's keys) meets
+        # head-split values: gathered whole (the backward reduce-scatters each rank's
+        # partial gradient), then sliced to this rank's heads like any replicated operand
+        for x, p, v, other in ((a, pa, va, b), (b, pb, vb, a)):
+            if p.dim >= v.dim() - 2 and x in rw.sequence_split and \
+                    other not in rw.sequence_split:
+                whole[x] = rw.gathered(rw.new(x), node, block_input=False)
+        pa, pb = (None if a in whole else pa), (None if b in whole else pb)
     ca = pa.dim + m - va.dim() if pa is not None else None
     cb = pb.dim + m - vb.dim() if pb is not None else None
     for p, v in ((pa, va), (pb, vb)):
@@ -141,7 +151,7 @@ def _batch_placement(rw, node, a, b):
     out = moved(pa, ca) if pa is not None else moved(pb, cb)
     args = []
     for x, p, v in ((a, pa, va), (b, pb, vb)):
-        nx = rw.new(x)
+        nx = whole.get(x, rw.new(x))
         if p is None:
             nx = _localize_batch(rw, nx, v, out, m, node)
         args.append(nx)
