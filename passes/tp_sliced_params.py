@@ -9,12 +9,11 @@ gradient is a tp-partial sum that needs an all-reduce.
 When the sliced value is the parameter itself or is computed from it alone by
 element-wise ops of one input (casts, ``exp``, ``neg``), views (``A[None, :, None, :]``,
 a grouped weight read as ``[groups, out, in]``), transposes, broadcasts along other
-dimensions (attention sinks) and whole slices, and every
-reader of that chain slices it the same way, the parameter is seeded split instead
-(``learn``): the next walk runs the chain on the shard, the rank stores 1/t of the
-parameter, and its gradient is complete on each rank (no all-reduce). A parameter with
-any other reader, or whose slice a view cannot carry back to it as one placement, keeps
-its replicated placement.
+dimensions (attention sinks) and whole slices, and every reader of that chain slices it
+the same way, the parameter is seeded split instead (``learn``): the next walk runs the
+chain on the shard, the rank stores 1/t of the parameter, and its gradient is complete
+on each rank (no all-reduce). A parameter with any other reader, or whose slice a view
+cannot carry back to it as one placement, keeps its replicated placement.
 """
 from __future__ import annotations
 

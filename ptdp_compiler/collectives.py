@@ -255,7 +255,7 @@ sp_scatter_bias.register_autograd(_scatter_bias_backward, setup_context=_setup_s
 # A value split on its features with the whole sequence (RWKV's gated FFN output under SP)
 # back to the sequence split the residual stream keeps: one all-to-all, each rank sending
 # its features of every other rank's sequence chunk; the backward is the inverse
-# all-to-all. Half the bytes of all-gathering the features and slicing the sequence.
+# all-to-all. 1/t of the bytes of all-gathering the features and slicing the sequence.
 def _all_to_all(x: torch.Tensor, split: int, join: int, t: int, group_name: str):
     parts = torch.stack(x.chunk(t, dim=split)).contiguous()
     got = _c10d.wait_tensor(_c10d.all_to_all_single(parts, [parts.shape[0] // t] * t,
