@@ -13,7 +13,10 @@ parameter of the real model with no tiny namesake counts as replicated.
         [--json benchmarks/results/model_zoo.json]   (adds ``share_published`` to the rows)
 
 The numbers are estimates: a split with replicated pieces (multi-query kv heads) keeps
-its tiny-config fraction.
+its tiny-config fraction, and a choice that depends on a weight's size is the tiny
+config's (RoCBert's glyph table, 10% of the published model, is split by rows only once
+it is large: at the published widths ``pm.explain()`` shows it split, this estimate
+counts it whole).
 """
 from __future__ import annotations
 
