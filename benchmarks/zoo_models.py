@@ -120,6 +120,9 @@ FIXED = {
     "max_window_layers": LAYERS, "router_jitter_noise": 0.0, "output_router_logits": False,
     "use_cache": False, "pretraining_tp": 1, "num_nextn_predict_layers": 0,
     "use_mamba_kernels": False, "attention_window_size": 8,
+    # ZAYA's router MLP width (256 beside a hidden size of 2048 when published): left at
+    # 256 it made the replicated router 2/3 of the tiny model
+    "router_hidden_size": HEAD_DIM,
 }
 _OPTIONAL_FIXED = {"q_lora_rank"}          # None means "no low-rank q": keep None
 _TRUTHY_ONLY = set(_EXPERTS) | set(_SHARED_EXPERTS) | {"sliding_window", "sliding_window_size"}

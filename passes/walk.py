@@ -104,6 +104,11 @@ def _split_dim(u: fx.Node, src: fx.Node, d: Optional[int], probe: int) -> Option
             i in {k % nd for k in (args[0] if isinstance(args[0], (list, tuple))
                                    else [args[0]])})]
         return None if d in gone else d - sum(1 for i in gone if i < d)
+    mixed = _reduced_dims(u) if u.target in REDUCTIONS and u.args[0] is src else None
+    if mixed is not None and d not in mixed:
+        # a reduction over other dimensions (ZAYA's mean over the query heads sharing a key
+        # head, a per-head norm): the split stays, shifted past the dimensions it drops
+        return d if m == nd else d - sum(1 for k in mixed if k < d)
     if u.target in _NEW_FACTORIES and u.args[0] is src:
         # a fresh buffer shaped like the split value (filled by copies of it: DeepSeek's
         # key built in new_empty storage) is laid out like it

@@ -113,21 +113,40 @@ class NoGradCycleBlock(SDPABlock):
 
 
 class HeadConvBlock(SDPABlock):
-    """ZAYA's convolutional attention: queries and keys concatenated on their channels and
-    convolved causally per head (a grouped conv1d, one group per q or k head)."""
+    """ZAYA's convolutional attention: separate q and k projections (2 key heads for 4
+    query heads) concatenated on their channels and convolved causally per head (a
+    grouped conv1d, one group per q or k head); the keys get the mean of the query heads
+    that share them; the value is [v_current | v_delayed], one head each, the second the
+    previous token's; q and k L2-normalised per head."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, kv_heads=2):
         super().__init__(width, heads)
-        self.conv = nn.Conv1d(2 * width, 2 * width, 3, groups=2 * heads)
+        del self.qkv
+        self.kv, hd = kv_heads, width // heads
+        self.q = nn.Linear(width, width, bias=False)
+        self.k = nn.Linear(width, kv_heads * hd, bias=False)
+        self.v_cur = nn.Linear(width, kv_heads * hd // 2, bias=False)
+        self.v_del = nn.Linear(width, kv_heads * hd // 2, bias=False)
+        qk = width + kv_heads * hd
+        self.conv = nn.Conv1d(qk, qk, 3, groups=heads + kv_heads)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(C, dim=-1)
+        H, hd = self.heads, C // self.heads
+        h = self.norm1(x)
+        q, k = self.q(h), self.k(h)
         qk = F.pad(torch.cat([q, k], dim=-1).transpose(1, 2), (2, 0))
-        q, k = self.conv(qk).transpose(1, 2).split(C, dim=-1)
-        q, k, v = (z.reshape(B, T, self.heads, C // self.heads).transpose(1, 2)
-                   for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        cq, ck = self.conv(qk).transpose(1, 2).split([C, self.kv * hd], dim=-1)
+        q_res = q.view(B, T, H, hd)
+        k_res = q_res.view(B, T, self.kv, H // self.kv, hd).mean(dim=-2)
+        q = cq.view(B, T, H, hd) + q_res
+        k = ck.view(B, T, self.kv, hd) + k_res
+        q, k = (F.normalize(z, dim=-1) * hd ** 0.5 for z in (q, k))
+        delayed = self.v_del(h)
+        delayed = torch.cat([torch.zeros_like(delayed[:, :1]), delayed[:, :-1]], dim=1)
+        v = torch.cat([self.v_cur(h), delayed], dim=-1).view(B, T, self.kv, hd)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 

@@ -38,7 +38,8 @@ def nn_job(block, sp):
                                       ("delta_mix", True), ("ssd_mix", True),
                                       ("scan_mix", True), ("odds", False), ("odds", True),
                                       ("sink_mix", True), ("glyph", True), ("no_grad", True),
-                                      ("head_conv", True), ("state_loop", True),
+                                      ("head_conv", False), ("head_conv", True),
+                                      ("state_loop", True),
                                       ("rel_bias", True), ("dense_moe", True),
                                       ("normed_key", True)])
 def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
@@ -55,8 +56,10 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
     by one all-to-all); DeepSeek-V4's interleaved rotary, sinks, key built in fresh
     storage and grouped output projection (nn_models.SinkMixBlock); a second id table
     (RoCBert's glyph ids: vocab-parallel, padded, all-reduced whole under SP); a block run
-    under torch.no_grad() first (HRM: the region inlined, its result detached); a grouped
-    conv1d, one group per q / k head, over [q | k] (ZAYA: each rank's groups whole); a
+    under torch.no_grad() first (HRM: the region inlined, its result detached); ZAYA's
+    attention (a grouped conv1d, one group per q / k head, over [q | k]: each rank's
+    groups whole; keys plus the mean of their query heads; a value of two one-head
+    pieces, gathered per head at the attention); a
     per-head state updated token by token into a torch.zeros buffer (xLSTM: the buffer
     made split by heads), torch.concatenate, var(unbiased=False); per-head relative
     states clipped, times a bank every head shares, flipped and gathered (Inkling); a
@@ -109,8 +112,11 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
         if block == "state_loop":   # the attention block split through the buffer
             assert placed["blocks.0.qkv.weight"] == "Shard(0, blocks=3)", placed
             assert placed["blocks.0.proj.weight"] == "Shard(1)", placed
-        if block == "head_conv":   # [q | k] channels, each split by heads
-            assert placed["blocks.1.conv.weight"] == "Shard(0, blocks=2)", placed
+        if block == "head_conv":   # [q | k] channels, each split by heads; the value's
+            # pieces (one head each) split too, each head gathered at the attention
+            assert placed["blocks.1.conv.weight"] == "Shard(0, pieces=[32, 16])", placed
+            for n in ("q", "k", "v_cur", "v_del"):
+                assert placed[f"blocks.1.{n}.weight"] == "Shard(0)", (n, placed)
         if block == "glyph":
             assert placed["glyph.weight"] == "Shard(0, vocabulary padded 61->62)", placed
         if block == "scan_mix":   # x_proj row-parallel; the scan split by channels

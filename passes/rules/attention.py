@@ -24,9 +24,13 @@ def heads_of(rw, a, node, heads=Shard(1)):
     a replicated one is sliced to them, or, with fewer key/value heads than ranks, to
     the one head the rank's query heads share (MQA / GQA, kv heads replicated)."""
     v, p = rw.new(a), rw.placement_of(a)
-    if p is not None and rw.sp and (p.dim != 1 or p.outer != 1):
-        # a projection kept whole ran on the sequence shard: gather it (the all-gather's
-        # backward reduce-scatters the partial gradients of each rank's heads)
+    if p is not None and ((rw.sp and (p.dim != 1 or p.outer != 1)) or
+                          (type(p) is Shard and p.dim == 3)):
+        # a projection kept whole ran on the sequence shard, or projections whose pieces
+        # hold fewer heads than ranks left each head split (ZAYA's value heads,
+        # [v_current | v_delayed] of one head each at tp=2): gather it, and take this
+        # rank's heads below (the all-gather's backward reduce-scatters the partial
+        # gradients of each rank's heads)
         v, p = rw.gathered(v, node, block_input=False), None
     if p is not None:
         if type(p) is not Shard or p.dim != 1:   # whole heads (in blocks: DiffLlama's halves)
