@@ -194,9 +194,10 @@ class Rewriter:
         return s
 
     def gathered(self, v, node, block_input: bool = True):
-        """A sequence-sharded value made whole (SP all-gather; its backward reduce-scatters).
-        ``block_input``: it is a column-parallel linear's input, whose layout the block's
-        row-parallel end reduce-scatters back to."""
+        """A sharded value made whole (all-gather; its backward reduce-scatters the partial
+        gradients): a sequence shard under SP, or heads split inside each head at the
+        attention (``rules.attention.heads_of``). ``block_input``: it is a column-parallel
+        linear's input, whose layout the block's row-parallel end reduce-scatters back to."""
         p = self.placement[v]
         if p is None:
             return v
