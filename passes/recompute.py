@@ -396,6 +396,9 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     if sp_regather:
         regather = {n for n in in_layer if n.target is torch.ops.ptdp.sp_gather.default}
     regather |= cp_regathered(in_layer)   # context parallelism's K/V all-gathers
+    # weights stored split over tp: gathered again in backward, only the shard is kept
+    regather |= {n for n in gm.graph.nodes if n.op == "call_function" and
+                 n.meta.get("ptdp", {}).get("weight_gather")}
     redispatch = ep_redispatched(in_layer) if mode_name not in ("none", "budget") else set()
     regather |= redispatch
     flops = {n: node_flops(n) for n in gm.graph.nodes}

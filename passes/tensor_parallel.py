@@ -61,7 +61,7 @@ from ptdp_compiler.errors import ShardingError
 from ptdp_compiler.placement import CollectivePlan, Shard
 
 from . import analyze as _an
-from . import tp_coverage, tp_sliced_params
+from . import tp_coverage, tp_gather_weights, tp_sliced_params
 from .rules import RULES, KeepReplicated, PlaceBuffer, Refine, buffer_key, find_rule
 from .rules.linear import gated_product
 from .sharding import PaddedShard, PieceShard, local_shape, moved, view_rule
@@ -491,15 +491,24 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
                 if r:
                     plan.params[name].role = r
                     break
-    fake_check(new, params, plan)
     for n in new.graph.nodes:
         n.meta["ptdp_placement"] = rw.placement.get(n)
+    plan.coverage = tp_coverage.coverage(gm, analysis, plan, params)
+    gathered = []
+    if getattr(cfg, "shard_replicated_weights", True):
+        gathered = tp_gather_weights.gather_weights(
+            new, plan.coverage, plan, t, coords.tp_rank, group_name,
+            skip_experts=getattr(cfg, "ep", 1) > 1)
+    tp_coverage.check(plan.coverage, t, strict=getattr(cfg, "strict", False),
+                      warn=getattr(coords, "rank", 0) == 0)
+    fake_check(new, params, plan)
     plan.collectives.extend(collective_plans(rw, t))
     plan.tp_rewrites = rw.rewrites
     plan.analysis = analysis
-    plan.coverage = tp_coverage.coverage(gm, analysis, plan, params)
-    tp_coverage.check(plan.coverage, t, strict=getattr(cfg, "strict", False),
-                      warn=getattr(coords, "rank", 0) == 0)
+    if gathered:
+        plan.pass_log.append(("tp_gather_weights", (
+            f"{len(gathered)} large weight(s) no rule splits stored split over tp and "
+            "all-gathered where read (their compute stays whole): " + ", ".join(gathered))))
     _log(plan, analysis, seeds, rw, t, cfg.sequence_parallel)
     return new
 

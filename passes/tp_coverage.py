@@ -6,7 +6,9 @@ the column/row analysis (with the model's source line), a key/value projection w
 fewer heads than ranks, an embedding that is not the token embedding, a router. A
 weight matrix that stays replicated at tp > 1 and is large (>= 1 MiB, or >= 2% of the
 model's parameters) is named in a ``ReplicatedWeightWarning``; ``strict=True`` makes it
-a ``ShardingError`` before any work starts.
+a ``ShardingError`` before any work starts. Such a weight is then stored split over tp
+and gathered where read (``tp_gather_weights``): its row says so, and it is still named,
+since its compute stays whole.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ class Coverage:
     placement: object          # None: replicated
     local_bytes: int
     reason: str = ""           # why it is replicated ("" when sharded)
-    large: bool = False        # replicated, a matrix, and >= 1 MiB or >= 2% of the model
+    large: bool = False        # computed whole, a matrix, and >= 1 MiB or >= 2% of the model
+    gathered: bool = False     # computed whole but stored split, gathered where read
 
     @property
     def sharded(self) -> bool:
+        """Stored split over tp (gathered weights included: their storage is split)."""
         return self.placement is not None
 
 
@@ -94,12 +98,14 @@ def check(rows: list, t: int, strict: bool, warn: bool) -> None:
     large = [r for r in rows if r.large]
     if not large:
         return
-    lines = [f"  {r.name} {list(r.full_shape)}: {r.reason}" for r in large]
-    msg = (f"tp={t} leaves {len(large)} weight matrix(es) whole on every rank:\n" +
+    lines = [f"  {r.name} {list(r.full_shape)}"
+             + (" (stored split over tp, all-gathered where read)" if r.gathered else "")
+             + f": {r.reason}" for r in large]
+    msg = (f"tp={t} computes {len(large)} weight matrix(es) whole on every rank:\n" +
            "\n".join(lines))
     if strict:
         raise ShardingError(msg + "\nstrict=True refuses this; drop strict=True to train "
-                                  "with them replicated (the numbers are exact either way)")
+                                  "with them computed whole (the numbers are exact either way)")
     if warn:
         warnings.warn(msg + "\n(pm.explain() lists every parameter's placement; "
                             "strict=True makes this an error)", ReplicatedWeightWarning,
@@ -110,10 +116,16 @@ def table(rows: list) -> list:
     """explain's coverage lines: totals, then every replicated parameter and why."""
     sharded = sum(r.local_bytes for r in rows if r.sharded)
     replicated = sum(r.local_bytes for r in rows if not r.sharded)
+    gathered = [r for r in rows if r.gathered]
     out = [f"    tensor-parallel coverage: {sum(r.sharded for r in rows)} of {len(rows)} "
            f"parameters sharded; this rank holds {sharded:,} sharded + {replicated:,} "
-           f"replicated bytes ({replicated / max(sharded + replicated, 1):.0%} replicated)"]
+           f"replicated bytes ({replicated / max(sharded + replicated, 1):.0%} replicated)"
+           + (f"; {len(gathered)} of the sharded are computed whole (stored split, "
+              "all-gathered where read)" if gathered else "")]
     vectors = [r for r in rows if not r.sharded and len(r.full_shape) < 2]
+    for r in gathered:
+        out.append(f"      gathered {r.name} {list(r.full_shape)} stored {r.placement}: "
+                   f"{r.reason}")
     for r in rows:
         if not r.sharded and len(r.full_shape) >= 2:
             flag = "  LARGE" if r.large else ""

@@ -513,7 +513,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
                 plan: str | None = None, cluster=None,
                 global_batch: int | None = None, example_inputs=None,
                 example_kwargs: dict | None = None, strict: bool = False,
-                memory_limit=None):
+                shard_replicated_weights: bool = True, memory_limit=None):
     """Compile ``model`` for (dp, pp, tp) parallel training on this rank.
 
     ``model`` may be an ``nn.Module`` instance, an ``nn.Module`` subclass or a factory
@@ -529,8 +529,10 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
 
     A large weight matrix that tensor parallelism leaves whole on every rank (>= 1 MiB or
     >= 2% of the model) is named in a ``ReplicatedWeightWarning`` with the reason;
-    ``strict=True`` makes it a ``ShardingError``. ``pm.explain()`` lists every
-    parameter's placement and why each replicated one is.
+    ``strict=True`` makes it a ``ShardingError``. Its compute stays whole, but it is
+    stored split over tp and all-gathered where read (``shard_replicated_weights=False``
+    keeps it whole, as Megatron does). ``pm.explain()`` lists every parameter's placement
+    and why each replicated or gathered one is.
 
     ``ep`` > 1 (expert parallelism): the routed experts of a mixture-of-experts model are
     split over ep of the dp ranks (ep divides dp), tokens reach them by all-to-all
@@ -559,6 +561,7 @@ def parallelize(model=None, *, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 
                          codegen=codegen, loss_fn=loss_fn, seed=seed, bucket_mb=bucket_mb,
                          scatter_gather=scatter_gather, comm_reorder=comm_reorder,
                          split_backward=split_backward, strict=strict,
+                         shard_replicated_weights=shard_replicated_weights,
                          memory_limit=memory_limit).validate()
     if plan is not None:
         from .planner.auto import choose_config

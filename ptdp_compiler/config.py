@@ -79,6 +79,9 @@ class ParallelConfig:
     # a large weight matrix left replicated at tp > 1 is a ShardingError, not a warning
     # (passes/tp_coverage.py)
     strict: bool = False
+    # such a weight (computed whole) is stored split over tp and all-gathered where read
+    # (passes/tp_gather_weights.py); False keeps it whole on every rank, as Megatron does
+    shard_replicated_weights: bool = True
     # bytes per rank (or "80GiB"): a layout predicted to need more is refused with
     # MemoryLimitError before anything is compiled (planner/memory.py)
     memory_limit: Optional[Union[int, str]] = None
@@ -100,7 +103,8 @@ class ParallelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         for name in ("sp_regather", "comm_reorder", "split_backward", "distributed_optimizer",
-                     "recompute_pointwise", "strict", "reshard_after_forward"):
+                     "recompute_pointwise", "strict", "reshard_after_forward",
+                     "shard_replicated_weights"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be True or False")

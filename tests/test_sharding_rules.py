@@ -101,7 +101,8 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             for n, pl in expect.items():
                 assert placed[f"blocks.1.{n}"] == pl, (n, placed)
         if block == "normed_key":
-            assert placed["blocks.1.k.weight"] == "None", placed
+            # computed whole (keys normalised over the whole width), stored split by rows
+            assert placed["blocks.1.k.weight"] == "Shard(0)", placed
             assert placed["blocks.1.qv.weight"] == "Shard(0, blocks=2)", placed
         if block == "dense_moe":   # each expert's FFN split: in by columns, out by rows
             assert placed["blocks.1.w_in"] == "Shard(2)", placed
@@ -126,32 +127,95 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
                 assert placed[f"blocks.0.{n}"] == "Shard(0)", (n, placed)
 
 
-def norm_mix_job(strict):
+def norm_mix_job(strict, sp=False, gather=True):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)
-        pm = ptdp.parallelize(TorchNNLM("norm_mix"), tp=2, codegen="aot_eager", strict=strict)
+        pm = ptdp.parallelize(TorchNNLM("norm_mix"), tp=2, codegen="aot_eager", strict=strict,
+                              sequence_parallel=sp, shard_replicated_weights=gather)
         try:
-            pm.train_step(*_batch()[0], **_batch()[1])
+            losses, grads = parallel_sgd(pm, *_batch(), STEPS, LR)
         except ptdp.PTDPError as e:
-            return type(e).__name__, str(e), []
+            return type(e).__name__, str(e), [], None
+    placed = {n: str(pp.placement) for n, pp in pm.plan.params.items()}
     return None, pm.explain(), [str(w.message) for w in caught
-                                if issubclass(w.category, ReplicatedWeightWarning)]
+                                if issubclass(w.category, ReplicatedWeightWarning)], \
+        (losses, grads, placed, sum(p.numel() for p in pm.parameters()))
+
+
+MIX = ["blocks.0.mix.weight", "blocks.1.mix.weight"]
 
 
 def test_replicated_weight_is_named_in_warning_explain_and_refused_when_strict(world):
     """A linear whose output is layer-normalised over all its features cannot be split: it
-    stays whole. The user is told which weight and why; strict=True refuses before
+    is computed whole. The user is told which weight and why; strict=True refuses before
     training."""
-    err, text, warned = world(2, norm_mix_job, False, timeout=300)[0]
+    err, text, warned, _ = world(2, norm_mix_job, False, timeout=300)[0]
     assert err is None, text
-    names = ["blocks.0.mix.weight", "blocks.1.mix.weight"]
-    assert len(warned) == 1 and all(n in warned[0] for n in names), warned
-    assert "layer_norm" in warned[0], warned
-    assert "tensor-parallel coverage" in text and f"replicated {names[0]}" in text, text
+    assert len(warned) == 1 and all(n in warned[0] for n in MIX), warned
+    assert "layer_norm" in warned[0] and "all-gathered where read" in warned[0], warned
+    assert "tensor-parallel coverage" in text and f"gathered {MIX[0]}" in text, text
     res = world(2, norm_mix_job, True, timeout=300)
-    for err, msg, _ in res:   # every rank refuses alike (none hangs)
-        assert err == "ShardingError" and names[0] in msg and "strict=True" in msg, msg
+    for err, msg, _, _ in res:   # every rank refuses alike (none hangs)
+        assert err == "ShardingError" and MIX[0] in msg and "strict=True" in msg, msg
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_weight_computed_whole_is_stored_split_and_matches_single_device(world, sp):
+    """The weight no rule splits is stored split by rows over tp (parameter, gradient and
+    optimizer state 1/t per rank) and all-gathered where read; its gradient, complete on
+    every rank, keeps this rank's rows. Loss and every gradient equal one device's, with
+    and without SP; ``shard_replicated_weights=False`` keeps it whole on every rank."""
+    torch.manual_seed(0)
+    model = TorchNNLM("norm_mix")
+    full = sum(p.numel() for p in model.parameters())
+    ref_losses, ref_grads = reference_sgd(model, *_batch(), STEPS, LR)
+    kept = {}
+    for gather in (True, False):
+        for rank, (err, text, _, got) in enumerate(world(2, norm_mix_job, False, sp, gather,
+                                                         timeout=300)):
+            assert err is None, text
+            losses, grads, placed, nlocal = got
+            for s in range(STEPS):
+                assert_close_tensor(f"rank {rank} loss {s}", losses[s], ref_losses[s],
+                                    rtol=1e-4)
+                for n, g in ref_grads[s].items():
+                    assert_close_tensor(f"rank {rank} step {s} {n}", grads[s][n], g,
+                                        rtol=1e-4)
+            for n in MIX:
+                assert placed[n] == ("Shard(0)" if gather else "None"), placed
+            kept[gather] = nlocal
+            assert ("gathered " if gather else "replicated ") + MIX[0] in text, text
+    mix = sum(p.numel() for n, p in model.named_parameters() if n in MIX)
+    assert kept[False] - kept[True] == mix // 2, kept
+    assert kept[True] / full <= 0.55, kept[True] / full
+
+
+def mix_layout_job(kw):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReplicatedWeightWarning)
+        pm = ptdp.parallelize(TorchNNLM("norm_mix"), codegen="aot_eager", **kw)
+    losses, grads = parallel_sgd(pm, *_batch(), STEPS, LR)
+    return losses, grads, [str(pm.plan.params[n].placement) for n in MIX]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(tp=2, pp=2, virtual_stages=2, microbatches=2, sequence_parallel=True,
+         recompute="full"),
+    dict(tp=2, dp_shard=2)], ids=["tp2-pp2-interleaved-sp-full", "tp2-dp_shard2"])
+def test_weight_computed_whole_composes_with_pipeline_and_fully_shard(world, kw):
+    """The gathered weight inside pipeline chunks (one gather per reader, so no cut carries
+    a gathered weight; re-gathered under full recompute) and under dp_shard (its tp shard
+    split again over dp_shard, gathered twice)."""
+    torch.manual_seed(0)
+    ref_losses, ref_grads = reference_sgd(TorchNNLM("norm_mix"), *_batch(), STEPS, LR)
+    for rank, (losses, grads, placed) in enumerate(world(4, mix_layout_job, kw, timeout=300)):
+        assert placed == ["Shard(0)"] * 2, placed
+        for s in range(STEPS):
+            assert_close_tensor(f"rank {rank} loss {s}", losses[s], ref_losses[s], rtol=1e-4)
+            for n, g in ref_grads[s].items():
+                assert_close_tensor(f"rank {rank} step {s} {n}", grads[s][n], g, rtol=1e-4)
 
 
 def falcon_job():
