@@ -7,6 +7,8 @@ and returns a graph, writing its decisions into the Plan and ``node.meta["ptdp"]
     analyze            column/row pairs, LM head, vocab embedding — from dataflow   (tp > 1)
                        (walk.py: the forward walk from each linear it reads)
     tensor_parallel    placements, f/g, shape rewrite (+ sequence_parallel rules)    (tp > 1)
+                       (tp_gather_weights: large weights no rule splits stored split,
+                       all-gathered where read)
     fake-tensor check  the per-rank graph re-run with FakeTensor at local shapes     (tp > 1)
     expert_parallel    routed experts -> all-to-all dispatch / combine over ep       (ep > 1)
     recompute          save / recompute tags for the partitioner

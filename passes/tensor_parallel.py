@@ -494,21 +494,13 @@ def tensor_parallel_pass(gm: fx.GraphModule, cfg, coords, params: dict, plan) ->
     for n in new.graph.nodes:
         n.meta["ptdp_placement"] = rw.placement.get(n)
     plan.coverage = tp_coverage.coverage(gm, analysis, plan, params)
-    gathered = []
-    if getattr(cfg, "shard_replicated_weights", True):
-        gathered = tp_gather_weights.gather_weights(
-            new, plan.coverage, plan, t, coords.tp_rank, group_name,
-            skip_experts=getattr(cfg, "ep", 1) > 1)
+    tp_gather_weights.gather_pass(new, cfg, coords.tp_rank, group_name, plan)
     tp_coverage.check(plan.coverage, t, strict=getattr(cfg, "strict", False),
                       warn=getattr(coords, "rank", 0) == 0)
     fake_check(new, params, plan)
     plan.collectives.extend(collective_plans(rw, t))
     plan.tp_rewrites = rw.rewrites
     plan.analysis = analysis
-    if gathered:
-        plan.pass_log.append(("tp_gather_weights", (
-            f"{len(gathered)} large weight(s) no rule splits stored split over tp and "
-            "all-gathered where read (their compute stays whole): " + ", ".join(gathered))))
     _log(plan, analysis, seeds, rw, t, cfg.sequence_parallel)
     return new
 

@@ -84,3 +84,16 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
         gm.graph.lint()
         gm.recompile()
     return done
+
+
+def gather_pass(gm: fx.GraphModule, cfg, rank: int, group_name: str, plan) -> None:
+    """``gather_weights`` on this rank's tp graph unless ``shard_replicated_weights`` is
+    off; the routed experts are left to the ep pass when ep > 1."""
+    if not getattr(cfg, "shard_replicated_weights", True):
+        return
+    done = gather_weights(gm, plan.coverage, plan, cfg.tp, rank, group_name,
+                          skip_experts=getattr(cfg, "ep", 1) > 1)
+    if done:
+        plan.pass_log.append(("tp_gather_weights", (
+            f"{len(done)} large weight(s) no rule splits stored split over tp and "
+            "all-gathered where read (their compute stays whole): " + ", ".join(done))))
