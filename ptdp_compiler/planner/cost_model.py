@@ -129,7 +129,9 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
 
     ``placements`` ({parameter name: Shard or None}, what the tensor-parallel pass made of
     this graph, ``tp_placements``): a parameter left replicated counts in full on every
-    tensor-parallel rank, and a GEMM or embedding reading it is not split over t."""
+    tensor-parallel rank, and a GEMM or embedding reading it is not split over t. One
+    marked ``"gathered"`` (stored split, all-gathered where read) counts 1/t in memory but
+    its GEMM is whole too."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     spans = layer_spans(gm)
     layer_of = {n: i for i, (span, _out) in enumerate(spans) for n in span}
@@ -156,11 +158,15 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
     hidden = _residual_width(all_c)
     for l in [pre_c, post_c] + layers:
         _classify_tp(l, hidden)
-    replicated = set()
+    replicated, whole = set(), set()
     if placements is not None:
-        replicated = {ph for ph in gm.graph.find_nodes(op="placeholder")
-                      if ph.meta.get("ptdp_input_kind") == "param"
-                      and placements.get(ph.meta.get("ptdp_input_name"), "?") is None}
+        for ph in gm.graph.find_nodes(op="placeholder"):
+            pl = placements.get(ph.meta.get("ptdp_input_name"), "?") \
+                if ph.meta.get("ptdp_input_kind") == "param" else "?"
+            if pl is None:
+                replicated.add(ph)
+            if pl is None or pl == "gathered":
+                whole.add(ph)
         by_name = {c.name: c for l in [pre_c, post_c] + layers for c in l}
         for n in nodes:
             c = by_name.get(n.name)
@@ -169,7 +175,7 @@ def model_cost_from_graph(gm: fx.GraphModule, name: str = "model",
             params = {w for a in n.all_input_nodes if (w := _weight_of(a)).op == "placeholder"
                       and w.meta.get("ptdp_input_kind") == "param"}
             if c is not None and c.kind in ("gemm", "embedding") and params and \
-                    params <= replicated:
+                    params <= whole:
                 c.tp_split = c.sp_split = False   # every rank computes it whole
     heads, seq, kv_width = _attention_shape(gm)
     vocab = 0
@@ -319,7 +325,8 @@ class _ProbeCoords:
 
 def tp_placements(model, args: tuple, kwargs: dict, t: int = 2) -> tuple:
     """``({parameter name: Shard or None}, note)``: the placements the tensor-parallel pass
-    gives ``model``'s parameters at ``t`` (None: replicated on every rank), from
+    gives ``model``'s parameters at ``t`` (None: replicated on every rank; "gathered":
+    computed whole, stored split), from
     ``build_program(..., until="passes")`` on rank 0; ``(None, reason)`` when the pass
     refuses the model."""
     import warnings
@@ -335,7 +342,9 @@ def tp_placements(model, args: tuple, kwargs: dict, t: int = 2) -> tuple:
                                  coords=_ProbeCoords(t, world=t), until="passes")
     except PTDPError as e:
         return None, f"tensor-parallel pass refused at t={t}: {str(e).splitlines()[0]}"
-    return {n: pp.placement for n, pp in prog.plan.params.items()}, f"placements at t={t}"
+    gathered = {r.name for r in getattr(prog.plan, "coverage", None) or () if r.gathered}
+    return {n: "gathered" if n in gathered else pp.placement
+            for n, pp in prog.plan.params.items()}, f"placements at t={t}"
 
 
 @functools.lru_cache(maxsize=64)
