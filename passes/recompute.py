@@ -396,9 +396,10 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     if sp_regather:
         regather = {n for n in in_layer if n.target is torch.ops.ptdp.sp_gather.default}
     regather |= cp_regathered(in_layer)   # context parallelism's K/V all-gathers
-    # weights stored split over tp: gathered again in backward, only the shard is kept
-    regather |= {n for n in gm.graph.nodes if n.op == "call_function" and
-                 n.meta.get("ptdp", {}).get("weight_gather")}
+    # weights stored split over tp (tp_gather_weights): gathered again in backward, so
+    # only the shard is kept
+    weights = {n for n in gm.graph.nodes if n.op == "call_function" and
+               n.meta.get("ptdp", {}).get("weight_gather")}
     redispatch = ep_redispatched(in_layer) if mode_name not in ("none", "budget") else set()
     regather |= redispatch
     flops = {n: node_flops(n) for n in gm.graph.nodes}
@@ -415,6 +416,10 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     if regather:
         report.notes.append(f"sequence parallel: {len(regather)} all-gathered linear inputs "
                             "are re-gathered in backward instead of stored")
+    if weights:
+        report.notes.append(f"{len(weights)} weight all-gather(s) (weights stored split over "
+                            "tp, computed whole) re-run in backward: only the shards are kept")
+    regather |= weights
     skip = input_only | regather
     free = {n for n in gm.graph.nodes if n.op == "call_function"} - set(outputs) \
         if pointwise else set()
