@@ -218,6 +218,42 @@ def test_weight_computed_whole_composes_with_pipeline_and_fully_shard(world, kw)
                 assert_close_tensor(f"rank {rank} step {s} {n}", grads[s][n], g, rtol=1e-4)
 
 
+def mix_adamw_job():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReplicatedWeightWarning)
+        pm = ptdp.parallelize(TorchNNLM("norm_mix"), tp=2, dp=2, distributed_optimizer=True,
+                              codegen="aot_eager")
+    args, kwargs = _batch()
+    kwargs = {k: pm.dp_shard(v) for k, v in kwargs.items()}
+    pm.optimizer(torch.optim.AdamW, lr=1e-3, max_grad_norm=0.1)
+    out = []
+    for _ in range(3):
+        loss = pm.train_step(*args, **kwargs)
+        out.append((loss.item(), pm.step().grad_norm))
+    return out
+
+
+def test_weight_computed_whole_clips_and_steps_like_one_device(world):
+    """AdamW with global-norm clipping under ZeRO-1 (tp=2 x dp=2): the gathered weight's
+    rows count once in the norm, its optimizer state is split like its storage; losses
+    and gradient norms over three steps equal one device's (torch's clip_grad_norm_)."""
+    torch.manual_seed(0)
+    model = TorchNNLM("norm_mix")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ref = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(*_batch()[0], **_batch()[1])
+        loss = loss if isinstance(loss, torch.Tensor) else loss[0]
+        loss.backward()
+        ref.append((loss.item(), torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1).item()))
+        opt.step()
+    for got in world(4, mix_adamw_job, timeout=300):
+        for (l, n), (rl, rn) in zip(got, ref):
+            assert abs(l - rl) <= 1e-4 * abs(rl) and abs(n - rn) <= 1e-4 * rn, (got, ref)
+
+
 def falcon_job():
     from benchmarks import zoo_models as Z
     pm = ptdp.parallelize(Z.build("falcon"), tp=2, codegen="aot_eager")
