@@ -72,78 +72,125 @@ def _chain_step(c: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _to_param(c: fx.Node, pl, t: int):
-    """(parameter placeholder, placement on it) that placement ``pl`` of ``c`` comes from,
-    or None when ``c`` is not a chain of single-input steps on a parameter or a view
-    cannot carry ``pl`` back as one placement."""
-    while not (c.op == "placeholder" and c.meta.get("ptdp_input_kind") == "param"):
-        a = _chain_step(c)
-        if a is None:
+def _single_back(c: fx.Node, a: fx.Node, pl, t: int):
+    """Placement on ``a`` (``c``'s one input, a chain step) that ``pl`` on ``c`` comes
+    from, or None when a view cannot carry it back as one placement."""
+    shape, ins = tuple(c.meta["val"].shape), tuple(a.meta["val"].shape)
+    if c.target in _SINGLETON_VIEWS and _nonunit(c) == _nonunit(a):
+        # the same non-1 sizes: follow the split dimension's ordinal
+        if shape[pl.dim] == 1:
             return None
-        shape, ins = tuple(c.meta["val"].shape), tuple(a.meta["val"].shape)
-        if c.target in _SINGLETON_VIEWS and _nonunit(c) == _nonunit(a):
-            # the same non-1 sizes: follow the split dimension's ordinal
-            if shape[pl.dim] == 1:
-                return None
-            k = sum(1 for s in shape[:pl.dim] if s != 1)
-            pl = moved(pl, [i for i, s in enumerate(ins) if s != 1][k])
-        elif c.target in _VIEWS:
-            back = view_rule(shape, pl, ins, t)
-            if back is None or view_rule(ins, back, shape, t) != pl:
-                return None
-            pl = back
-        elif c.target is aten.expand.default:   # broadcast along other dimensions
-            j = pl.dim - (len(shape) - len(ins))
-            if j < 0 or ins[j] != shape[pl.dim]:
-                return None
-            pl = moved(pl, j)
-        elif c.target is aten.permute.default:
-            pl = moved(pl, [i % len(ins) for i in c.args[1]][pl.dim])
-        elif c.target is aten.transpose.int:
-            i, j = c.args[1] % len(ins), c.args[2] % len(ins)
-            pl = moved(pl, j if pl.dim == i else i if pl.dim == j else pl.dim)
-        elif c.target is aten.t.default:
-            pl = moved(pl, 1 - pl.dim) if len(ins) == 2 else pl
-        c = a
-    return c, pl
+        k = sum(1 for s in shape[:pl.dim] if s != 1)
+        return moved(pl, [i for i, s in enumerate(ins) if s != 1][k])
+    if c.target in _VIEWS:
+        back = view_rule(shape, pl, ins, t)
+        if back is None or view_rule(ins, back, shape, t) != pl:
+            return None
+        return back
+    if c.target is aten.expand.default:   # broadcast along other dimensions
+        j = pl.dim - (len(shape) - len(ins))
+        return moved(pl, j) if j >= 0 and ins[j] == shape[pl.dim] else None
+    if c.target is aten.permute.default:
+        return moved(pl, [i % len(ins) for i in c.args[1]][pl.dim])
+    if c.target is aten.transpose.int:
+        i, j = c.args[1] % len(ins), c.args[2] % len(ins)
+        return moved(pl, j if pl.dim == i else i if pl.dim == j else pl.dim)
+    if c.target is aten.t.default:
+        return moved(pl, 1 - pl.dim) if len(ins) == 2 else pl
+    return pl
 
 
-def _chain(p: fx.Node) -> set:
-    """``p`` and every value computed from it alone by chain steps."""
-    out, todo = {p}, [p]
-    while todo:
-        for u in _readers(todo.pop()):
-            if u not in out and _chain_step(u) is not None:
-                out.add(u)
-                todo.append(u)
-    return out
+def split_inputs(c: fx.Node, pl, t: int) -> Optional[list]:
+    """``[(input, placement on it)]``: the inputs of ``c`` that carry split ``pl`` of its
+    result, when computing ``c`` on this rank's part needs only their parts — a chain step,
+    an element-wise op of several inputs (an input broadcast along the split dimension
+    carries none), a ``select`` along another dimension (one time step of a scan), the
+    rows of a matmul's left operand or the columns of its right (``W @ x``: Mamba's
+    dt_proj). None: ``c`` does not commute with the split."""
+    if c.op != "call_function" or not _tensor(c):
+        return None
+    a = _chain_step(c)
+    if a is not None:
+        back = _single_back(c, a, pl, t)
+        return None if back is None else [(a, back)]
+    out = tuple(c.meta["val"].shape)
+    ins = [x for x in c.args if _tensor(x)]
+    if c.target is aten.select.int and len(ins) == 1:
+        d = c.args[1] % (len(out) + 1)
+        return [(ins[0], moved(pl, pl.dim if pl.dim < d else pl.dim + 1))]
+    if c.target in (aten.matmul.default, aten.bmm.default) and len(ins) == 2:
+        x, y = ins
+        if pl.dim == len(out) - 2 and x.meta["val"].dim() >= 2:
+            return [(x, moved(pl, x.meta["val"].dim() - 2))]
+        if pl.dim == len(out) - 1 and y.meta["val"].dim() >= 2:
+            return [(y, moved(pl, y.meta["val"].dim() - 1))]
+        return None
+    if is_pointwise(c.target) and ins:
+        carried = []
+        for x in ins:
+            shape = tuple(x.meta["val"].shape)
+            j = pl.dim - (len(out) - len(shape))
+            if j >= 0 and shape[j] == out[pl.dim]:
+                carried.append((x, moved(pl, j)))
+            elif not (j < 0 or shape[j] == 1):
+                return None
+        return carried
+    return None
+
+
+_CONFLICT = object()
 
 
 def learn(gm: fx.GraphModule, rw, seeds: dict) -> dict:
-    """{parameter: Shard} for the replicated parameters whose every reader sliced them
-    alike in the walk ``rw`` (its ``localized`` records: new value, dimension, placement
-    on it, captured op)."""
+    """{parameter: Shard} for the replicated parameters whose every use ends in a slice
+    of the walk ``rw`` (its ``localized`` records: new value, dimension, placement on it,
+    captured op), all alike: from each slice back through ops that commute with it
+    (``split_inputs``) to the parameters they read, then forward from each parameter,
+    every reader must be such an op or such a slice."""
     old_of = {new: old for old, new in rw.env.items() if isinstance(new, fx.Node)}
-    sliced = {}                       # (captured chain value, captured reader) -> (param, pl)
+    cut = {}                           # (captured value, captured reader) -> placement
     for v, j, pl, node in rw.localized:
         c = old_of.get(v)
-        src = _to_param(c, pl, rw.t) if c is not None else None
-        if src is not None:
-            sliced[(c, node)] = src
-    out = {}
-    for p in {p for p, _ in sliced.values()}:
-        name = _an.param_name(p)
-        if name in seeds or not name:
+        if c is not None:
+            cut[(c, node)] = pl
+    need = {}                          # captured value -> the placement its part has
+    todo = [(c, pl) for (c, _), pl in cut.items()]
+    while todo:
+        c, pl = todo.pop()
+        if c in need:
+            if need[c] is not _CONFLICT and need[c] != pl:
+                need[c] = _CONFLICT
             continue
-        chain, pls, ok = _chain(p), set(), True
-        for c in chain:
-            for u in _readers(c):
-                if u in chain:
-                    continue
-                if u.op == "output" or (c, u) not in sliced:
-                    ok = False
-                else:
-                    pls.add(sliced[(c, u)][1])
-        if ok and len(pls) == 1:
-            out[name] = pls.pop()
+        need[c] = pl
+        if c.op == "call_function" and rw.placement.get(rw.env.get(c)) is None:
+            todo.extend(split_inputs(c, pl, rw.t) or ())
+    out = {}
+    for p, pl in need.items():
+        name = _an.param_name(p)
+        if not name or name in seeds or pl is _CONFLICT or \
+                p.meta.get("ptdp_input_kind") != "param":
+            continue
+        if _cone_is_sliced(p, need, cut, rw.t):
+            out[name] = pl
     return out
+
+
+def _cone_is_sliced(p: fx.Node, need: dict, cut: dict, t: int) -> bool:
+    """Every value computed from ``p`` is either sliced where read (``cut``) or feeds an op
+    that commutes with the split, at the placement ``need`` gives it."""
+    cone, todo = {p}, [p]
+    while todo:
+        n = todo.pop()
+        for u in _readers(n):
+            if (n, u) in cut:
+                if cut[(n, u)] != need[n]:
+                    return False
+                continue
+            pu = need.get(u)
+            if pu is None or pu is _CONFLICT or u.op == "output" or \
+                    (n, need[n]) not in (split_inputs(u, pu, t) or ()):
+                return False
+            if u not in cone:
+                cone.add(u)
+                todo.append(u)
+    return True
