@@ -125,6 +125,10 @@ def test_torch_nn_lm_tp2_matches_single_device(world, block, sp):
             assert placed["blocks.0.in_proj.weight"] == "Shard(0, blocks=2)", placed
             for n in ("conv.weight", "conv.bias", "d"):   # read only by their channels
                 assert placed[f"blocks.0.{n}"] == "Shard(0)", (n, placed)
+            # dt = softplus(W @ dt + bias[:, None]) and exp(a * dt): found back from the
+            # per-time-step slices through the products, the matmul's rows and the bias
+            for n in ("dt_proj.weight", "dt_proj.bias", "a_log"):
+                assert placed[f"blocks.0.{n}"] == "Shard(0)", (n, placed)
 
 
 def norm_mix_job(strict, sp=False, gather=True):
