@@ -6,14 +6,18 @@ weights against channel-split activations, a per-head attention-sink logit, a pe
 scale of a column-parallel output. Such a parameter is whole on every rank, and its
 gradient is a tp-partial sum that needs an all-reduce.
 
-When the sliced value is the parameter itself or is computed from it alone by
-element-wise ops of one input (casts, ``exp``, ``neg``), views (``A[None, :, None, :]``,
-a grouped weight read as ``[groups, out, in]``), transposes, broadcasts along other
-dimensions (attention sinks) and whole slices, and every reader of that chain slices it
-the same way, the parameter is seeded split instead (``learn``): the next walk runs the
-chain on the shard, the rank stores 1/t of the parameter, and its gradient is complete
-on each rank (no all-reduce). A parameter with any other reader, or whose slice a view
-cannot carry back to it as one placement, keeps its replicated placement.
+When the sliced value is the parameter itself or is computed from it by ops that
+commute with the slice — element-wise ops (casts, ``exp``, ``neg``; of several inputs,
+where an input broadcast along the split dimension carries no split), views
+(``A[None, :, None, :]``, a grouped weight read as ``[groups, out, in]``), transposes,
+broadcasts along other dimensions (attention sinks), whole slices, a ``select`` along
+another dimension (a scan's time step) and a matmul's rows (``W @ x``: Mamba-1's dt_proj)
+— and every use of the parameter ends in such a slice, all alike, the parameter is seeded
+split instead (``learn``): the next walk computes those values on the shard (Mamba-1's
+discretisation ``exp(A * dt)`` on the rank's channels, not whole and sliced per step),
+the rank stores 1/t of the parameter, and its gradient is complete on each rank (no
+all-reduce). A parameter with any other reader, or whose slice a view cannot carry back
+to it as one placement, keeps its replicated placement.
 """
 from __future__ import annotations
 
