@@ -63,6 +63,7 @@ from ptdp_compiler.graph_utils import DROPOUT_OPS, is_op, layer_spans, node_flop
 from .cp_ops import CP_COLLECTIVES
 from .cp_rules import regathered as cp_regathered
 from .expert_parallel import EP_REPLAYABLE, ep_redispatched
+from .tp_gather_weights import is_weight_gather
 
 aten = torch.ops.aten
 SAVE, RECOMPUTE = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE
@@ -398,8 +399,7 @@ def recompute_pass(gm: fx.GraphModule, mode, sp_regather: bool = False,
     regather |= cp_regathered(in_layer)   # context parallelism's K/V all-gathers
     # weights stored split over tp (tp_gather_weights): gathered again in backward, so
     # only the shard is kept
-    weights = {n for n in gm.graph.nodes if n.op == "call_function" and
-               n.meta.get("ptdp", {}).get("weight_gather")}
+    weights = {n for n in gm.graph.nodes if is_weight_gather(n)}
     redispatch = ep_redispatched(in_layer) if mode_name not in ("none", "budget") else set()
     regather |= redispatch
     flops = {n: node_flops(n) for n in gm.graph.nodes}
