@@ -19,7 +19,7 @@ return its parameter, gradient and optimizer state are 1/t per rank. The FLOPs s
 
 Guarantees afterwards: each chosen parameter's placeholder is read only by its gathers
 (one per former reader, inserted just before it, so a pipeline cut never carries a
-gathered weight); its ``plan.params`` placement / local shape are the stored split and
+gathered weight) and by dtype / device assertions; its ``plan.params`` placement / local shape are the stored split and
 its coverage row says ``gathered``; gather nodes carry ``meta["ptdp"]["weight_gather"]``.
 """
 from __future__ import annotations
@@ -62,7 +62,11 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
             continue
         pl = Shard(d)
         pp = plan.params[row.name]
-        for user in list(ph.users):
+        readers = [u for u in ph.users
+                   if u.target is not torch.ops.aten._assert_tensor_metadata.default]
+        if not readers:
+            continue
+        for user in readers:   # a dtype / device assertion reads the shard, as for any split
             with gm.graph.inserting_before(user):
                 g = gm.graph.call_function(torch.ops.ptdp.sp_gather_whole.default,
                                            (ph, d, 1, group_name, t, rank))
@@ -76,7 +80,7 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
         row.local_bytes = nbytes * math.prod(pp.local_shape) // max(math.prod(pp.full_shape), 1)
         plan.collectives.append(CollectivePlan(
             "all_gather", "tp", f"weight {row.name} before each reader",
-            nbytes * (t - 1) // t * 2 * len(ph.users),
+            nbytes * (t - 1) // t * 2 * len(readers),
             "the whole weight for a computation no rule splits; again in backward "
             "(recomputed); backward keeps this rank's rows of the gradient, no send"))
         done.append(row.name)
