@@ -14,6 +14,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import readers
+
 aten = torch.ops.aten
 
 
@@ -28,10 +30,6 @@ def _removable(n: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded not in t.tags
 
 
-def _live_users(n: fx.Node) -> list:
-    return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
-
-
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     g = fx.Graph()
     g.output(g.graph_copy(gm.graph, {}))
@@ -39,7 +37,7 @@ def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     while changed:
         changed = False
         for n in reversed(list(g.nodes)):
-            if _removable(n) and not _live_users(n) and \
+            if _removable(n) and not readers(n) and \
                     n.target is not aten._assert_tensor_metadata.default:
                 for u in list(n.users):      # its asserts
                     g.erase_node(u)

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import readers
+
 aten = torch.ops.aten
 
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
@@ -44,21 +46,16 @@ def _param(n) -> bool:
         n.meta.get("ptdp_input_kind") == "param"
 
 
-def _users(n: fx.Node) -> list:
-    """Users that compute something (export's metadata asserts are not)."""
-    return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
-
-
 def _side_table(n, head_weight) -> list:
     """[lookup, casts...]: an embedding lookup of a parameter table that nothing else
     reads, possibly cast; [] when ``n`` is not one."""
     branch = []
     while isinstance(n, fx.Node) and n.op == "call_function" and n.target in _CAST and \
-            len(_users(n)) == 1:
+            len(readers(n)) == 1:
         branch.append(n)
         n = n.args[0]
     if not (isinstance(n, fx.Node) and n.op == "call_function" and
-            n.target is aten.embedding.default and len(_users(n)) == 1):
+            n.target is aten.embedding.default and len(readers(n)) == 1):
         return []
     w = n.args[0]
     ok = _param(w) and w is not head_weight and len(w.users) == 1 and \
@@ -79,8 +76,8 @@ def find(token: fx.Node, head_weight) -> Optional[EmbeddingSum]:
     token embedding's first user is not a linear step of one."""
     shape = tuple(token.meta["val"].shape)
     nodes, side, cur = {token}, [], token
-    while len(_users(cur)) == 1:
-        u = _users(cur)[0]
+    while len(readers(cur)) == 1:
+        u = readers(cur)[0]
         v = u.meta.get("val")
         if u.op != "call_function" or not isinstance(v, torch.Tensor) or \
                 tuple(v.shape) != shape or not v.is_floating_point():

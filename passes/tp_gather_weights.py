@@ -29,6 +29,7 @@ import math
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import readers
 from ptdp_compiler.placement import CollectivePlan, Shard
 
 from .sharding import local_shape
@@ -53,7 +54,7 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
     done = []
     for row in rows:
         ph = phs.get(row.name)
-        if not row.large or row.sharded or ph is None or not ph.users:
+        if not row.large or row.sharded or ph is None:
             continue
         if skip_experts and len(row.full_shape) > 2:   # routed experts: the ep pass's
             continue
@@ -62,11 +63,10 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
             continue
         pl = Shard(d)
         pp = plan.params[row.name]
-        readers = [u for u in ph.users
-                   if u.target is not torch.ops.aten._assert_tensor_metadata.default]
-        if not readers:
+        users = readers(ph)   # a dtype / device assertion reads the shard, as for any split
+        if not users:
             continue
-        for user in readers:   # a dtype / device assertion reads the shard, as for any split
+        for user in users:
             with gm.graph.inserting_before(user):
                 g = gm.graph.call_function(torch.ops.ptdp.sp_gather_whole.default,
                                            (ph, d, 1, group_name, t, rank))
@@ -80,7 +80,7 @@ def gather_weights(gm: fx.GraphModule, rows: list, plan, t: int, rank: int, grou
         row.local_bytes = nbytes * math.prod(pp.local_shape) // max(math.prod(pp.full_shape), 1)
         plan.collectives.append(CollectivePlan(
             "all_gather", "tp", f"weight {row.name} before each reader",
-            nbytes * (t - 1) // t * 2 * len(readers),
+            nbytes * (t - 1) // t * 2 * len(users),
             "the whole weight for a computation no rule splits; again in backward "
             "(recomputed); backward keeps this rank's rows of the gradient, no send"))
         done.append(row.name)

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ptdp_compiler.graph_utils import readers
+
 from . import analyze as _an
 from .rules import is_pointwise
 from .rules.pointwise import PASSTHROUGH
@@ -51,10 +53,6 @@ def _nonunit(n: fx.Node) -> tuple:
 
 def _tensor(n) -> bool:
     return isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)
-
-
-def _readers(n: fx.Node) -> list:
-    return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
 
 
 def _chain_step(c: fx.Node) -> Optional[fx.Node]:
@@ -185,7 +183,7 @@ def _cone_is_sliced(p: fx.Node, need: dict, cut: dict, t: int) -> bool:
     cone, todo = {p}, [p]
     while todo:
         n = todo.pop()
-        for u in _readers(n):
+        for u in readers(n):
             if (n, u) in cut:
                 if cut[(n, u)] != need[n]:
                     return False

@@ -82,6 +82,11 @@ def _packets(*names, ns=aten) -> frozenset:
 
 
 # ---- dataflow ---------------------------------------------------------------------------------
+def readers(n: fx.Node) -> list:
+    """Users of ``n`` that compute something (export's dtype / device asserts do not)."""
+    return [u for u in n.users if u.target is not aten._assert_tensor_metadata.default]
+
+
 def ancestors(roots) -> set:
     """Every node the values ``roots`` are computed from, ``roots`` included."""
     seen, stack = set(), [r for r in roots if isinstance(r, fx.Node)]
